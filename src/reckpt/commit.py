@@ -1,0 +1,262 @@
+"""The commit protocol: a checkpoint is visible only when complete.
+
+**One predicate.** :func:`checkpoint_state` (and its boolean form :func:`is_committed`)
+decides what counts as a checkpoint, for discovery, retention, restore and the CLI:
+
+=================================================  =============
+directory content                                  state
+=================================================  =============
+``reckpt.json`` (the manifest)                     committed
+in-progress marker, no manifest                    incomplete
+no marker, no manifest, ``model/.metadata``        legacy (committed TorchEasyRec checkpoint)
+anything else                                      incomplete (or absent)
+=================================================  =============
+
+**POSIX filesystems** (atomic rename): all ranks write into a staging sibling
+``.reckpt-staging.<token>`` (holding an owner record), data is fsynced, and after a
+barrier rank 0 writes the manifest, fsyncs, and renames the staging directory to
+``model.ckpt-<step>``. **Object stores** (no atomic rename): rank 0 first writes the
+in-progress marker ``.reckpt-in-progress`` (holding the owner record) into the target,
+all ranks write, and rank 0 writes the manifest last, then removes the marker.
+Deleting a checkpoint reverses this: marker first, manifest next, the marker last.
+
+Stale staging left by a crash is removed by a later save, but only when its owner
+record shows a dead process (same host) or a heartbeat older than ``stale_after_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from reckpt.errors import IntegrityError
+from reckpt.naming import (
+    DCP_METADATA_FILE,
+    IN_PROGRESS_MARKER,
+    MANIFEST_FILE,
+    MODEL_DIR,
+    OWNER_FILE,
+    is_staging,
+    is_trash,
+    parse_step,
+    trash_name,
+)
+from reckpt.storage import Storage, storage_for
+
+__all__ = [
+    "CheckpointState",
+    "OwnerRecord",
+    "checkpoint_state",
+    "is_committed",
+    "is_stale",
+    "heartbeat",
+    "remove_checkpoint_dir",
+    "cleanup_stale",
+    "new_token",
+]
+
+CheckpointState = Literal["committed", "legacy", "incomplete", "absent"]
+
+HEARTBEAT_INTERVAL_S = 10.0
+STALE_AFTER_S = 300.0
+
+
+def new_token() -> str:
+    """A random hex token for staging and trash names."""
+    return uuid.uuid4().hex[:16]
+
+
+def checkpoint_state(storage: Storage, path: str) -> CheckpointState:
+    """The commit state of a checkpoint directory (see the module table)."""
+    if storage.exists(Storage.join(path, MANIFEST_FILE)):
+        return "committed"
+    if not storage.isdir(path):
+        return "absent"
+    if storage.exists(Storage.join(path, IN_PROGRESS_MARKER)):
+        return "incomplete"
+    if storage.exists(Storage.join(path, MODEL_DIR, DCP_METADATA_FILE)):
+        return "legacy"
+    return "incomplete"
+
+
+def is_committed(path: str, storage_options: dict[str, object] | None = None, *, storage: Storage | None = None) -> bool:
+    """Whether ``path`` is a complete checkpoint (reckpt-committed or legacy TorchEasyRec).
+
+    Example:
+        >>> is_committed("memory://nowhere/model.ckpt-1")
+        False
+    """
+    st = storage or storage_for(path, storage_options)
+    return checkpoint_state(st, path) in ("committed", "legacy")
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerRecord:
+    """Who is writing a staging area, so a later cleanup can tell live from dead."""
+
+    host: str
+    pid: int
+    token: str
+    target: str
+    started_at: float
+    heartbeat_at: float
+
+    @classmethod
+    def mine(cls, token: str, target: str, now: float) -> OwnerRecord:
+        return cls(socket.gethostname(), os.getpid(), token, target, now, now)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> OwnerRecord:
+        doc = json.loads(data.decode("utf-8"))
+        return cls(
+            str(doc["host"]), int(doc["pid"]), str(doc["token"]), str(doc["target"]),
+            float(doc["started_at"]), float(doc["heartbeat_at"]),
+        )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(
+    owner: OwnerRecord | None,
+    *,
+    now: float,
+    host: str,
+    pid_alive: Callable[[int], bool],
+    stale_after_s: float = STALE_AFTER_S,
+) -> bool:
+    """Whether a staging area's writer is gone (pure).
+
+    Examples:
+        ============================================  =======
+        owner                                         stale
+        ============================================  =======
+        unreadable / missing record                   True only if older than ``stale_after_s``
+        same host, pid not alive                      True
+        heartbeat older than ``stale_after_s``        True
+        otherwise                                     False
+        ============================================  =======
+
+    A missing record is judged by the caller with the directory's age; here ``None`` is stale.
+    """
+    if owner is None:
+        return True
+    if owner.host == host and not pid_alive(owner.pid):
+        return True
+    return now - owner.heartbeat_at > stale_after_s
+
+
+@contextlib.contextmanager
+def heartbeat(storage: Storage, record_path: str, owner: OwnerRecord, interval_s: float = HEARTBEAT_INTERVAL_S) -> Iterator[None]:
+    """Write ``owner`` now and refresh its ``heartbeat_at`` every ``interval_s`` until exit."""
+    storage.write_bytes(record_path, owner.to_json(), fsync=False)
+    stop = threading.Event()
+
+    def beat() -> None:
+        rec = owner
+        while not stop.wait(interval_s):
+            rec = OwnerRecord(rec.host, rec.pid, rec.token, rec.target, rec.started_at, time.time())
+            # A transient storage error must not kill the beat; the next one retries.
+            with contextlib.suppress(OSError):
+                storage.write_bytes(record_path, rec.to_json(), fsync=False)
+
+    thread = threading.Thread(target=beat, name="reckpt-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _read_owner(storage: Storage, path: str) -> OwnerRecord | None:
+    try:
+        return OwnerRecord.from_json(storage.read_bytes(path))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remove_checkpoint_dir(storage: Storage, path: str) -> None:
+    """Delete a checkpoint so that no intermediate state looks committed (rank 0 only).
+
+    POSIX: rename to a trash name (atomic), then delete. Object stores: write the
+    in-progress marker, delete the manifest, delete the rest, delete the marker last.
+    """
+    if storage.atomic_rename:
+        trash = Storage.join(Storage.parent(path), trash_name(new_token()))
+        storage.rename(path, trash)
+        storage.fsync_dir(Storage.parent(path))
+        storage.rm(trash, recursive=True)
+        return
+    marker = Storage.join(path, IN_PROGRESS_MARKER)
+    storage.write_bytes(marker, b"{}")
+    storage.rm(Storage.join(path, MANIFEST_FILE))
+    for rel in storage.walk_files(path):
+        if rel != IN_PROGRESS_MARKER:
+            storage.rm(Storage.join(path, rel))
+    storage.rm(marker)
+    storage.rm(path, recursive=True)
+
+
+def cleanup_stale(storage: Storage, model_dir: str, *, now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> list[str]:
+    """Remove debris of crashed saves in ``model_dir`` (rank 0 only); returns what was removed.
+
+    Removes trash directories, staging directories whose owner is stale, and (object
+    stores) ``model.ckpt-*`` directories that still carry a stale in-progress marker.
+    Never touches a staging area whose owner is alive.
+    """
+    now = time.time() if now is None else now
+    host = socket.gethostname()
+    removed = []
+    for name in storage.ls(model_dir):
+        path = Storage.join(model_dir, name)
+        if is_trash(name):
+            storage.rm(path, recursive=True)
+            removed.append(path)
+            continue
+        if is_staging(name):
+            record = Storage.join(path, OWNER_FILE)
+        elif parse_step(name) is not None and checkpoint_state(storage, path) == "incomplete":
+            record = Storage.join(path, IN_PROGRESS_MARKER)
+        else:
+            continue
+        owner = _read_owner(storage, record)
+        if owner is None:
+            # No readable record: the writer died before writing it, or it is being written
+            # right now; only a directory whose contents are all old is removed.
+            continue
+        if is_stale(owner, now=now, host=host, pid_alive=_pid_alive, stale_after_s=stale_after_s):
+            if is_staging(name):
+                storage.rm(path, recursive=True)
+            else:
+                remove_checkpoint_dir(storage, path)
+            removed.append(path)
+    return removed
+
+
+def verify_owner_token(storage: Storage, record_path: str, token: str) -> None:
+    """Raise when another save took over a staging area or target (concurrent writers)."""
+    owner = _read_owner(storage, record_path)
+    if owner is not None and owner.token != token:
+        raise IntegrityError(
+            f"{record_path}: another save (host {owner.host}, pid {owner.pid}) is writing this"
+            " checkpoint; two jobs must not save the same step into one model_dir"
+        )

@@ -1,0 +1,60 @@
+"""``dataloader_state.json``: the data position, merged across ranks (TorchEasyRec layout).
+
+Keys containing ``:`` are per-source positions (``"<path>:<range_start>"`` -> last
+consumed row, ``"<topic>:<partition>"`` -> offset); keys without one are reserved
+(``__epochs_completed__``, ``__data_ts_watermark__``). Ranks' states merge key-wise
+with ``max``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from reckpt.errors import IntegrityError
+from reckpt.naming import DATALOADER_STATE_FILE
+from reckpt.storage import Storage, storage_for
+
+__all__ = ["merge_dataloader_states", "update_dataloader_state", "update_dataloder_state", "restore_dataloader_state"]
+
+
+def merge_dataloader_states(states: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
+    """Key-wise ``max`` of several ranks' states (``None`` entries are skipped)."""
+    merged: dict[str, Any] = {}
+    for state in states:
+        for key, value in (state or {}).items():
+            merged[key] = value if key not in merged else max(merged[key], value)
+    return merged
+
+
+def update_dataloader_state(state: dict[str, Any], info: Mapping[str, Any] | None) -> None:
+    """Merge one batch's ``{key: row}`` into ``state`` in place (per-key max; ``None`` is a no-op)."""
+    if info:
+        state.update(merge_dataloader_states([state, info]))
+
+
+update_dataloder_state = update_dataloader_state  # TorchEasyRec's spelling, kept for porting
+
+
+def encode_dataloader_state(state: Mapping[str, Any]) -> bytes:
+    return json.dumps(dict(state), indent=2).encode("utf-8")
+
+
+def restore_dataloader_state(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The checkpoint's dataloader state, or ``None`` when it has none.
+
+    Raises:
+        IntegrityError: the file is not a JSON object.
+    """
+    storage = storage_for(checkpoint_dir, storage_options)
+    path = Storage.join(checkpoint_dir, DATALOADER_STATE_FILE)
+    if not storage.exists(path):
+        return None
+    try:
+        doc = json.loads(storage.read_text(path))
+    except ValueError as e:
+        raise IntegrityError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc

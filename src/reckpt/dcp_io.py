@@ -1,0 +1,215 @@
+"""DCP storage writer and reader on top of :class:`reckpt.storage.Storage`.
+
+The writer records the size and checksum of every file it writes (data shards and
+``.metadata``) while writing, so the manifest costs no second read. The reader
+unpickles ``.metadata`` through an allow-list and refuses storage entries that point
+outside the checkpoint directory.
+
+Call sequence (DCP's own): every rank ``set_up_storage_writer`` -> ``prepare_local_plan``
+-> (coordinator) ``prepare_global_plan`` -> every rank ``write_data`` -> (coordinator)
+``finish``; afterwards each rank's :attr:`ReckptWriter.records` holds what it wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import threading
+import warnings
+from collections.abc import Generator
+from typing import Any
+
+from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from reckpt.errors import UnsafeCheckpointError
+from reckpt.integrity import FileRecord, HashingWriter
+from reckpt.naming import DCP_METADATA_FILE
+from reckpt.safe_pickle import load_metadata
+from reckpt.storage import Storage
+
+__all__ = ["ReckptWriter", "SafeReader", "read_dcp_metadata"]
+
+_SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+
+
+class _StorageFileSystem(FileSystemBase):
+    """DCP's filesystem seam, backed by :class:`Storage`, recording written files."""
+
+    def __init__(self, storage: Storage, root: str, rel_prefix: str) -> None:
+        self.storage = storage
+        self.root = root.rstrip("/")
+        self.rel_prefix = rel_prefix
+        self.records: dict[str, FileRecord] = {}
+        self._lock = threading.Lock()
+
+    def _rel(self, path: str) -> str:
+        tail = path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
+        return f"{self.rel_prefix}/{tail}" if self.rel_prefix else tail
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
+        path = os.fspath(path)
+        if "w" not in mode:
+            with self.storage.open(path, "rb") as f:
+                yield f
+            return
+        rel = self._rel(path)
+
+        def on_close(size: int, checksum: str) -> None:
+            with self._lock:
+                self.records[rel] = FileRecord(rel, size, checksum)
+
+        stream = HashingWriter(self.storage.open(path, "wb"), on_close)
+        try:
+            yield stream
+        except BaseException:
+            stream.close()
+            self.rm_file(path)
+            raise
+        stream.close()
+
+    def concat_path(self, path: str | os.PathLike[str], suffix: str) -> str:
+        return Storage.join(os.fspath(path), suffix)
+
+    def init_path(self, path: str | os.PathLike[str]) -> str:
+        return os.fspath(path)
+
+    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+        src, dst = os.fspath(path), os.fspath(new_path)
+        self.storage.rename(src, dst)
+        with self._lock:
+            rec = self.records.pop(self._rel(src), None)
+            if rec is not None:
+                self.records[self._rel(dst)] = FileRecord(self._rel(dst), rec.size, rec.checksum)
+
+    def mkdir(self, path: str | os.PathLike[str]) -> None:
+        self.storage.makedirs(os.fspath(path))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+    def exists(self, path: str | os.PathLike[str]) -> bool:
+        return self.storage.exists(os.fspath(path))
+
+    def rm_file(self, path: str | os.PathLike[str]) -> None:
+        self.storage.rm(os.fspath(path))
+        with self._lock:
+            self.records.pop(self._rel(os.fspath(path)), None)
+
+    def ls(self, path: str | os.PathLike[str]) -> list[str]:
+        return self.storage.ls(os.fspath(path))
+
+
+class ReckptWriter(FileSystemWriter):
+    """DCP ``StorageWriter`` writing through :class:`Storage` and recording checksums.
+
+    Args:
+        path: the DCP directory (e.g. ``<staging>/model``).
+        storage: the storage of ``path``.
+        rel_prefix: prefix of recorded paths, relative to the checkpoint root (``"model"``).
+        thread_count: writer threads per rank.
+    """
+
+    def __init__(self, path: str, storage: Storage, rel_prefix: str, thread_count: int = 1) -> None:
+        super().__init__(
+            path,
+            single_file_per_rank=True,
+            sync_files=storage.local,
+            thread_count=thread_count,
+            overwrite=True,
+        )
+        self.fs = _StorageFileSystem(storage, path, rel_prefix)
+        self.path = path
+
+    @property
+    def records(self) -> dict[str, FileRecord]:
+        return self.fs.records
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+
+def _validate_storage_data(md: Metadata, source: str) -> None:
+    for index, info in (md.storage_data or {}).items():
+        rel = getattr(info, "relative_path", None)
+        offset, length = getattr(info, "offset", -1), getattr(info, "length", -1)
+        if not isinstance(rel, str) or not _SAFE_FILE.fullmatch(rel) or ".." in rel:
+            raise UnsafeCheckpointError(
+                f"{source}: entry {getattr(index, 'fqn', index)!r} points at {rel!r}, outside the"
+                " checkpoint directory; refusing to read it"
+            )
+        if not isinstance(offset, int) or not isinstance(length, int) or offset < 0 or length < 0:
+            raise UnsafeCheckpointError(
+                f"{source}: entry {getattr(index, 'fqn', index)!r} has an invalid byte range"
+                f" (offset={offset!r}, length={length!r})"
+            )
+
+
+def read_dcp_metadata(storage: Storage, dcp_dir: str) -> Metadata:
+    """Read and validate a DCP directory's ``.metadata`` without executing code.
+
+    Raises:
+        CheckpointNotFoundError: there is no ``.metadata``.
+        UnsafeCheckpointError: the pickle or its storage entries are not acceptable.
+    """
+    path = Storage.join(dcp_dir, DCP_METADATA_FILE)
+    md = load_metadata(storage.read_bytes(path), path)
+    _validate_storage_data(md, path)
+    return md
+
+
+class SafeReader(FileSystemReader):
+    """DCP ``StorageReader`` that reads metadata safely and through :class:`Storage`.
+
+    Non-tensor items are handed to the planner's ``load_bytes``; use it with
+    :class:`reckpt.planner.PartialLoadPlanner`, which loads them with
+    ``weights_only=True``.
+    """
+
+    def __init__(self, path: str, storage: Storage, metadata: Metadata | None = None) -> None:
+        super().__init__(path)
+        self.fs = _StorageFileSystem(storage, path, "")
+        self.path = path
+        self._storage = storage
+        self._metadata = metadata
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        md = self._metadata or read_dcp_metadata(self._storage, self.path)
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
+        return True
+
+
+def dcp_call(fn: Any, what: str, /, *args: Any, **kwargs: Any) -> Any:
+    """Run a DCP collective, turning its ``CheckpointException`` (a ``BaseException``) into ours.
+
+    The lowest failing rank's error is re-raised as is when it is a reckpt error, so a
+    user mistake detected inside DCP reads the same on every rank; anything else becomes
+    a :class:`DistributedCheckpointError` naming every failing rank.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from reckpt.errors import CheckpointError, DistributedCheckpointError
+
+    try:
+        with warnings.catch_warnings():
+            # reckpt passes no_dist=True deliberately when no process group exists.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            return fn(*args, **kwargs)
+    except CheckpointException as e:
+        failures = {rank: pair[0] for rank, pair in e.failures.items()}
+        first = failures[min(failures)]
+        if isinstance(first, CheckpointError):
+            raise first from None
+        detail = "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in sorted(failures.items()))
+        raise DistributedCheckpointError(f"{what} failed: {detail}", failures) from None

@@ -1,0 +1,79 @@
+"""What a checkpoint holds: entry names, shapes, dtypes and sizes, per part."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from reckpt.dcp_io import read_dcp_metadata
+from reckpt.errors import CheckpointNotFoundError
+from reckpt.manifest import TensorEntry, entries_from_metadata, read_manifest
+from reckpt.naming import DCP_METADATA_FILE, MODEL_DIR, OPTIMIZER_DIR
+from reckpt.storage import Storage, storage_for
+
+__all__ = ["list_distcp_param", "inspect_checkpoint", "CheckpointContents"]
+
+logger = logging.getLogger(__name__)
+
+
+def list_distcp_param(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Names of the tensor entries of a checkpoint (TorchEasyRec's tool, compat §5.6).
+
+    If ``checkpoint_dir`` is itself a DCP directory (holds ``.metadata``) it is listed;
+    otherwise its ``model/`` then ``optimizer/``. Non-tensor entries are left out.
+
+    Raises:
+        CheckpointNotFoundError: neither form holds DCP metadata.
+    """
+    storage = storage_for(checkpoint_dir, storage_options)
+    if storage.exists(Storage.join(checkpoint_dir, DCP_METADATA_FILE)):
+        dirs = [checkpoint_dir]
+    else:
+        dirs = [
+            Storage.join(checkpoint_dir, p)
+            for p in (MODEL_DIR, OPTIMIZER_DIR)
+            if storage.exists(Storage.join(checkpoint_dir, p, DCP_METADATA_FILE))
+        ]
+    if not dirs:
+        raise CheckpointNotFoundError(
+            f"{checkpoint_dir}: no DCP checkpoint here (neither .metadata nor model/ or optimizer/)"
+        )
+    names = []
+    for dcp_dir in dirs:
+        for entry in entries_from_metadata(read_dcp_metadata(storage, dcp_dir)):
+            if entry.shape is not None:
+                logger.info("%s: %s %s %s", dcp_dir, entry.name, entry.shape, entry.dtype)
+                names.append(entry.name)
+    return names
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointContents:
+    """Every entry of a checkpoint, grouped by part (``model``, ``optimizer``, extras)."""
+
+    checkpoint: str
+    parts: dict[str, list[TensorEntry]]
+
+    def total_bytes(self) -> int:
+        return sum(e.bytes for entries in self.parts.values() for e in entries)
+
+
+def inspect_checkpoint(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None) -> CheckpointContents:
+    """Name, shape, dtype and bytes of every entry, from the manifest or (legacy) DCP metadata.
+
+    Raises:
+        CheckpointNotFoundError: the directory holds no checkpoint parts.
+    """
+    storage = storage_for(checkpoint_dir, storage_options)
+    manifest = read_manifest(storage, checkpoint_dir)
+    if manifest is not None:
+        return CheckpointContents(checkpoint_dir, dict(manifest.entries))
+    parts = {}
+    for name in storage.ls(checkpoint_dir):
+        if storage.exists(Storage.join(checkpoint_dir, name, DCP_METADATA_FILE)):
+            parts[name] = entries_from_metadata(read_dcp_metadata(storage, Storage.join(checkpoint_dir, name)))
+    if not parts:
+        raise CheckpointNotFoundError(f"{checkpoint_dir}: no checkpoint parts (no */.metadata)")
+    return CheckpointContents(checkpoint_dir, parts)

@@ -1,0 +1,270 @@
+"""``save_model``: write model, optimizer and extra state as one committed checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from reckpt._version import __version__
+from reckpt.commit import (
+    OwnerRecord,
+    checkpoint_state,
+    cleanup_stale,
+    heartbeat,
+    new_token,
+    remove_checkpoint_dir,
+)
+from reckpt.dataloader_state import encode_dataloader_state, merge_dataloader_states
+from reckpt.dcp_io import ReckptWriter, dcp_call
+from reckpt.dist import Dist
+from reckpt.errors import ConfigError, StepAlreadyExistsError
+from reckpt.integrity import FileRecord, checksum_bytes
+from reckpt.knobs import fault_point
+from reckpt.manifest import Manifest, TensorEntry, entries_from_metadata
+from reckpt.naming import (
+    DATALOADER_STATE_FILE,
+    DENSE_EMA_DIR,
+    IN_PROGRESS_MARKER,
+    MANIFEST_FILE,
+    META_FILE,
+    MODEL_DIR,
+    OPTIMIZER_DIR,
+    OWNER_FILE,
+    PLAN_FILE,
+    parse_step,
+    staging_name,
+    trash_name,
+    validate_extra_name,
+)
+from reckpt.optim import optimizer_state_dict
+from reckpt.plan import model_plan, plan_to_json
+from reckpt.storage import Storage, storage_for
+
+__all__ = ["save_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def _parts(
+    model: torch.nn.Module,
+    optimizer: Any,
+    dense_ema: Any,
+    extra_states: Mapping[str, Any] | None,
+    optimizer_layout: str,
+) -> list[tuple[str, dict[str, Any]]]:
+    parts: list[tuple[str, dict[str, Any]]] = [(MODEL_DIR, model.state_dict())]
+    if optimizer is not None:
+        parts.append((OPTIMIZER_DIR, optimizer_state_dict(model, optimizer, optimizer_layout)))
+    if dense_ema is not None:
+        parts.append((DENSE_EMA_DIR, dense_ema.state_dict()))
+    for name, obj in (extra_states or {}).items():
+        if name == DENSE_EMA_DIR and dense_ema is not None:
+            raise ConfigError("extra_states['dense_ema'] and dense_ema= were both given; pass one")
+        if not callable(getattr(obj, "state_dict", None)):
+            raise ConfigError(f"extra_states[{name!r}] has no state_dict() method ({type(obj).__name__})")
+        parts.append((validate_extra_name(name), obj.state_dict()))
+    return parts
+
+
+def _prepare(storage: Storage, target: str, overwrite: bool, token: str) -> str:
+    """Rank 0: check the target, clean debris, create the staging area; returns the work dir."""
+    state = checkpoint_state(storage, target)
+    if state in ("committed", "legacy") and not overwrite:
+        raise StepAlreadyExistsError(
+            f"{target}: a committed checkpoint already exists; pass overwrite=True to replace it,"
+            " or save under another step"
+        )
+    parent = Storage.parent(target)
+    storage.makedirs(parent)
+    removed = cleanup_stale(storage, parent)
+    if removed:
+        logger.info("removed debris of crashed saves: %s", removed)
+    if storage.atomic_rename:
+        work = Storage.join(parent, staging_name(token))
+        storage.makedirs(work)
+        return work
+    if state != "absent":  # object store: replaced in place, marker first
+        remove_checkpoint_dir(storage, target)
+    storage.makedirs(target)
+    return target
+
+
+def _commit(storage: Storage, target: str, work: str, manifest: Manifest, token: str) -> None:
+    """Rank 0: write the manifest last and make the checkpoint visible."""
+    manifest_path = Storage.join(work, MANIFEST_FILE)
+    if storage.atomic_rename:
+        storage.rm(Storage.join(work, OWNER_FILE))
+        storage.write_bytes(manifest_path, manifest.to_json())
+        fault_point("after_manifest")
+        for sub in storage.ls(work):
+            if storage.isdir(Storage.join(work, sub)):
+                storage.fsync_dir(Storage.join(work, sub))
+        storage.fsync_dir(work)
+        parent = Storage.parent(target)
+        trash = None
+        if storage.exists(target):  # overwrite=True, or debris of an older crash
+            trash = Storage.join(parent, trash_name(token))
+            storage.rename(target, trash)
+        storage.rename(work, target)
+        storage.fsync_dir(parent)
+        if trash is not None:
+            storage.rm(trash, recursive=True)
+    else:
+        storage.write_bytes(manifest_path, manifest.to_json())
+        fault_point("after_manifest")
+        storage.rm(Storage.join(work, IN_PROGRESS_MARKER))
+
+
+def _json_record(storage: Storage, work: str, name: str, doc: Any) -> FileRecord:
+    data = doc if isinstance(doc, bytes) else json.dumps(doc).encode("utf-8")
+    storage.write_bytes(Storage.join(work, name), data)
+    return FileRecord(name, len(data), checksum_bytes(data))
+
+
+def save_model(
+    checkpoint_dir: str,
+    model: torch.nn.Module,
+    optimizer: Any = None,
+    dense_ema: Any = None,
+    *,
+    extra_states: Mapping[str, Any] | None = None,
+    plan: Any = None,
+    dataloader_state: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    user_metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    optimizer_layout: str = "name",
+    storage_options: Mapping[str, Any] | None = None,
+    process_group: Any = None,
+    thread_count: int = 1,
+) -> str:
+    """Save a checkpoint that becomes visible only once complete.
+
+    Collective: every rank of ``process_group`` (or of the default group; no group at all
+    means one process) calls it with its own shard of the state. Rank 0 checks the target,
+    creates the staging area and writes JSON files; all ranks write their DCP shards
+    (``model/``, ``optimizer/``, ``dense_ema/``, one directory per extra state); rank 0
+    then writes the manifest and commits (``reckpt.commit``). Every rank returns only after
+    the commit, and every rank raises if any rank failed.
+
+    Args:
+        checkpoint_dir: target directory, normally ``<model_dir>/model.ckpt-<step>``.
+        model: the model; its ``state_dict()`` goes to ``model/``.
+        optimizer: optional; saved keyed by parameter name (see ``optimizer_layout``).
+        dense_ema: optional stateful saved to ``dense_ema/`` (TorchEasyRec's Dense EMA).
+        extra_states: name -> object with ``state_dict()`` (LR scheduler, grad scaler ...).
+        plan: a TorchRec ``ShardingPlan`` (default: the model's own ``_plan``) for ``plan``.
+        dataloader_state: this rank's data position; merged across ranks (per-key max).
+        meta: TorchEasyRec ``meta`` flags (``load_model``, ``load_optim`` ...) for restore.
+        user_metadata: free-form JSON-serialisable data kept in the manifest.
+        overwrite: replace a committed checkpoint at ``checkpoint_dir``.
+        optimizer_layout: ``"name"`` (default) or ``"index"`` (TorchEasyRec's positional keys).
+        storage_options: fsspec options (endpoint, credentials) for URLs.
+        process_group: the process group (default: the default group, if initialised).
+        thread_count: writer threads per rank.
+
+    Returns:
+        ``checkpoint_dir``.
+
+    Raises:
+        StepAlreadyExistsError: the target is committed and ``overwrite`` is off.
+        ConfigError: an argument is invalid (nothing is written).
+
+    Example:
+        >>> # save_model("run/model.ckpt-100", model, optimizer)
+    """
+    d = Dist(process_group)
+    target = checkpoint_dir.rstrip("/") or checkpoint_dir
+    storage = storage_for(target, storage_options)
+    start = time.time()
+    parts = _parts(model, optimizer, dense_ema, extra_states, optimizer_layout)
+    if user_metadata is not None:
+        try:
+            json.dumps(dict(user_metadata))
+        except TypeError as e:
+            raise ConfigError(f"user_metadata must be JSON-serialisable: {e}") from e
+    plan = plan if plan is not None else model_plan(model)
+    plan_doc = plan_to_json(plan) if plan is not None else None
+
+    token = d.broadcast(new_token())
+    work = ""
+    err: BaseException | None = None
+    with contextlib.ExitStack() as stack:
+        if d.is_coordinator:
+            try:
+                work = _prepare(storage, target, overwrite, token)
+                record = OWNER_FILE if storage.atomic_rename else IN_PROGRESS_MARKER
+                owner = OwnerRecord.mine(token, target, time.time())
+                stack.enter_context(heartbeat(storage, Storage.join(work, record), owner))
+            except Exception as e:
+                err = e
+        d.raise_if_any(err, f"preparing the save of {target}")
+        work = d.broadcast(work)
+        fault_point("begin", d.rank)
+
+        records: dict[str, FileRecord] = {}
+        entries: dict[str, list[TensorEntry]] = {}
+        try:
+            for name, sd in parts:
+                writer = ReckptWriter(Storage.join(work, name), storage, name, thread_count)
+                md = dcp_call(
+                    dcp.save, f"saving {name}/ of {target}", sd,
+                    storage_writer=writer, process_group=process_group, no_dist=not d.active,
+                )
+                records.update(writer.records)
+                entries[name] = entries_from_metadata(md)
+                fault_point(f"after_{name}", d.rank)
+            merged_dl = None
+            if dataloader_state is not None:
+                merged_dl = merge_dataloader_states(d.all_gather(dict(dataloader_state)))
+            if d.is_coordinator:
+                if plan_doc is not None:
+                    records[PLAN_FILE] = _json_record(storage, work, PLAN_FILE, plan_doc)
+                if meta is not None:
+                    records[META_FILE] = _json_record(storage, work, META_FILE, dict(meta))
+                if merged_dl is not None:
+                    data = encode_dataloader_state(merged_dl)
+                    records[DATALOADER_STATE_FILE] = _json_record(storage, work, DATALOADER_STATE_FILE, data)
+        except Exception as e:
+            err = e
+        gathered = d.all_gather((records, err))
+        fault_point("before_commit", d.rank)
+        failure = next((e for _, e in gathered if e is not None), None)
+        if d.is_coordinator:
+            if failure is None:
+                try:
+                    files: dict[str, FileRecord] = {}
+                    for recs, _ in gathered:
+                        files.update(recs)
+                    manifest = Manifest(
+                        step=parse_step(target), world_size=d.world_size, entries=entries,
+                        files=files, user_metadata=dict(user_metadata or {}),
+                        library_version=__version__,
+                    )
+                    stack.close()  # stop the heartbeat before the record goes away
+                    _commit(storage, target, work, manifest, token)
+                except Exception as e:
+                    failure = e
+            if failure is not None:
+                stack.close()
+                _abort(storage, target, work)
+        d.raise_if_any(failure if d.is_coordinator else None, f"saving {target}")
+    fault_point("committed", d.rank)
+    logger.info("saved %s in %.2fs (world size %d)", target, time.time() - start, d.world_size)
+    return checkpoint_dir
+
+
+def _abort(storage: Storage, target: str, work: str) -> None:
+    """Rank 0: remove what a failed save wrote; never touches a committed checkpoint."""
+    with contextlib.suppress(Exception):
+        if storage.atomic_rename:
+            storage.rm(work, recursive=True)
+        elif checkpoint_state(storage, target) == "incomplete":
+            remove_checkpoint_dir(storage, target)

@@ -1,0 +1,129 @@
+"""Integrity verification: every file's size and checksum against the manifest."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from reckpt.commit import checkpoint_state
+from reckpt.dist import Dist
+from reckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError
+from reckpt.integrity import CHECKSUM_ALGORITHM, hash_stream
+from reckpt.manifest import Manifest, read_manifest
+from reckpt.naming import IN_PROGRESS_MARKER, MANIFEST_FILE, OWNER_FILE, is_sidecar
+from reckpt.storage import Storage, storage_for
+
+__all__ = ["VerifyReport", "verify", "check_files"]
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """Outcome of :func:`verify`.
+
+    Attributes:
+        checkpoint: the directory checked.
+        state: its commit state (``committed``, ``legacy``, ``incomplete``).
+        checked: files whose size and checksum were compared.
+        problems: one message per bad file (missing, wrong size, wrong checksum).
+        unexpected: files present but not listed in the manifest (not an error).
+    """
+
+    checkpoint: str
+    state: str
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.state in ("committed", "legacy") and not self.problems
+
+
+def check_files(storage: Storage, checkpoint_dir: str, manifest: Manifest, paths: list[str]) -> list[str]:
+    """Check the listed files of a checkpoint; returns one message per problem."""
+    if manifest.checksum_algorithm != CHECKSUM_ALGORITHM:
+        return [f"{checkpoint_dir}: unknown checksum algorithm {manifest.checksum_algorithm!r}"]
+    problems = []
+    for rel in paths:
+        rec = manifest.files[rel]
+        path = Storage.join(checkpoint_dir, rel)
+        if not storage.exists(path):
+            problems.append(f"{path}: missing (the manifest lists {rec.size} bytes)")
+            continue
+        with storage.open(path, "rb") as f:
+            size, checksum = hash_stream(f)
+        if size != rec.size:
+            problems.append(f"{path}: size {size} bytes, the manifest says {rec.size} (truncated or appended)")
+        elif checksum != rec.checksum:
+            problems.append(f"{path}: checksum {checksum} differs from the manifest's {rec.checksum} (corrupted)")
+    return problems
+
+
+def verify_collective(storage: Storage, checkpoint_dir: str, manifest: Manifest, d: Dist) -> int:
+    """Collective: each rank checks a share of the files; all ranks raise on any problem.
+
+    Returns:
+        The number of files checked in all.
+    """
+    files = sorted(manifest.files)
+    err: BaseException | None = None
+    try:
+        problems = check_files(storage, checkpoint_dir, manifest, files[d.rank :: d.world_size])
+        if problems:
+            err = IntegrityError(
+                f"{checkpoint_dir}: integrity check failed ({len(problems)} file(s)):\n  "
+                + "\n  ".join(problems)
+                + "\nRestore from another checkpoint; pass verify=False only to salvage data."
+            )
+    except OSError as e:
+        err = e
+    d.raise_if_any(err, f"verifying {checkpoint_dir}")
+    return len(files)
+
+
+def verify(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
+    """Re-check sizes and checksums of every file of a checkpoint (single process).
+
+    Raises:
+        CheckpointNotFoundError: nothing exists at ``checkpoint_dir``.
+
+    Example:
+        >>> # report = verify("run/model.ckpt-100"); assert report.ok, report.problems
+    """
+    storage = storage_for(checkpoint_dir, storage_options)
+    state = checkpoint_state(storage, checkpoint_dir)
+    if state == "absent":
+        raise CheckpointNotFoundError(f"{checkpoint_dir}: no checkpoint here")
+    report = VerifyReport(checkpoint_dir, state)
+    if state == "incomplete":
+        report.problems.append(f"{checkpoint_dir}: incomplete checkpoint (never committed)")
+        return report
+    try:
+        manifest = read_manifest(storage, checkpoint_dir)
+    except IntegrityError as e:
+        report.problems.append(str(e))
+        return report
+    if manifest is None:  # legacy: nothing recorded to compare with
+        return report
+    report.problems.extend(check_files(storage, checkpoint_dir, manifest, sorted(manifest.files)))
+    report.checked = len(manifest.files)
+    ignore = {MANIFEST_FILE, OWNER_FILE, IN_PROGRESS_MARKER}
+    report.unexpected = [
+        rel for rel in storage.walk_files(checkpoint_dir)
+        if rel not in manifest.files and rel not in ignore and not is_sidecar(rel)
+    ]
+    return report
+
+
+def require_committed(storage: Storage, checkpoint_dir: str) -> str:
+    """The commit state, raising when the checkpoint is absent or incomplete."""
+    state = checkpoint_state(storage, checkpoint_dir)
+    if state == "absent":
+        raise CheckpointNotFoundError(f"checkpoint_dir[{checkpoint_dir}] not exists: no checkpoint there")
+    if state == "incomplete":
+        raise IncompleteCheckpointError(
+            f"{checkpoint_dir}: incomplete checkpoint (a save crashed or is still running);"
+            " restore the previous one, e.g. latest_checkpoint(model_dir)"
+        )
+    return state
