@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import IO, Any
 
 import fsspec
@@ -111,6 +111,8 @@ class Storage:
 
     # -- reads ---------------------------------------------------------------------------
     def open(self, path: str, mode: str = "rb") -> IO[Any]:
+        if "w" in mode:
+            self._ensure_parent(path)
         return self.fs.open(path, mode)  # type: ignore[no-any-return]
 
     def read_bytes(self, path: str) -> bytes:
@@ -127,7 +129,8 @@ class Storage:
         self.fs.makedirs(path, exist_ok=True)
 
     def write_bytes(self, path: str, data: bytes, *, fsync: bool = True) -> None:
-        """Write a whole file (on local disk fsynced; one PUT on object stores)."""
+        """Write a whole file, creating parents (on local disk fsynced; one PUT on object stores)."""
+        self._ensure_parent(path)
         with self.fs.open(path, "wb") as f:
             f.write(data)
             if fsync and self.local:
@@ -157,8 +160,13 @@ class Storage:
         """Rename a file or directory (atomic only where :attr:`atomic_rename`)."""
         if self.local:
             os.rename(self._local(src), self._local(dst))
+        elif self.isdir(src):
+            # Object stores: copy every object, then delete the originals (not atomic).
+            for rel in self.walk_files(src):
+                self.fs.copy(self.join(src, rel), self.join(dst, rel))
+            self.rm(src, recursive=True)
         else:
-            self.fs.mv(src, dst, recursive=True)
+            self.fs.mv(src, dst)
 
     def rm(self, path: str, recursive: bool = False) -> None:
         """Remove a file or (with ``recursive``) a tree; a missing path is not an error."""
@@ -180,14 +188,10 @@ class Storage:
         finally:
             os.close(fd)
 
-    @contextlib.contextmanager
-    def open_write(self, path: str) -> Iterator[IO[Any]]:
-        """Open a file for writing; on local disk it is fsynced before close."""
-        with self.fs.open(path, "wb") as f:
-            yield f
-            if self.local:
-                f.flush()
-                os.fsync(f.fileno())
+    def _ensure_parent(self, path: str) -> None:
+        # Object stores have no directories; local files need theirs.
+        if self.local:
+            os.makedirs(os.path.dirname(self._local(path)), exist_ok=True)
 
     def _local(self, path: str) -> str:
         return str(self.fs._strip_protocol(path))
