@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
     loss_fn = nn.BCEWithLogitsLoss()
     step = -1
-    for step, (u, i, x, y) in enumerate(batches(0, args.steps)):
+    for u, i, x, y in batches(0, args.steps):
+        step += 1
         opt.zero_grad()
         loss = loss_fn(model(u, i, x), y)
         loss.backward()
@@ -77,8 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = f"{args.model_dir.rstrip('/')}/model.ckpt-{step}"
     reckpt.save_model(
-        ckpt, model, opt, extra_states={"lr_scheduler": sched},
-        dataloader_state={"generated:0": 32 * (step + 1) - 1}, overwrite=True,
+        ckpt,
+        model,
+        opt,
+        extra_states={"lr_scheduler": sched},
+        dataloader_state={"generated:0": 32 * (step + 1) - 1},
+        overwrite=True,
     )
     found, found_step = reckpt.latest_checkpoint(args.model_dir)
     print(f"saved {ckpt}; latest_checkpoint -> {found} (step {found_step})")
@@ -91,10 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     fresh_sched = torch.optim.lr_scheduler.StepLR(fresh_opt, step_size=5, gamma=0.5)
     report = reckpt.restore_model(ckpt, fresh, fresh_opt, extra_states={"lr_scheduler": fresh_sched})
     print(report.summary())
-    same_w = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
+    same_w = all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True)
+    )
     same_o = all(
         torch.equal(sa[k], sb[k])
-        for sa, sb in zip(opt.state_dict()["state"].values(), fresh_opt.state_dict()["state"].values(), strict=True)
+        for sa, sb in zip(
+            opt.state_dict()["state"].values(), fresh_opt.state_dict()["state"].values(), strict=True
+        )
         for k in sa
     )
     same_lr = fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
@@ -111,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             f.write("tables.member.weight tables.user.weight\n")
         ft = reckpt.restore_model(ckpt, tuned, ckpt_param_map_path=map_path)
     print(ft.summary())
-    ok = same_w and same_o and same_lr and torch.equal(tuned.tables["member"].weight, model.tables["user"].weight)
+    ok = (
+        same_w
+        and same_o
+        and same_lr
+        and torch.equal(tuned.tables["member"].weight, model.tables["user"].weight)
+    )
     print("quickstart OK" if ok else "quickstart FAILED")
     return 0 if ok else 1
 

@@ -64,8 +64,11 @@ def s3_server() -> Iterator[dict[str, Any]]:
     env = {**S3_ENV, "AWS_ENDPOINT_URL": endpoint}
     bucket = "reckpt-test"
     client = boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id="testing", aws_secret_access_key="testing",
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     )
     client.create_bucket(Bucket=bucket)
     try:

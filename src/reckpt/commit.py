@@ -87,7 +87,9 @@ def checkpoint_state(storage: Storage, path: str) -> CheckpointState:
     return "incomplete"
 
 
-def is_committed(path: str, storage_options: dict[str, object] | None = None, *, storage: Storage | None = None) -> bool:
+def is_committed(
+    path: str, storage_options: dict[str, object] | None = None, *, storage: Storage | None = None
+) -> bool:
     """Whether ``path`` is a complete checkpoint (reckpt-committed or legacy TorchEasyRec).
 
     Example:
@@ -120,8 +122,12 @@ class OwnerRecord:
     def from_json(cls, data: bytes) -> OwnerRecord:
         doc = json.loads(data.decode("utf-8"))
         return cls(
-            str(doc["host"]), int(doc["pid"]), str(doc["token"]), str(doc["target"]),
-            float(doc["started_at"]), float(doc["heartbeat_at"]),
+            str(doc["host"]),
+            int(doc["pid"]),
+            str(doc["token"]),
+            str(doc["target"]),
+            float(doc["started_at"]),
+            float(doc["heartbeat_at"]),
         )
 
 
@@ -165,7 +171,9 @@ def is_stale(
 
 
 @contextlib.contextmanager
-def heartbeat(storage: Storage, record_path: str, owner: OwnerRecord, interval_s: float = HEARTBEAT_INTERVAL_S) -> Iterator[None]:
+def heartbeat(
+    storage: Storage, record_path: str, owner: OwnerRecord, interval_s: float = HEARTBEAT_INTERVAL_S
+) -> Iterator[None]:
     """Write ``owner`` now and refresh its ``heartbeat_at`` every ``interval_s`` until exit."""
     storage.write_bytes(record_path, owner.to_json(), fsync=False)
     stop = threading.Event()
@@ -216,7 +224,9 @@ def remove_checkpoint_dir(storage: Storage, path: str) -> None:
     storage.rm(path, recursive=True)
 
 
-def cleanup_stale(storage: Storage, model_dir: str, *, now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> list[str]:
+def cleanup_stale(
+    storage: Storage, model_dir: str, *, now: float | None = None, stale_after_s: float = STALE_AFTER_S
+) -> list[str]:
     """Remove debris of crashed saves in ``model_dir`` (rank 0 only); returns what was removed.
 
     Removes trash directories, staging directories whose owner is stale, and (object

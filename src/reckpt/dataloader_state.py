@@ -16,7 +16,12 @@ from reckpt.errors import IntegrityError
 from reckpt.naming import DATALOADER_STATE_FILE
 from reckpt.storage import Storage, storage_for
 
-__all__ = ["merge_dataloader_states", "update_dataloader_state", "update_dataloder_state", "restore_dataloader_state"]
+__all__ = [
+    "merge_dataloader_states",
+    "update_dataloader_state",
+    "update_dataloder_state",
+    "restore_dataloader_state",
+]
 
 
 def merge_dataloader_states(states: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
@@ -41,7 +46,9 @@ def encode_dataloader_state(state: Mapping[str, Any]) -> bytes:
     return json.dumps(dict(state), indent=2).encode("utf-8")
 
 
-def restore_dataloader_state(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+def restore_dataloader_state(
+    checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The checkpoint's dataloader state, or ``None`` when it has none.
 
     Raises:

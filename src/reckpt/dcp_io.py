@@ -19,7 +19,7 @@ import re
 import threading
 import warnings
 from collections.abc import Generator
-from typing import Any
+from typing import Any, cast
 
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -54,7 +54,7 @@ class _StorageFileSystem(FileSystemBase):
         path = os.fspath(path)
         if "w" not in mode:
             with self.storage.open(path, "rb") as f:
-                yield f
+                yield cast(io.IOBase, f)
             return
         rel = self._rel(path)
 
@@ -122,12 +122,14 @@ class ReckptWriter(FileSystemWriter):
             thread_count=thread_count,
             overwrite=True,
         )
-        self.fs = _StorageFileSystem(storage, path, rel_prefix)
+        self._recording = _StorageFileSystem(storage, path, rel_prefix)
+        self.fs = cast(Any, self._recording)
         self.path = path
 
     @property
     def records(self) -> dict[str, FileRecord]:
-        return self.fs.records
+        """Relative path -> size and checksum of every file this rank wrote."""
+        return self._recording.records
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -158,7 +160,7 @@ def read_dcp_metadata(storage: Storage, dcp_dir: str) -> Metadata:
         UnsafeCheckpointError: the pickle or its storage entries are not acceptable.
     """
     path = Storage.join(dcp_dir, DCP_METADATA_FILE)
-    md = load_metadata(storage.read_bytes(path), path)
+    md = cast(Metadata, load_metadata(storage.read_bytes(path), path))
     _validate_storage_data(md, path)
     return md
 
@@ -173,16 +175,17 @@ class SafeReader(FileSystemReader):
 
     def __init__(self, path: str, storage: Storage, metadata: Metadata | None = None) -> None:
         super().__init__(path)
-        self.fs = _StorageFileSystem(storage, path, "")
+        self.fs = cast(Any, _StorageFileSystem(storage, path, ""))
         self.path = path
+        self._dir = path
         self._storage = storage
         self._metadata = metadata
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        md = self._metadata or read_dcp_metadata(self._storage, self.path)
-        if getattr(md, "storage_meta", None) is None:
-            md.storage_meta = StorageMeta()
-        md.storage_meta.load_id = self.load_id
+        md = self._metadata or read_dcp_metadata(self._storage, self._dir)
+        meta = md.storage_meta if md.storage_meta is not None else StorageMeta()
+        meta.load_id = self.load_id
+        md.storage_meta = meta
         return md
 
     @classmethod

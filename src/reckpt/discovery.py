@@ -18,12 +18,17 @@ def committed_steps(model_dir: str, storage: Storage) -> list[int]:
     steps = []
     for name in storage.ls(model_dir):
         step = parse_step(name)
-        if step is not None and checkpoint_state(storage, Storage.join(model_dir, name)) in ("committed", "legacy"):
+        if step is not None and checkpoint_state(storage, Storage.join(model_dir, name)) in (
+            "committed",
+            "legacy",
+        ):
             steps.append(step)
     return sorted(steps)
 
 
-def latest_checkpoint(model_dir: str, storage_options: Mapping[str, Any] | None = None) -> tuple[str | None, int]:
+def latest_checkpoint(
+    model_dir: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[str | None, int]:
     """``(path, step)`` of the newest committed checkpoint, ``(None, -1)`` when there is none.
 
     TorchEasyRec semantics with its sharp edges fixed: an explicit checkpoint path

@@ -45,7 +45,7 @@ class Dist:
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src=self._global_rank(0), group=self.group)
-        return box[0]  # type: ignore[no-any-return]
+        return box[0]
 
     def all_gather(self, obj: T) -> list[T]:
         """Every rank's ``obj``, ordered by rank."""

@@ -60,7 +60,9 @@ class CheckpointContents:
         return sum(e.bytes for entries in self.parts.values() for e in entries)
 
 
-def inspect_checkpoint(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None) -> CheckpointContents:
+def inspect_checkpoint(
+    checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None
+) -> CheckpointContents:
     """Name, shape, dtype and bytes of every entry, from the manifest or (legacy) DCP metadata.
 
     Raises:
@@ -73,7 +75,9 @@ def inspect_checkpoint(checkpoint_dir: str, storage_options: Mapping[str, Any] |
     parts = {}
     for name in storage.ls(checkpoint_dir):
         if storage.exists(Storage.join(checkpoint_dir, name, DCP_METADATA_FILE)):
-            parts[name] = entries_from_metadata(read_dcp_metadata(storage, Storage.join(checkpoint_dir, name)))
+            parts[name] = entries_from_metadata(
+                read_dcp_metadata(storage, Storage.join(checkpoint_dir, name))
+            )
     if not parts:
         raise CheckpointNotFoundError(f"{checkpoint_dir}: no checkpoint parts (no */.metadata)")
     return CheckpointContents(checkpoint_dir, parts)

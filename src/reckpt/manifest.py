@@ -62,7 +62,11 @@ def entries_from_metadata(md: Metadata) -> list[TensorEntry]:
         for d in item.size:
             numel *= int(d)
         dtype = item.properties.dtype
-        out.append(TensorEntry(name, [int(d) for d in item.size], str(dtype).removeprefix("torch."), numel * dtype.itemsize))
+        out.append(
+            TensorEntry(
+                name, [int(d) for d in item.size], str(dtype).removeprefix("torch."), numel * dtype.itemsize
+            )
+        )
     return sorted(out, key=lambda e: e.name)
 
 

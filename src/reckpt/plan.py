@@ -31,7 +31,6 @@ def plan_to_json(plan: Any) -> dict[str, dict[str, dict[str, Any]]]:
         raise ConfigError(f"plan must be a torchrec ShardingPlan or a mapping, got {type(plan).__name__}")
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for module_path, tables in mapping.items():
-        tables = getattr(tables, "_dict", tables)  # EmbeddingModuleShardingPlan is a dict subclass
         try:
             out[str(module_path)] = {
                 str(t): {
@@ -42,7 +41,9 @@ def plan_to_json(plan: Any) -> dict[str, dict[str, dict[str, Any]]]:
                 for t, ps in tables.items()
             }
         except (KeyError, AttributeError, TypeError) as e:
-            raise ConfigError(f"plan entry for module {module_path!r} is not a parameter sharding: {e}") from e
+            raise ConfigError(
+                f"plan entry for module {module_path!r} is not a parameter sharding: {e}"
+            ) from e
     return out
 
 

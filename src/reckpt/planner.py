@@ -17,11 +17,11 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import _create_read_items
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.tensor import DTensor
 
 from reckpt.errors import ShapeMismatchError
@@ -158,7 +158,10 @@ class PartialLoadPlanner(DefaultLoadPlanner):
                 continue
             items = _create_read_items(ckpt_key, self.metadata.state_dict_metadata[ckpt_key], obj)
             if ckpt_key != fqn:
-                items = [dataclasses.replace(i, dest_index=dataclasses.replace(i.dest_index, fqn=fqn)) for i in items]
+                items = [
+                    dataclasses.replace(i, dest_index=dataclasses.replace(i.dest_index, fqn=fqn))
+                    for i in items
+                ]
             requests.extend(items)
         return LoadPlan(requests)
 

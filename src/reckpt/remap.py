@@ -239,7 +239,7 @@ def index_keyed_optimizer_rule(name_to_index: Mapping[str, int]) -> RenameRule:
         rest = key[len("state.") :]
         for name, idx in ordered:
             if rest.startswith(name + "."):
-                return f"state.{idx}.{rest[len(name) + 1:]}"
+                return f"state.{idx}.{rest[len(name) + 1 :]}"
         return None
 
     return rule

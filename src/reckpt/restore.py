@@ -10,13 +10,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from reckpt.dcp_io import SafeReader, dcp_call, read_dcp_metadata
 from reckpt.dist import Dist
 from reckpt.errors import CheckpointNotFoundError, IntegrityError, KeyMismatchError
 from reckpt.manifest import read_manifest
-from reckpt.naming import DCP_METADATA_FILE, DENSE_EMA_DIR, META_FILE, MODEL_DIR, OPTIMIZER_DIR, validate_extra_name
+from reckpt.naming import (
+    DCP_METADATA_FILE,
+    DENSE_EMA_DIR,
+    META_FILE,
+    MODEL_DIR,
+    OPTIMIZER_DIR,
+    validate_extra_name,
+)
 from reckpt.optim import (
     init_optimizer_state,
     is_index_keyed,
@@ -26,7 +33,13 @@ from reckpt.optim import (
     optimizer_state_dict,
 )
 from reckpt.planner import PartialLoadPlanner, saved_shapes
-from reckpt.remap import RenameRule, ec_list_to_ec_dict_rule, index_keyed_optimizer_rule, input_tile_rule, parse_param_map
+from reckpt.remap import (
+    RenameRule,
+    ec_list_to_ec_dict_rule,
+    index_keyed_optimizer_rule,
+    input_tile_rule,
+    parse_param_map,
+)
 from reckpt.report import LoadReport, PartReport
 from reckpt.storage import Storage, storage_for
 from reckpt.verify import require_committed, verify_collective
@@ -55,8 +68,16 @@ def read_meta(storage: Storage, checkpoint_dir: str) -> dict[str, Any]:
 class _Loader:
     """Shared context of one restore: storage, ranks, renames, the report."""
 
-    def __init__(self, storage: Storage, ckpt: str, d: Dist, pg: Any, param_map: dict[str, str],
-                 rules: Sequence[RenameRule], report: LoadReport) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        ckpt: str,
+        d: Dist,
+        pg: Any,
+        param_map: dict[str, str],
+        rules: Sequence[RenameRule],
+        report: LoadReport,
+    ) -> None:
         self.storage, self.ckpt, self.d, self.pg = storage, ckpt, d, pg
         self.param_map, self.rules, self.report = param_map, list(rules), report
 
@@ -95,7 +116,8 @@ class _Loader:
             if error_on_missing_keys and res.missing:
                 raise KeyMismatchError(
                     f"{dcp_dir}: {len(res.missing)} key(s) of the current {part} are missing from"
-                    " the checkpoint: " + ", ".join(sorted(res.missing))
+                    " the checkpoint: "
+                    + ", ".join(sorted(res.missing))
                     + ". Map them with a parameter-map file, or restore with error_on_missing_keys=False"
                     " to keep their initial values."
                 )
@@ -103,8 +125,15 @@ class _Loader:
             err = e
         self.d.raise_if_any(err, f"resolving keys of {dcp_dir}")
         reader = SafeReader(dcp_dir, self.storage, md)
-        dcp_call(dcp.load, f"loading {dcp_dir}", state_dict, storage_reader=reader, planner=planner,
-                 process_group=self.pg, no_dist=not self.d.active)
+        dcp_call(
+            dcp_load,
+            f"loading {dcp_dir}",
+            state_dict,
+            storage_reader=reader,
+            planner=planner,
+            process_group=self.pg,
+            no_dist=not self.d.active,
+        )
         res = planner.resolution
         pr = self.report.part(report_as or part)
         pr.loaded = sorted(res.loads)
@@ -115,7 +144,9 @@ class _Loader:
         pr.resized = sorted(res.resized)
         pr.reinitialized = sorted(res.reinitialized)
         for key in pr.reinitialized:
-            logger.warning("%s: [%s] does not fit the checkpoint's shape; keeping its initial value", dcp_dir, key)
+            logger.warning(
+                "%s: [%s] does not fit the checkpoint's shape; keeping its initial value", dcp_dir, key
+            )
         return pr
 
     def skip(self, part: str, why: str, warn: bool = True) -> None:
@@ -273,7 +304,9 @@ def restore_model(
             params = {n: p for n, p in model.named_parameters()}
             ld.load(DENSE_EMA_DIR, params, report_as="dense_ema_overlay", warn_on_missing_keys=False)
         else:
-            ld.skip("dense_ema_overlay", "use_dense_ema: the checkpoint has no dense_ema/; keeping raw parameters")
+            ld.skip(
+                "dense_ema_overlay", "use_dense_ema: the checkpoint has no dense_ema/; keeping raw parameters"
+            )
 
     for name, obj in (extra_states or {}).items():
         validate_extra_name(name)

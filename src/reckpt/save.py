@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from reckpt._version import __version__
 from reckpt.commit import (
@@ -100,7 +100,8 @@ def _commit(storage: Storage, target: str, work: str, manifest: Manifest, token:
     """Rank 0: write the manifest last and make the checkpoint visible."""
     manifest_path = Storage.join(work, MANIFEST_FILE)
     if storage.atomic_rename:
-        storage.rm(Storage.join(work, OWNER_FILE))
+        # The owner record stays until after the rename, so that a concurrent cleanup
+        # never mistakes this finished-but-not-yet-renamed staging area for debris.
         storage.write_bytes(manifest_path, manifest.to_json())
         fault_point("after_manifest")
         for sub in storage.ls(work):
@@ -114,6 +115,7 @@ def _commit(storage: Storage, target: str, work: str, manifest: Manifest, token:
             storage.rename(target, trash)
         storage.rename(work, target)
         storage.fsync_dir(parent)
+        storage.rm(Storage.join(target, OWNER_FILE))  # not part of the manifest's file set
         if trash is not None:
             storage.rm(trash, recursive=True)
     else:
@@ -215,8 +217,12 @@ def save_model(
             for name, sd in parts:
                 writer = ReckptWriter(Storage.join(work, name), storage, name, thread_count)
                 md = dcp_call(
-                    dcp.save, f"saving {name}/ of {target}", sd,
-                    storage_writer=writer, process_group=process_group, no_dist=not d.active,
+                    dcp_save,
+                    f"saving {name}/ of {target}",
+                    sd,
+                    storage_writer=writer,
+                    process_group=process_group,
+                    no_dist=not d.active,
                 )
                 records.update(writer.records)
                 entries[name] = entries_from_metadata(md)
@@ -244,8 +250,11 @@ def save_model(
                     for recs, _ in gathered:
                         files.update(recs)
                     manifest = Manifest(
-                        step=parse_step(target), world_size=d.world_size, entries=entries,
-                        files=files, user_metadata=dict(user_metadata or {}),
+                        step=parse_step(target),
+                        world_size=d.world_size,
+                        entries=entries,
+                        files=files,
+                        user_metadata=dict(user_metadata or {}),
                         library_version=__version__,
                     )
                     stack.close()  # stop the heartbeat before the record goes away

@@ -54,9 +54,13 @@ def check_files(storage: Storage, checkpoint_dir: str, manifest: Manifest, paths
         with storage.open(path, "rb") as f:
             size, checksum = hash_stream(f)
         if size != rec.size:
-            problems.append(f"{path}: size {size} bytes, the manifest says {rec.size} (truncated or appended)")
+            problems.append(
+                f"{path}: size {size} bytes, the manifest says {rec.size} (truncated or appended)"
+            )
         elif checksum != rec.checksum:
-            problems.append(f"{path}: checksum {checksum} differs from the manifest's {rec.checksum} (corrupted)")
+            problems.append(
+                f"{path}: checksum {checksum} differs from the manifest's {rec.checksum} (corrupted)"
+            )
     return problems
 
 
@@ -110,7 +114,8 @@ def verify(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None
     report.checked = len(manifest.files)
     ignore = {MANIFEST_FILE, OWNER_FILE, IN_PROGRESS_MARKER}
     report.unexpected = [
-        rel for rel in storage.walk_files(checkpoint_dir)
+        rel
+        for rel in storage.walk_files(checkpoint_dir)
         if rel not in manifest.files and rel not in ignore and not is_sidecar(rel)
     ]
     return report

@@ -109,7 +109,9 @@ def test_payload_in_non_tensor_item_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "model.ckpt-4"
     m, _ = trained()
-    dcp.save({**m.state_dict(), "evil": _Payload(str(marker))}, checkpoint_id=str(ckpt / "model"), no_dist=True)
+    dcp.save(
+        {**m.state_dict(), "evil": _Payload(str(marker))}, checkpoint_id=str(ckpt / "model"), no_dist=True
+    )
     assert not marker.exists()
 
     class WithEvil(type(m)):  # type: ignore[misc]
@@ -148,8 +150,13 @@ def test_storage_entry_pointing_outside_is_refused(tmp_path: Path) -> None:
 
 def test_real_metadata_passes_the_allow_list(tmp_path: Path) -> None:
     """Tensors of several dtypes, a non-tensor item, nested optimizer state."""
-    sd = {"f": torch.randn(3), "h": torch.ones(2, dtype=torch.float16), "i": torch.arange(4),
-          "b": torch.tensor([True]), "cfg": {"lr": 0.1, "betas": (0.9, 0.99), "name": "adam"}}
+    sd = {
+        "f": torch.randn(3),
+        "h": torch.ones(2, dtype=torch.float16),
+        "i": torch.arange(4),
+        "b": torch.tensor([True]),
+        "cfg": {"lr": 0.1, "betas": (0.9, 0.99), "name": "adam"},
+    }
     dcp.save(sd, checkpoint_id=str(tmp_path / "x"), no_dist=True)
     names = reckpt.list_distcp_param(str(tmp_path / "x"))
     assert names == ["b", "f", "h", "i"]

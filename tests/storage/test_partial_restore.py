@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 
 import reckpt
 from reckpt.errors import CheckpointNotFoundError, KeyMismatchError, ParamMapError, ShapeMismatchError
-from tests.helpers import TinyRec, fresh, optim_states_equal, state_dicts_equal, trained
+from tests.helpers import fresh, optim_states_equal, state_dicts_equal, trained
 
 
 @pytest.fixture
@@ -35,8 +35,10 @@ def test_missing_keys_are_skipped_and_reported(saved, caplog) -> None:
     # The new layer's optimizer state was not invented: it starts fresh on the first step.
     assert m2.extra.weight not in o2.state
     assert "state.extra.weight" in report.part("optimizer").reinitialized
-    assert all(torch.equal(o.state[p]["exp_avg"], o2.state[q]["exp_avg"])
-               for p, q in zip(m.parameters(), list(m2.parameters())[:4], strict=False))
+    assert all(
+        torch.equal(o.state[p]["exp_avg"], o2.state[q]["exp_avg"])
+        for p, q in zip(m.parameters(), list(m2.parameters())[:4], strict=False)
+    )
 
 
 def test_error_on_missing_keys_lists_all_and_loads_nothing(saved) -> None:
@@ -67,14 +69,14 @@ def test_param_map_bad_line_names_file_and_line(saved, tmp_path, line) -> None:
     mp.write_text(f"emb.item.weight emb.user.weight\n{line}\n")
     m2, _ = fresh()
     before = {k: v.clone() for k, v in m2.state_dict().items()}
-    with pytest.raises(ParamMapError, match=rf"map\.txt:2: expected 'current_name checkpoint_name'"):
+    with pytest.raises(ParamMapError, match=r"map\.txt:2: expected 'current_name checkpoint_name'"):
         reckpt.restore_model(ckpt, m2, ckpt_param_map_path=str(mp))
     assert state_dicts_equal(before, m2.state_dict())
 
 
 def test_param_map_missing_file(saved, tmp_path) -> None:
     ckpt, _, _ = saved
-    with pytest.raises(CheckpointNotFoundError, match="nomap.txt"):
+    with pytest.raises(CheckpointNotFoundError, match=r"nomap\.txt"):
         reckpt.restore_model(ckpt, fresh()[0], ckpt_param_map_path=str(tmp_path / "nomap.txt"))
 
 
@@ -118,7 +120,7 @@ def test_optimizer_state_initialised_without_data_or_weight_change(saved) -> Non
     created = init_optimizer_state(o2)
     assert len(created) == 5 and state_dicts_equal(before, m2.state_dict())
     assert all(p.grad is None for p in m2.parameters())
-    ckpt, m, o = saved
+    ckpt, _, o = saved
     m3, o3 = fresh()
     reckpt.restore_model(ckpt, m3, o3)
     assert optim_states_equal(o, o3)
@@ -135,9 +137,12 @@ def test_ec_list_to_ec_dict_rule_matches_whole_segments(tmp_path) -> None:
         def __init__(self) -> None:
             super().__init__()
             self.grp = torch.nn.Module()
-            self.grp.ec_dict = torch.nn.ModuleDict({
-                "16": torch.nn.Module(), "160": torch.nn.Module(),
-            })
+            self.grp.ec_dict = torch.nn.ModuleDict(
+                {
+                    "16": torch.nn.Module(),
+                    "160": torch.nn.Module(),
+                }
+            )
             self.grp.ec_dict["16"].embeddings = torch.nn.ModuleDict({"t": torch.nn.Embedding(5, 16)})
             self.grp.ec_dict["160"].embeddings = torch.nn.ModuleDict({"u": torch.nn.Embedding(5, 160)})
 
@@ -161,10 +166,14 @@ def test_input_tile_rule(tmp_path, monkeypatch) -> None:
 
     m = M()
     reckpt.restore_model(str(tmp_path / "model.ckpt-0"), m)
-    assert not torch.equal(m.group.ebc_user.embedding_bags["table"].weight, sd["group.ebc.embedding_bags.table.weight"])
+    assert not torch.equal(
+        m.group.ebc_user.embedding_bags["table"].weight, sd["group.ebc.embedding_bags.table.weight"]
+    )
     monkeypatch.setenv("INPUT_TILE", "3")
     reckpt.restore_model(str(tmp_path / "model.ckpt-0"), m)
-    assert torch.equal(m.group.ebc_user.embedding_bags["table"].weight, sd["group.ebc.embedding_bags.table.weight"])
+    assert torch.equal(
+        m.group.ebc_user.embedding_bags["table"].weight, sd["group.ebc.embedding_bags.table.weight"]
+    )
 
 
 def test_legacy_index_keyed_tzrec_checkpoint_restores_with_optimizer(tmp_path) -> None:

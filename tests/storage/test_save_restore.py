@@ -21,8 +21,14 @@ def test_roundtrip_every_backend(root: str) -> None:
     sched = torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)
     sched.step()
     ckpt = f"{root}/model.ckpt-3"
-    reckpt.save_model(ckpt, m, o, extra_states={"lr_scheduler": sched}, dataloader_state={"f.parquet:0": 7},
-                      user_metadata={"note": "hi"})
+    reckpt.save_model(
+        ckpt,
+        m,
+        o,
+        extra_states={"lr_scheduler": sched},
+        dataloader_state={"f.parquet:0": 7},
+        user_metadata={"note": "hi"},
+    )
     assert reckpt.is_committed(ckpt)
     assert reckpt.latest_checkpoint(root) == (ckpt, 3)
     m2, o2 = fresh()
@@ -68,7 +74,7 @@ def test_restore_missing_and_incomplete(root: str) -> None:
     st = storage_for(root)
     ckpt = f"{root}/model.ckpt-6"
     st.write_bytes(Storage.join(ckpt, IN_PROGRESS_MARKER), b"{}")
-    with pytest.raises(IncompleteCheckpointError, match="model.ckpt-6"):
+    with pytest.raises(IncompleteCheckpointError, match=r"model\.ckpt-6"):
         reckpt.restore_model(ckpt, m)
     assert checkpoint_state(st, ckpt) == "incomplete"
 
@@ -94,8 +100,9 @@ def test_plan_meta_and_index_layout(tmp_path) -> None:
     m, o = trained()
     plan = {"model.ebc": {"t1": {"sharding_type": "row_wise", "compute_kernel": "fused", "ranks": [0, 1]}}}
     ckpt = str(tmp_path / "model.ckpt-4")
-    reckpt.save_model(ckpt, m, o, plan=plan, meta={"load_model": True, "load_optim": False},
-                      optimizer_layout="index")
+    reckpt.save_model(
+        ckpt, m, o, plan=plan, meta={"load_model": True, "load_optim": False}, optimizer_layout="index"
+    )
     assert json.loads((tmp_path / "model.ckpt-4" / "plan").read_text()) == plan
     assert "state.0.exp_avg" in reckpt.list_distcp_param(ckpt)
     m2, o2 = fresh()

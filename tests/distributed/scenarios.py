@@ -1,0 +1,133 @@
+"""Scenarios run by tests/distributed on real gloo process groups (see launcher.run_world)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import reckpt
+
+ST_SHAPE = (12, 4)
+DT_SHAPE = (10, 3)
+
+
+def global_tables(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*ST_SHAPE, generator=g), torch.randn(*DT_SHAPE, generator=g)
+
+
+class Holder(nn.Module):
+    """A dense layer plus a ShardedTensor table and a DTensor table (plain tensors when unsharded)."""
+
+    def __init__(self, seed: int, sharded: bool, lin_name: str = "lin", extra: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        setattr(self, lin_name, nn.Linear(4, 3))
+        self.extra = nn.Linear(2, 2) if extra else None
+        st, dt = global_tables(seed)
+        if sharded:
+            from torch.distributed._shard import sharded_tensor
+            from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            world = dist.get_world_size()
+            spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world)])
+            self.st: Any = sharded_tensor.empty(spec, *ST_SHAPE)
+            for shard in self.st.local_shards():
+                off, n = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
+                shard.tensor.copy_(st[off : off + n])
+            self.dt: Any = distribute_tensor(dt, init_device_mesh("cpu", (world,)), [Shard(0)])
+        else:
+            self.st, self.dt = st, dt
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        sd = super().state_dict(*args, **kwargs)
+        sd["tables.st"] = self.st
+        sd["tables.dt"] = self.dt
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        sd = dict(sd)
+        sd.pop("tables.st"), sd.pop("tables.dt")  # loaded in place by DCP
+        return super().load_state_dict(sd, strict=strict)
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full (gathered) tables."""
+        from torch.distributed.tensor import DTensor
+
+        dt = self.dt.full_tensor() if isinstance(self.dt, DTensor) else self.dt
+        if isinstance(self.st, torch.Tensor) and not hasattr(self.st, "local_shards"):
+            return self.st, dt
+        full = torch.zeros(ST_SHAPE) if dist.get_rank() == 0 else None
+        self.st.gather(dst=0, out=full, dtype=torch.float32)
+        box = [full]
+        dist.broadcast_object_list(box, src=0)
+        return box[0], dt
+
+
+def step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    """One deterministic optimizer step, identical on every rank (as DDP would make it)."""
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    opt.step()
+
+
+def save_and_restore_world(rank: int, world: int, root: str, single_ckpt: str | None) -> None:
+    """Save on `world` ranks; restore at the same size, partially and remapped; load a 1-rank checkpoint."""
+    model = Holder(seed=1, sharded=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    step(model, opt)
+    ckpt = f"{root}/model.ckpt-1"
+    reckpt.save_model(ckpt, model, opt, dataloader_state={f"part:{rank}": 10 * (rank + 1)})
+    assert reckpt.is_committed(ckpt)
+    assert reckpt.restore_dataloader_state(ckpt) == {f"part:{r}": 10 * (r + 1) for r in range(world)}
+
+    fresh = Holder(seed=2, sharded=True)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.9)
+    report = reckpt.restore_model(ckpt, fresh, fresh_opt)
+    assert report.verified
+    want_st, want_dt = global_tables(1)
+    got_st, got_dt = fresh.tables()
+    assert torch.equal(got_st, want_st) and torch.equal(got_dt, want_dt)
+    assert torch.equal(fresh.lin.weight, model.lin.weight)
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][k], fresh_opt.state[q][k]), k
+    assert fresh_opt.param_groups[0]["lr"] == 0.1
+
+    # Partial + remapped: the dense layer was renamed, a layer added.
+    map_path = f"{root}/map.txt"
+    if rank == 0:
+        with open(map_path, "w") as f:
+            f.write("dense.weight lin.weight\ndense.bias lin.bias\n")
+    dist.barrier()
+    tuned = Holder(seed=3, sharded=True, lin_name="dense", extra=True)
+    extra_before = tuned.extra.weight.detach().clone()
+    rep = reckpt.restore_model(ckpt, tuned, ckpt_param_map_path=map_path)
+    assert torch.equal(tuned.dense.weight, model.lin.weight)
+    assert torch.equal(tuned.extra.weight, extra_before)
+    assert rep.missing_keys == ["extra.bias", "extra.weight"]
+    assert rep.part("model").remapped == {"dense.weight": "lin.weight", "dense.bias": "lin.bias"}
+
+    if single_ckpt is not None:  # 1 -> world
+        one = Holder(seed=4, sharded=True)
+        reckpt.restore_model(single_ckpt, one)
+        got_st, got_dt = one.tables()
+        want_st, want_dt = global_tables(100)
+        assert torch.equal(got_st, want_st) and torch.equal(got_dt, want_dt)
+
+
+def restore_world(rank: int, world: int, ckpt: str) -> None:
+    """Load a checkpoint saved at another world size into `world` ranks."""
+    model = Holder(seed=5, sharded=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.9)
+    reckpt.restore_model(ckpt, model, opt)
+    want_st, want_dt = global_tables(1)
+    got_st, got_dt = model.tables()
+    assert torch.equal(got_st, want_st) and torch.equal(got_dt, want_dt)
+    assert opt.param_groups[0]["lr"] == 0.1
+    assert int(opt.state[model.lin.weight]["step"]) == 1

@@ -1,0 +1,124 @@
+"""TorchRec scenarios: a DistributedModelParallel EmbeddingBagCollection with a fused optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import reckpt
+from reckpt.plan import read_plan
+
+ROWS, DIM = 40, 64
+
+
+def build(sharding: dict[str, str], seed: int) -> tuple[Any, Any]:
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    torch.manual_seed(seed)
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ebc = EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(
+                        name=t, embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f"f_{t}"]
+                    )
+                    for t in ("t1", "t2")
+                ],
+                device=torch.device("cpu"),
+            )
+
+        def forward(self, kjt: Any) -> torch.Tensor:
+            return self.ebc(kjt).values()
+
+    model = Wrap()
+    apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": 0.1})
+    constraints = {
+        t: ParameterConstraints(sharding_types=[st], min_partition=DIM // 2) for t, st in sharding.items()
+    }
+    world = dist.get_world_size()
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints
+    )
+    sharders: list[Any] = [EmbeddingBagCollectionSharder()]
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
+    return dmp, dmp.fused_optimizer
+
+
+def train_step(dmp: Any) -> None:
+    from torchrec import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(11)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f_t1", "f_t2"],
+        values=torch.randint(0, ROWS, (12,), generator=g),
+        lengths=torch.tensor([2, 1, 3, 2, 2, 2]),
+    )
+    dmp(kjt).sum().backward()
+
+
+def gathered(st: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """The full tensor of a ShardedTensor, on every rank."""
+    full = torch.zeros(shape) if dist.get_rank() == 0 else None
+    st.gather(dst=0, out=full, dtype=torch.float32)
+    box = [full]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[no-any-return]
+
+
+def local_momentum(opt: Any) -> dict[str, list[torch.Tensor]]:
+    """This rank's shards of every table's row-wise momentum (a rank without a shard has no key)."""
+    out = {}
+    for fqn, st in opt.state_dict()["state"].items():
+        for name, value in st.items():
+            if name.endswith("momentum1"):
+                out[fqn] = [s.tensor.clone() for s in value.local_shards()]
+    return out
+
+
+def plan_change_reinitialises_fused_state(rank: int, world: int, root: str) -> None:
+    dmp, opt = build({"t1": "table_wise", "t2": "table_wise"}, seed=0)
+    train_step(dmp)
+    ckpt = f"{root}/model.ckpt-5"
+    reckpt.save_model(ckpt, dmp, opt)
+    plan = read_plan(ckpt)
+    assert plan is not None and plan["ebc"]["t1"]["sharding_type"] == "table_wise"
+    want = {
+        t: gathered(dmp.state_dict()[f"ebc.embedding_bags.{t}.weight"], (ROWS, DIM)) for t in ("t1", "t2")
+    }
+    mom_key = "state.ebc.embedding_bags.t1.weight.t1.momentum1"
+    want_mom = local_momentum(opt)
+
+    # Same plan: weights and fused optimizer state exact.
+    same, same_opt = build({"t1": "table_wise", "t2": "table_wise"}, seed=1)
+    reckpt.restore_model(ckpt, same, same_opt)
+    for t in ("t1", "t2"):
+        assert torch.equal(
+            gathered(same.state_dict()[f"ebc.embedding_bags.{t}.weight"], (ROWS, DIM)), want[t]
+        )
+    got_mom = local_momentum(same_opt)
+    assert got_mom.keys() == want_mom.keys()
+    assert all(torch.equal(a, b) for k in want_mom for a, b in zip(want_mom[k], got_mom[k], strict=True))
+    has_t1 = [bool(want_mom.get("ebc.embedding_bags.t1.weight"))]
+    dist.all_reduce(t := torch.tensor(has_t1, dtype=torch.int64))
+    assert int(t) == 1, "table-wise: exactly one rank holds t1's momentum"
+
+    # Changed plan (t1 column-wise): weights reshard exactly; t1's row-wise momentum no longer
+    # fits (one value per row per column shard) and is re-initialised, reported, no crash.
+    cw, cw_opt = build({"t1": "column_wise", "t2": "table_wise"}, seed=2)
+    report = reckpt.restore_model(ckpt, cw, cw_opt)
+    for t in ("t1", "t2"):
+        assert torch.equal(gathered(cw.state_dict()[f"ebc.embedding_bags.{t}.weight"], (ROWS, DIM)), want[t])
+    opt_report = report.part("optimizer")
+    assert any(k.startswith(mom_key) for k in opt_report.reinitialized), opt_report
+    assert any(m.key.startswith(mom_key) for m in opt_report.shape_mismatched)
