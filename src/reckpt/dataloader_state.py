@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from reckpt.errors import IntegrityError
+from reckpt.manifest import read_json_object
 from reckpt.naming import DATALOADER_STATE_FILE
 from reckpt.storage import Storage, storage_for
 
@@ -55,13 +55,4 @@ def restore_dataloader_state(
         IntegrityError: the file is not a JSON object.
     """
     storage = storage_for(checkpoint_dir, storage_options)
-    path = Storage.join(checkpoint_dir, DATALOADER_STATE_FILE)
-    if not storage.exists(path):
-        return None
-    try:
-        doc = json.loads(storage.read_text(path))
-    except ValueError as e:
-        raise IntegrityError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(doc, dict):
-        raise IntegrityError(f"{path}: expected a JSON object, got {type(doc).__name__}")
-    return doc
+    return read_json_object(storage, Storage.join(checkpoint_dir, DATALOADER_STATE_FILE))

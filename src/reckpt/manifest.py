@@ -147,6 +147,23 @@ class Manifest:
             raise IntegrityError(f"{source}: not a valid reckpt manifest ({type(e).__name__}: {e})") from e
 
 
+def read_json_object(storage: Storage, path: str) -> dict[str, Any] | None:
+    """A small JSON-object file of a checkpoint (``plan``, ``meta`` ...), ``None`` when absent.
+
+    Raises:
+        IntegrityError: the file is not valid JSON or not an object.
+    """
+    if not storage.exists(path):
+        return None
+    try:
+        doc = json.loads(storage.read_text(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
 def read_manifest(storage: Storage, checkpoint_dir: str) -> Manifest | None:
     """The checkpoint's manifest, or ``None`` when it has none (legacy or incomplete)."""
     path = Storage.join(checkpoint_dir, MANIFEST_FILE)

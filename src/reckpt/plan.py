@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
-from reckpt.errors import ConfigError, IntegrityError
+from reckpt.errors import ConfigError
+from reckpt.manifest import read_json_object
 from reckpt.naming import PLAN_FILE
 from reckpt.storage import Storage, storage_for
 
@@ -56,13 +56,4 @@ def model_plan(model: Any) -> Any:
 def read_plan(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
     """The checkpoint's plan (JSON form), ``None`` when it has none."""
     storage = storage_for(checkpoint_dir, storage_options)
-    path = Storage.join(checkpoint_dir, PLAN_FILE)
-    if not storage.exists(path):
-        return None
-    try:
-        doc = json.loads(storage.read_text(path))
-    except ValueError as e:
-        raise IntegrityError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(doc, dict):
-        raise IntegrityError(f"{path}: expected a JSON object")
-    return doc
+    return read_json_object(storage, Storage.join(checkpoint_dir, PLAN_FILE))

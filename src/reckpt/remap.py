@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from reckpt.errors import ParamMapError
-from reckpt.report import ShapeMismatch
+from reckpt.report import PartReport, ShapeMismatch
 
 __all__ = [
     "RenameRule",
@@ -70,16 +70,10 @@ def parse_param_map(text: str, source: str) -> dict[str, str]:
 
 
 @dataclass(slots=True)
-class Resolution:
-    """Which checkpoint key fills each current key, and what could not be matched."""
+class Resolution(PartReport):
+    """A part's report plus ``loads``: which checkpoint key fills each loaded current key."""
 
     loads: dict[str, str] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
-    unused: list[str] = field(default_factory=list)
-    remapped: dict[str, str] = field(default_factory=dict)
-    shape_mismatched: list[ShapeMismatch] = field(default_factory=list)
-    resized: list[str] = field(default_factory=list)
-    reinitialized: list[str] = field(default_factory=list)
 
     @property
     def errors(self) -> list[ShapeMismatch]:
@@ -155,6 +149,7 @@ def resolve_keys(
         res.loads[key] = ckpt_key
         used.add(ckpt_key)
     res.unused = sorted(k for k in saved_keys if k not in used)
+    res.loaded = sorted(res.loads)
     return res
 
 

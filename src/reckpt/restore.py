@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,8 +13,8 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from reckpt.dcp_io import SafeReader, dcp_call, read_dcp_metadata
 from reckpt.dist import Dist
-from reckpt.errors import CheckpointNotFoundError, IntegrityError, KeyMismatchError
-from reckpt.manifest import read_manifest
+from reckpt.errors import CheckpointNotFoundError, KeyMismatchError
+from reckpt.manifest import read_json_object, read_manifest
 from reckpt.naming import (
     DCP_METADATA_FILE,
     DENSE_EMA_DIR,
@@ -53,16 +52,7 @@ _GROUP_PARAMS = re.compile(r"param_groups\.[0-9]+\.params")
 
 def read_meta(storage: Storage, checkpoint_dir: str) -> dict[str, Any]:
     """The checkpoint's ``meta`` flags (``{}`` when absent)."""
-    path = Storage.join(checkpoint_dir, META_FILE)
-    if not storage.exists(path):
-        return {}
-    try:
-        doc = json.loads(storage.read_text(path))
-    except ValueError as e:
-        raise IntegrityError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(doc, dict):
-        raise IntegrityError(f"{path}: expected a JSON object")
-    return doc
+    return read_json_object(storage, Storage.join(checkpoint_dir, META_FILE)) or {}
 
 
 class _Loader:
@@ -134,15 +124,11 @@ class _Loader:
             process_group=self.pg,
             no_dist=not self.d.active,
         )
-        res = planner.resolution
-        pr = self.report.part(report_as or part)
-        pr.loaded = sorted(res.loads)
-        pr.missing = sorted(res.missing)
-        pr.unused = res.unused
-        pr.remapped = dict(res.remapped)
-        pr.shape_mismatched = list(res.shape_mismatched)
-        pr.resized = sorted(res.resized)
-        pr.reinitialized = sorted(res.reinitialized)
+        pr = planner.resolution
+        pr.missing.sort()
+        pr.resized.sort()
+        pr.reinitialized.sort()
+        self.report.parts[report_as or part] = pr
         for key in pr.reinitialized:
             logger.warning(
                 "%s: [%s] does not fit the checkpoint's shape; keeping its initial value", dcp_dir, key

@@ -110,3 +110,35 @@ def test_plan_meta_and_index_layout(tmp_path) -> None:
     assert state_dicts_equal(m.state_dict(), m2.state_dict())
     assert report.part("optimizer").skipped == "meta.load_optim is false"
     assert o2.state == {}  # not even initialised: nothing was loaded
+
+
+def test_explicit_storage_options_without_env(s3_server) -> None:
+    """Endpoint and credentials given to save/restore directly; no AWS_* variables set."""
+    opts = {"endpoint_url": s3_server["endpoint"], "key": "testing", "secret": "testing"}
+    ckpt = f"s3://{s3_server['bucket']}/explicit-run/model.ckpt-1"
+    m, o = trained()
+    reckpt.save_model(ckpt, m, o, storage_options=opts)
+    m2, o2 = fresh()
+    report = reckpt.restore_model(ckpt, m2, o2, storage_options=opts)
+    assert report.verified and state_dicts_equal(m.state_dict(), m2.state_dict())
+    assert reckpt.verify(ckpt, storage_options=opts).ok
+
+
+def test_inspect_reckpt_and_legacy_checkpoints(tmp_path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    m, o = trained()
+    ckpt = str(tmp_path / "model.ckpt-1")
+    reckpt.save_model(ckpt, m, o)
+    contents = reckpt.inspect_checkpoint(ckpt)
+    by_name = {e.name: e for e in contents.parts["model"]}
+    assert by_name["emb.user.weight"].shape == [50, 4] and by_name["emb.user.weight"].bytes == 800
+    assert by_name["emb.user.weight"].dtype == "float32"
+    assert "state.emb.user.weight.exp_avg" in {e.name for e in contents.parts["optimizer"]}
+    legacy = tmp_path / "legacy" / "model.ckpt-2"
+    dcp.save(m.state_dict(), checkpoint_id=str(legacy / "model"), no_dist=True)
+    legacy_contents = reckpt.inspect_checkpoint(str(legacy))
+    assert [e.name for e in legacy_contents.parts["model"]] == sorted(by_name)
+    assert legacy_contents.total_bytes() == sum(e.bytes for e in contents.parts["model"])
+    with pytest.raises(CheckpointNotFoundError):
+        reckpt.list_distcp_param(str(tmp_path / "nothing"))
