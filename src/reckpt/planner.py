@@ -131,7 +131,7 @@ class PartialLoadPlanner(DefaultLoadPlanner):
                 for m in res.errors
             ]
             hint = (
-                " A table whose row count changed loads its overlapping rows with"
+                "A table whose row count changed loads its overlapping rows with"
                 " allow_row_resize=True; otherwise map the key elsewhere or drop it."
             )
             raise ShapeMismatchError(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from reckpt.dcp_io import SafeReader, dcp_call, read_dcp_metadata
@@ -55,8 +57,29 @@ def read_meta(storage: Storage, checkpoint_dir: str) -> dict[str, Any]:
     return read_json_object(storage, Storage.join(checkpoint_dir, META_FILE)) or {}
 
 
+@dataclass
+class _Job:
+    """One part to restore: where it lives, what to fill, what to do afterwards."""
+
+    part: str
+    target: Callable[[], dict[str, Any]]
+    finish: Callable[[dict[str, Any], PartReport], None] = lambda sd, pr: None
+    report_as: str | None = None
+    extra_rules: Sequence[RenameRule] = ()
+    exclude_keys: Sequence[str] = ()
+    allow_row_resize: bool = False
+    reinit_on_mismatch: bool = False
+    error_on_missing_keys: bool = False
+    warn_on_missing_keys: bool = True
+
+
 class _Loader:
-    """Shared context of one restore: storage, ranks, renames, the report."""
+    """Shared context of one restore: storage, ranks, renames, the report.
+
+    Every job is first checked on every rank (keys resolved against the checkpoint's
+    metadata; errors gathered and raised on all ranks), and only then are the jobs loaded,
+    so a user mistake in any part stops the restore before anything is overwritten.
+    """
 
     def __init__(
         self,
@@ -70,51 +93,54 @@ class _Loader:
     ) -> None:
         self.storage, self.ckpt, self.d, self.pg = storage, ckpt, d, pg
         self.param_map, self.rules, self.report = param_map, list(rules), report
+        self._metadata: dict[str, Metadata] = {}
 
     def has(self, part: str) -> bool:
         return self.storage.exists(Storage.join(self.ckpt, part, DCP_METADATA_FILE))
 
-    def load(
-        self,
-        part: str,
-        state_dict: dict[str, Any],
-        *,
-        report_as: str | None = None,
-        extra_rules: Sequence[RenameRule] = (),
-        exclude_keys: Sequence[str] = (),
-        allow_row_resize: bool = False,
-        reinit_on_mismatch: bool = False,
-        error_on_missing_keys: bool = False,
-        warn_on_missing_keys: bool = True,
-    ) -> PartReport:
-        """Collective: resolve keys on every rank (raising before any read), then DCP-load."""
-        dcp_dir = Storage.join(self.ckpt, part)
-        md = read_dcp_metadata(self.storage, dcp_dir)
+    def metadata(self, part: str) -> Metadata:
+        if part not in self._metadata:
+            self._metadata[part] = read_dcp_metadata(self.storage, Storage.join(self.ckpt, part))
+        return self._metadata[part]
+
+    def _planner(self, job: _Job, state_dict: dict[str, Any]) -> PartialLoadPlanner:
+        md = self.metadata(job.part)
         planner = PartialLoadPlanner(
-            warn_on_missing_keys=warn_on_missing_keys,
+            warn_on_missing_keys=job.warn_on_missing_keys,
             param_map=self.param_map,
-            rename_rules=[*self.rules, *extra_rules, ec_list_to_ec_dict_rule(saved_shapes(md))],
-            exclude_keys=exclude_keys,
-            allow_row_resize=allow_row_resize,
-            reinit_on_mismatch=reinit_on_mismatch,
-            source=dcp_dir,
+            rename_rules=[*self.rules, *job.extra_rules, ec_list_to_ec_dict_rule(saved_shapes(md))],
+            exclude_keys=job.exclude_keys,
+            allow_row_resize=job.allow_row_resize,
+            reinit_on_mismatch=job.reinit_on_mismatch,
+            source=Storage.join(self.ckpt, job.part),
         )
+        planner.set_up_planner(state_dict, md, self.d.is_coordinator)
+        return planner
+
+    def check(self, jobs: Sequence[_Job]) -> None:
+        """Collective: resolve every job's keys on every rank; all ranks raise on any error."""
         err: BaseException | None = None
         try:
-            planner.set_up_planner(state_dict, md, self.d.is_coordinator)
-            res = planner.resolve()
-            if error_on_missing_keys and res.missing:
-                raise KeyMismatchError(
-                    f"{dcp_dir}: {len(res.missing)} key(s) of the current {part} are missing from"
-                    " the checkpoint: "
-                    + ", ".join(sorted(res.missing))
-                    + ". Map them with a parameter-map file, or restore with error_on_missing_keys=False"
-                    " to keep their initial values."
-                )
+            for job in jobs:
+                res = self._planner(job, job.target()).resolve()
+                if job.error_on_missing_keys and res.missing:
+                    raise KeyMismatchError(
+                        f"{Storage.join(self.ckpt, job.part)}: {len(res.missing)} key(s) of the current"
+                        f" {job.part} are missing from the checkpoint: "
+                        + ", ".join(sorted(res.missing))
+                        + ". Map them with a parameter-map file, or restore with"
+                        " error_on_missing_keys=False to keep their initial values."
+                    )
         except Exception as e:
             err = e
-        self.d.raise_if_any(err, f"resolving keys of {dcp_dir}")
-        reader = SafeReader(dcp_dir, self.storage, md)
+        self.d.raise_if_any(err, f"resolving keys of {self.ckpt}")
+
+    def load(self, job: _Job) -> None:
+        """Collective: DCP-load one (checked) job and record its report."""
+        state_dict = job.target()
+        planner = self._planner(job, state_dict)
+        dcp_dir = Storage.join(self.ckpt, job.part)
+        reader = SafeReader(dcp_dir, self.storage, self.metadata(job.part))
         dcp_call(
             dcp_load,
             f"loading {dcp_dir}",
@@ -128,12 +154,10 @@ class _Loader:
         pr.missing.sort()
         pr.resized.sort()
         pr.reinitialized.sort()
-        self.report.parts[report_as or part] = pr
+        job.finish(state_dict, pr)
+        self.report.parts[job.report_as or job.part] = pr
         for key in pr.reinitialized:
-            logger.warning(
-                "%s: [%s] does not fit the checkpoint's shape; keeping its initial value", dcp_dir, key
-            )
-        return pr
+            logger.warning("%s: [%s] does not fit the checkpoint; keeping its initial value", dcp_dir, key)
 
     def skip(self, part: str, why: str, warn: bool = True) -> None:
         self.report.part(part).skipped = why
@@ -142,37 +166,57 @@ class _Loader:
             self.report.notes.append(f"{part}: {why}")
 
 
-def _restore_optimizer(ld: _Loader, model: torch.nn.Module, optimizer: Any) -> None:
-    created = init_optimizer_state(optimizer)
-    target = optimizer_state_dict(model, optimizer, "name")
-    md = read_dcp_metadata(ld.storage, Storage.join(ld.ckpt, OPTIMIZER_DIR))
-    rules: list[RenameRule] = []
-    keyed = is_keyed_optimizer(optimizer)
-    if not keyed and is_index_keyed(md.state_dict_metadata):
-        names = optimizer_param_names(model, optimizer)
-        rules.append(index_keyed_optimizer_rule({n: i for i, n in enumerate(names)}))
-    n_groups = len(target.get("param_groups", []))
-    exclude = [f"param_groups.{i}.params" for i in range(n_groups)]
-    pr = ld.load(OPTIMIZER_DIR, target, extra_rules=rules, exclude_keys=exclude, reinit_on_mismatch=True)
-    # Saved parameter lists are replaced by the current ones on purpose: not "unused".
-    pr.unused = [k for k in pr.unused if not _GROUP_PARAMS.fullmatch(k)]
-    load_optimizer_state_dict(model, optimizer, target)
-    if keyed or not created:
-        return
-    # State that init_optimizer_state created for parameters the checkpoint does not know
-    # is dropped, so their first real step initialises it exactly as in a fresh run.
-    missing = set(pr.missing)
-    created_ids = {id(p) for p in created}
-    by_param = dict(zip(optimizer_param_names(model, optimizer), _flat_params(optimizer), strict=True))
-    for name, p in by_param.items():
-        keys = [f"state.{name}.{k}" for k in optimizer.state.get(p, {})]
-        if id(p) in created_ids and keys and all(k in missing for k in keys):
-            optimizer.state.pop(p, None)
-            pr.reinitialized.append(f"state.{name}")
+def _applier(obj: Any) -> Callable[[dict[str, Any], PartReport], None]:
+    """``finish`` callback that hands the loaded state dict to ``obj.load_state_dict``."""
+
+    def apply(sd: dict[str, Any], pr: PartReport) -> None:
+        obj.load_state_dict(sd)
+
+    return apply
 
 
-def _flat_params(optimizer: Any) -> list[Any]:
-    return [p for g in optimizer.param_groups for p in g["params"]]
+class _OptimizerJob:
+    """The optimizer's restore: initialise state once (no data), load, apply, tidy up."""
+
+    def __init__(self, ld: _Loader, model: torch.nn.Module, optimizer: Any) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.keyed = is_keyed_optimizer(optimizer)
+        self.created: list[Any] | None = None
+        rules: list[RenameRule] = []
+        if not self.keyed and is_index_keyed(ld.metadata(OPTIMIZER_DIR).state_dict_metadata):
+            names = optimizer_param_names(model, optimizer)
+            rules.append(index_keyed_optimizer_rule({n: i for i, n in enumerate(names)}))
+        groups = len(optimizer.param_groups)
+        self.job = _Job(
+            OPTIMIZER_DIR,
+            self.target,
+            self.finish,
+            extra_rules=rules,
+            exclude_keys=[f"param_groups.{i}.params" for i in range(groups)],
+            reinit_on_mismatch=True,
+        )
+
+    def target(self) -> dict[str, Any]:
+        if self.created is None:
+            self.created = init_optimizer_state(self.optimizer)
+        return optimizer_state_dict(self.model, self.optimizer, "name")
+
+    def finish(self, sd: dict[str, Any], pr: PartReport) -> None:
+        # Saved parameter lists are replaced by the current ones on purpose: not "unused".
+        pr.unused = [k for k in pr.unused if not _GROUP_PARAMS.fullmatch(k)]
+        load_optimizer_state_dict(self.model, self.optimizer, sd)
+        if self.keyed or not self.created:
+            return
+        # State that init_optimizer_state created for parameters the checkpoint does not know
+        # is dropped, so their first real step initialises it exactly as in a fresh run.
+        missing = set(pr.missing)
+        created_ids = {id(p) for p in self.created}
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for name, p in zip(optimizer_param_names(self.model, self.optimizer), params, strict=True):
+            keys = [f"state.{name}.{k}" for k in self.optimizer.state.get(p, {})]
+            if id(p) in created_ids and keys and all(k in missing for k in keys):
+                self.optimizer.state.pop(p, None)
+                pr.reinitialized.append(f"state.{name}")
 
 
 def restore_model(
@@ -256,15 +300,22 @@ def restore_model(
     if os.environ.get("INPUT_TILE", "").startswith("3"):
         rules.append(input_tile_rule)
     ld = _Loader(storage, ckpt, d, process_group, names, rules, report)
+    jobs: list[_Job] = []
 
     if meta.get("load_model", True) is False:
         ld.skip(MODEL_DIR, "meta.load_model is false", warn=False)
     elif not ld.has(MODEL_DIR):
         raise CheckpointNotFoundError(f"model_ckpt_path[{Storage.join(ckpt, MODEL_DIR)}] not exists")
     else:
-        sd = model.state_dict()
-        ld.load(MODEL_DIR, sd, allow_row_resize=allow_row_resize, error_on_missing_keys=error_on_missing_keys)
-        model.load_state_dict(sd)
+        jobs.append(
+            _Job(
+                MODEL_DIR,
+                model.state_dict,
+                _applier(model),
+                allow_row_resize=allow_row_resize,
+                error_on_missing_keys=error_on_missing_keys,
+            )
+        )
 
     if optimizer is not None:
         if not load_optimizer:
@@ -274,21 +325,30 @@ def restore_model(
         elif not ld.has(OPTIMIZER_DIR):
             ld.skip(OPTIMIZER_DIR, "the checkpoint has no optimizer/; optimizer state starts fresh")
         else:
-            _restore_optimizer(ld, model, optimizer)
+            jobs.append(_OptimizerJob(ld, model, optimizer).job)
 
     if dense_ema is not None:
-        if callable(getattr(dense_ema, "reset", None)):
-            dense_ema.reset()
         if ld.has(DENSE_EMA_DIR):
-            ema_sd = dense_ema.state_dict()
-            ld.load(DENSE_EMA_DIR, ema_sd, warn_on_missing_keys=False)
-            dense_ema.load_state_dict(ema_sd)
+            jobs.append(
+                _Job(
+                    DENSE_EMA_DIR,
+                    dense_ema.state_dict,
+                    _applier(dense_ema),
+                    warn_on_missing_keys=False,
+                )
+            )
         else:
             ld.skip(DENSE_EMA_DIR, "the checkpoint has no dense_ema/; EMA will restart")
     if use_dense_ema:
         if ld.has(DENSE_EMA_DIR):
-            params = {n: p for n, p in model.named_parameters()}
-            ld.load(DENSE_EMA_DIR, params, report_as="dense_ema_overlay", warn_on_missing_keys=False)
+            jobs.append(
+                _Job(
+                    DENSE_EMA_DIR,
+                    lambda: dict(model.named_parameters()),
+                    report_as="dense_ema_overlay",
+                    warn_on_missing_keys=False,
+                )
+            )
         else:
             ld.skip(
                 "dense_ema_overlay", "use_dense_ema: the checkpoint has no dense_ema/; keeping raw parameters"
@@ -299,8 +359,19 @@ def restore_model(
         if not ld.has(name):
             ld.skip(name, f"the checkpoint has no {name}/; {name} keeps its current state")
             continue
-        extra_sd = obj.state_dict()
-        ld.load(name, extra_sd)
-        obj.load_state_dict(extra_sd)
+        jobs.append(_Job(name, obj.state_dict, _applier(obj)))
+
+    ld.check(jobs)
+    for job in jobs:
+        if (
+            job.part == DENSE_EMA_DIR
+            and job.report_as is None
+            and callable(getattr(dense_ema, "reset", None))
+        ):
+            # TorchEasyRec order: the EMA restarts from the just-restored weights, then loads.
+            dense_ema.reset()
+        ld.load(job)
+    if dense_ema is not None and not ld.has(DENSE_EMA_DIR) and callable(getattr(dense_ema, "reset", None)):
+        dense_ema.reset()
     logger.info("%s", report.summary())
     return report

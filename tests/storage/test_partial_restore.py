@@ -241,3 +241,40 @@ def test_restore_without_ema_dir_warns(saved) -> None:
     report = reckpt.restore_model(ckpt, m2, dense_ema=ema)
     assert "EMA will restart" in report.part("dense_ema").skipped
     assert int(ema.n) == 0
+
+
+def test_every_part_is_checked_before_any_is_loaded(tmp_path) -> None:
+    """A mismatch in an extra state stops the restore before the model is touched."""
+    m, o = trained()
+    ckpt = str(tmp_path / "model.ckpt-1")
+    reckpt.save_model(ckpt, m, o, extra_states={"head": torch.nn.Linear(3, 2)})
+    m2, o2 = fresh()
+    before = {k: v.clone() for k, v in m2.state_dict().items()}
+    with pytest.raises(ShapeMismatchError, match=r"(?s)head.*weight.*\[2, 3\].*\[4, 3\]"):
+        reckpt.restore_model(ckpt, m2, o2, extra_states={"head": torch.nn.Linear(3, 4)})
+    assert state_dicts_equal(before, m2.state_dict())
+    assert o2.state == {} or all(float(v["exp_avg"].abs().sum()) == 0 for v in o2.state.values())
+
+
+def test_meta_load_model_false_skips_model(tmp_path) -> None:
+    m, o = trained()
+    ckpt = tmp_path / "model.ckpt-0"
+    reckpt.save_model(str(ckpt), m, o, meta={"load_model": False})
+    m2, o2 = fresh()
+    before = {k: v.clone() for k, v in m2.state_dict().items()}
+    report = reckpt.restore_model(str(ckpt), m2, o2)
+    assert state_dicts_equal(before, m2.state_dict())
+    assert report.part("model").skipped == "meta.load_model is false"
+    assert optim_states_equal(o, o2)
+
+
+def test_partial_load_planner_with_plain_dcp(saved) -> None:
+    """TorchEasyRec-style use: PartialLoadPlanner handed straight to dcp.load."""
+    ckpt, m, _ = saved
+    m2, _ = fresh(extra=True)
+    sd = m2.state_dict()
+    planner = reckpt.PartialLoadPlanner()
+    dcp.load(sd, checkpoint_id=os.path.join(ckpt, "model"), planner=planner, no_dist=True)
+    assert planner.skipped_keys == ["extra.bias", "extra.weight"]
+    m2.load_state_dict(sd)
+    assert torch.equal(m2.emb["user"].weight, m.emb["user"].weight)
