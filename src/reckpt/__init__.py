@@ -12,29 +12,47 @@ Example:
 from reckpt import errors
 from reckpt._version import __version__
 from reckpt.commit import is_committed
-from reckpt.dataloader_state import restore_dataloader_state
-from reckpt.discovery import latest_checkpoint
+from reckpt.dataloader_state import restore_dataloader_state, update_dataloder_state
+from reckpt.discovery import best_checkpoint, latest_checkpoint, list_checkpoints
 from reckpt.inspection import CheckpointContents, inspect_checkpoint, list_distcp_param
+from reckpt.lease import lease
+from reckpt.manager import CheckpointManager
 from reckpt.planner import PartialLoadPlanner
+from reckpt.policy import BestN, CheckpointInfo, EveryNSeconds, EveryNSteps, LatestN, PinnedSteps
 from reckpt.report import LoadReport, PartReport
 from reckpt.restore import restore_model
+from reckpt.resume import ResumeInfo
 from reckpt.save import save_model
 from reckpt.verify import VerifyReport, verify
 
 __all__ = [
     "__version__",
     "errors",
+    # TorchEasyRec checkpoint_util surface
     "save_model",
     "restore_model",
     "latest_checkpoint",
+    "best_checkpoint",
     "list_distcp_param",
-    "inspect_checkpoint",
-    "CheckpointContents",
     "PartialLoadPlanner",
+    "CheckpointManager",
+    "restore_dataloader_state",
+    "update_dataloder_state",
+    # reckpt's own
     "LoadReport",
     "PartReport",
+    "ResumeInfo",
     "verify",
     "VerifyReport",
     "is_committed",
-    "restore_dataloader_state",
+    "list_checkpoints",
+    "CheckpointInfo",
+    "inspect_checkpoint",
+    "CheckpointContents",
+    "lease",
+    "LatestN",
+    "BestN",
+    "EveryNSteps",
+    "EveryNSeconds",
+    "PinnedSteps",
 ]

@@ -118,6 +118,10 @@ class OwnerRecord:
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode("utf-8")
 
+    def render(self, now: float) -> bytes:
+        """The record with its heartbeat set to ``now``, as JSON."""
+        return OwnerRecord(self.host, self.pid, self.token, self.target, self.started_at, now).to_json()
+
     @classmethod
     def from_json(cls, data: bytes) -> OwnerRecord:
         doc = json.loads(data.decode("utf-8"))
@@ -172,19 +176,20 @@ def is_stale(
 
 @contextlib.contextmanager
 def heartbeat(
-    storage: Storage, record_path: str, owner: OwnerRecord, interval_s: float = HEARTBEAT_INTERVAL_S
+    storage: Storage, path: str, render: Callable[[float], bytes], interval_s: float = HEARTBEAT_INTERVAL_S
 ) -> Iterator[None]:
-    """Write ``owner`` now and refresh its ``heartbeat_at`` every ``interval_s`` until exit."""
-    storage.write_bytes(record_path, owner.to_json(), fsync=False)
+    """Write ``render(now)`` to ``path`` now and again every ``interval_s`` until exit.
+
+    Used for owner records of saves in progress and for leases (whose expiry moves forward).
+    """
+    storage.write_bytes(path, render(time.time()), fsync=False)
     stop = threading.Event()
 
     def beat() -> None:
-        rec = owner
         while not stop.wait(interval_s):
-            rec = OwnerRecord(rec.host, rec.pid, rec.token, rec.target, rec.started_at, time.time())
             # A transient storage error must not kill the beat; the next one retries.
             with contextlib.suppress(OSError):
-                storage.write_bytes(record_path, rec.to_json(), fsync=False)
+                storage.write_bytes(path, render(time.time()), fsync=False)
 
     thread = threading.Thread(target=beat, name="reckpt-heartbeat", daemon=True)
     thread.start()

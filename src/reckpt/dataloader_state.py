@@ -12,9 +12,11 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from reckpt.manifest import read_json_object
+from reckpt.manifest import read_json_object, read_sidecar
 from reckpt.naming import DATALOADER_STATE_FILE
 from reckpt.storage import Storage, storage_for
+
+DATALOADER_STATE_SIDECAR = "dataloader_state"
 
 __all__ = [
     "merge_dataloader_states",
@@ -51,8 +53,14 @@ def restore_dataloader_state(
 ) -> dict[str, Any] | None:
     """The checkpoint's dataloader state, or ``None`` when it has none.
 
+    A ``dataloader_state`` sidecar (written when a later end-of-pass refreshed the state of an
+    already committed checkpoint) takes precedence over ``dataloader_state.json``.
+
     Raises:
-        IntegrityError: the file is not a JSON object.
+        IntegrityError: the file is not a JSON object, or the sidecar is corrupt.
     """
     storage = storage_for(checkpoint_dir, storage_options)
+    refreshed = read_sidecar(storage, checkpoint_dir, DATALOADER_STATE_SIDECAR)
+    if refreshed is not None:
+        return refreshed
     return read_json_object(storage, Storage.join(checkpoint_dir, DATALOADER_STATE_FILE))

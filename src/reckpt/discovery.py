@@ -1,16 +1,27 @@
-"""Finding checkpoints in a model_dir (only committed ones count)."""
+"""Finding checkpoints in a model_dir: latest, best, and a full listing.
+
+Only committed checkpoints count (:func:`reckpt.commit.checkpoint_state`); names are
+parsed with one full-match parser (:func:`reckpt.naming.parse_step`). Local and remote
+model_dirs go through the same storage layer and behave alike.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from reckpt.commit import checkpoint_state
-from reckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError
-from reckpt.naming import CKPT_PREFIX, MODEL_DIR, OPTIMIZER_DIR, parse_step
+from reckpt.errors import CheckpointNotFoundError, ConfigError, IncompleteCheckpointError, IntegrityError
+from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME, read_checkpoint_metrics, read_eval_results
+from reckpt.manifest import read_manifest
+from reckpt.naming import MODEL_DIR, OPTIMIZER_DIR, checkpoint_name, parse_step
+from reckpt.policy import CheckpointInfo, best_step, resolve_metric_name
 from reckpt.storage import Storage, storage_for
 
-__all__ = ["latest_checkpoint", "committed_steps"]
+__all__ = ["latest_checkpoint", "best_checkpoint", "list_checkpoints", "committed_steps", "collect_metrics"]
+
+logger = logging.getLogger(__name__)
 
 
 def committed_steps(model_dir: str, storage: Storage) -> list[int]:
@@ -32,9 +43,9 @@ def latest_checkpoint(
     """``(path, step)`` of the newest committed checkpoint, ``(None, -1)`` when there is none.
 
     TorchEasyRec semantics with its sharp edges fixed: an explicit checkpoint path
-    (``…/model.ckpt-<step>``) is returned only when it is committed; only committed
-    checkpoints count; names are parsed with one full-match parser. A legacy layout with
-    ``model/`` or ``optimizer/`` directly in ``model_dir`` is returned as step 0.
+    (``…/model.ckpt-<step>``, trailing ``/`` allowed) is returned only when it is committed;
+    only committed checkpoints count; names are parsed with one full-match parser. A legacy
+    layout with ``model/`` or ``optimizer/`` directly in ``model_dir`` is returned as step 0.
 
     Raises:
         IncompleteCheckpointError: an explicit checkpoint path was never committed.
@@ -56,7 +67,157 @@ def latest_checkpoint(
         return path, step
     steps = committed_steps(path, storage)
     if steps:
-        return Storage.join(path, f"{CKPT_PREFIX}{steps[-1]}"), steps[-1]
+        return Storage.join(path, checkpoint_name(steps[-1])), steps[-1]
     if any(storage.isdir(Storage.join(path, p)) for p in (MODEL_DIR, OPTIMIZER_DIR)):
         return path, 0
     return None, -1
+
+
+def list_checkpoints(
+    model_dir: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    eval_result_filename: str = TRAIN_EVAL_RESULT_FILENAME,
+    with_size: bool = True,
+) -> list[CheckpointInfo]:
+    """Every ``model.ckpt-<step>`` directory (committed or not) with its state, size, time, metrics.
+
+    Metrics come from the checkpoint's sidecar, else from the eval-results file.
+    """
+    storage = storage_for(model_dir, storage_options)
+    root = model_dir.rstrip("/") or model_dir
+    from_file = read_eval_results(storage, Storage.join(root, eval_result_filename)).by_step
+    out = []
+    for name in storage.ls(root):
+        step = parse_step(name)
+        if step is None:
+            continue
+        path = Storage.join(root, name)
+        state = checkpoint_state(storage, path)
+        if state == "absent":  # a file that merely carries the name
+            continue
+        created, size = None, None
+        metrics: dict[str, float] = {}
+        try:
+            manifest = read_manifest(storage, path) if state == "committed" else None
+            metrics = read_checkpoint_metrics(storage, path) if state == "committed" else {}
+        except IntegrityError as e:
+            logger.warning("%s", e)
+            manifest = None
+        if manifest is not None:
+            created = manifest.created_at
+            size = sum(r.size for r in manifest.files.values())
+        elif with_size:
+            size = int(storage.fs.du(path))
+        out.append(CheckpointInfo(step, path, state, created, size, metrics or from_file.get(step, {})))
+    return sorted(out, key=lambda c: c.step)
+
+
+def collect_metrics(
+    storage: Storage, model_dir: str, checkpoints: list[CheckpointInfo], eval_result_filename: str
+) -> dict[int, dict[str, float]]:
+    """Step -> metrics from the results file, overridden by each checkpoint's sidecar.
+
+    Disagreements between the two are logged as warnings (the sidecar wins).
+    """
+    path = Storage.join(model_dir, eval_result_filename)
+    merged = {s: dict(m) for s, m in read_eval_results(storage, path).by_step.items()}
+    for c in checkpoints:
+        if not c.committed or c.state != "committed":
+            continue
+        try:
+            side = read_checkpoint_metrics(storage, c.path)
+        except IntegrityError as e:
+            logger.warning("%s; using %s for step %d", e, path, c.step)
+            continue
+        if not side:
+            continue
+        in_file = merged.get(c.step)
+        if in_file is not None and any(in_file.get(k) != v for k, v in side.items()):
+            logger.warning(
+                "step %d: %s says %s but the checkpoint's metrics sidecar says %s; using the sidecar",
+                c.step,
+                path,
+                in_file,
+                side,
+            )
+        merged[c.step] = {**(in_file or {}), **side}
+    return merged
+
+
+def _export_fields(export_config: Any) -> tuple[str | None, bool, str | None]:
+    if export_config is None:
+        return None, True, None
+    has_field = getattr(export_config, "HasField", None)
+    if callable(has_field):  # a protobuf ExportConfig: its "auc" default only counts when set
+        metric = export_config.best_exporter_metric if has_field("best_exporter_metric") else None
+    else:
+        metric = getattr(export_config, "best_exporter_metric", None)
+    larger = bool(getattr(export_config, "metric_larger_is_better", True))
+    return metric or None, larger, getattr(export_config, "exporter_type", None)
+
+
+def best_checkpoint(
+    model_dir: str,
+    export_config: Any = None,
+    eval_result_filename: str = TRAIN_EVAL_RESULT_FILENAME,
+    *,
+    metric: str | None = None,
+    larger_is_better: bool | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> tuple[str | None, int]:
+    """``(path, step)`` of the committed checkpoint with the best eval metric.
+
+    Args:
+        model_dir: the run directory (local or URL).
+        export_config: anything with TorchEasyRec's ``ExportConfig`` fields
+            (``best_exporter_metric``, ``metric_larger_is_better``).
+        eval_result_filename: the JSON-lines results file inside ``model_dir``.
+        metric: the metric name (overrides ``export_config``). Unset: a single recorded metric
+            is used; among several, ``auc``; otherwise a :class:`ConfigError` lists them.
+        larger_is_better: direction (overrides ``export_config``; default True).
+
+    Falls back to :func:`latest_checkpoint` when no metrics are recorded at all. When the best
+    step's checkpoint was pruned or is incomplete, the best committed one is returned with a
+    warning naming the missing step.
+
+    Example:
+        >>> # best_checkpoint("run", metric="grouped_auc", larger_is_better=False)
+    """
+    cfg_metric, cfg_larger, _ = _export_fields(export_config)
+    metric = metric if metric is not None else cfg_metric
+    larger = cfg_larger if larger_is_better is None else larger_is_better
+    storage = storage_for(model_dir, storage_options)
+    root = model_dir.rstrip("/") or model_dir
+    checkpoints = list_checkpoints(
+        root, storage_options, eval_result_filename=eval_result_filename, with_size=False
+    )
+    by_step = collect_metrics(storage, root, checkpoints, eval_result_filename)
+    names = {k for m in by_step.values() for k in m}
+    if not names:
+        logger.info("%s: no eval metrics recorded; using the latest checkpoint", root)
+        return latest_checkpoint(root, storage_options)
+    try:
+        name = resolve_metric_name(metric, names, Storage.join(root, eval_result_filename))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    committed = {c.step: c.path for c in checkpoints if c.committed}
+    best = best_step(by_step, name, larger)
+    if best is not None and best in committed:
+        return committed[best], best
+    fallback = best_step({s: m for s, m in by_step.items() if s in committed}, name, larger)
+    if fallback is None:
+        logger.warning(
+            "%s: best step %s by %s has no committed checkpoint; using the latest", root, best, name
+        )
+        return latest_checkpoint(root, storage_options)
+    logger.warning(
+        "%s: the best step by %s is %s, but model.ckpt-%s is not a committed checkpoint (pruned or"
+        " incomplete); using the best committed one, step %d",
+        root,
+        name,
+        best,
+        best,
+        fallback,
+    )
+    return committed[fallback], fallback

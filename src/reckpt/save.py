@@ -47,12 +47,12 @@ from reckpt.optim import optimizer_state_dict
 from reckpt.plan import model_plan, plan_to_json
 from reckpt.storage import Storage, storage_for
 
-__all__ = ["save_model"]
+__all__ = ["save_model", "save_parts", "collect_parts"]
 
 logger = logging.getLogger(__name__)
 
 
-def _parts(
+def collect_parts(
     model: torch.nn.Module,
     optimizer: Any,
     dense_ema: Any,
@@ -182,17 +182,49 @@ def save_model(
     Example:
         >>> # save_model("run/model.ckpt-100", model, optimizer)
     """
+    parts = collect_parts(model, optimizer, dense_ema, extra_states, optimizer_layout)
+    plan = plan if plan is not None else model_plan(model)
+    return save_parts(
+        checkpoint_dir,
+        parts,
+        plan=plan,
+        dataloader_state=dataloader_state,
+        meta=meta,
+        user_metadata=user_metadata,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        process_group=process_group,
+        thread_count=thread_count,
+    )
+
+
+def save_parts(
+    checkpoint_dir: str,
+    parts: list[tuple[str, dict[str, Any]]],
+    *,
+    plan: Any = None,
+    dataloader_state: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    user_metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    process_group: Any = None,
+    thread_count: int = 1,
+) -> str:
+    """Collective: save ready state dicts (``[(directory name, state_dict)]``) as one checkpoint.
+
+    The engine behind :func:`save_model` (and the async saver, which hands it staged
+    copies). Same call sequence, arguments and errors as :func:`save_model`.
+    """
     d = Dist(process_group)
     target = checkpoint_dir.rstrip("/") or checkpoint_dir
     storage = storage_for(target, storage_options)
     start = time.time()
-    parts = _parts(model, optimizer, dense_ema, extra_states, optimizer_layout)
     if user_metadata is not None:
         try:
             json.dumps(dict(user_metadata))
         except TypeError as e:
             raise ConfigError(f"user_metadata must be JSON-serialisable: {e}") from e
-    plan = plan if plan is not None else model_plan(model)
     plan_doc = plan_to_json(plan) if plan is not None else None
 
     token = d.broadcast(new_token())
@@ -204,7 +236,7 @@ def save_model(
                 work = _prepare(storage, target, overwrite, token)
                 record = OWNER_FILE if storage.atomic_rename else IN_PROGRESS_MARKER
                 owner = OwnerRecord.mine(token, target, time.time())
-                stack.enter_context(heartbeat(storage, Storage.join(work, record), owner))
+                stack.enter_context(heartbeat(storage, Storage.join(work, record), owner.render))
             except Exception as e:
                 err = e
         d.raise_if_any(err, f"preparing the save of {target}")

@@ -131,3 +131,37 @@ def restore_world(rank: int, world: int, ckpt: str) -> None:
     assert torch.equal(got_st, want_st) and torch.equal(got_dt, want_dt)
     assert opt.param_groups[0]["lr"] == 0.1
     assert int(opt.state[model.lin.weight]["step"]) == 1
+
+
+def manager_world(rank: int, world: int, root: str) -> None:
+    """CheckpointManager on a real process group: async saves on the background group, retention,
+    per-rank RNG and merged dataloader state on resume."""
+    torch.manual_seed(1000 + rank)
+    model = Holder(seed=1, sharded=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    mgr = reckpt.CheckpointManager(root, keep_checkpoint_max=2, save_steps=2, async_save=True)
+    expected_rng = None
+    for s in range(1, 7):
+        step(model, opt)
+        if mgr.maybe_save(s, model, opt, dataloader_state={f"part:{rank}": s * 10 + rank}):
+            mgr.record_eval(s, {"auc": 0.5 + s / 100})
+            if s == 6:
+                expected_rng = torch.rand(3)  # what this rank draws right after the last save
+        # training collectives go on while the background group commits
+        dist.all_reduce(torch.ones(1))
+    mgr.close()
+    steps = [c.step for c in reckpt.list_checkpoints(root) if c.committed]
+    assert steps == [4, 6], steps
+
+    fresh = Holder(seed=9, sharded=True)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.9)
+    torch.manual_seed(5)
+    mgr2 = reckpt.CheckpointManager(root)
+    path, latest = mgr2.latest_checkpoint()
+    info = mgr2.restore(path, fresh, fresh_opt)
+    assert latest == 6 and info.step == 6
+    assert info.dataloader_state == {f"part:{r}": 60 + r for r in range(world)}
+    assert torch.equal(torch.rand(3), expected_rng), "each rank resumes its own RNG stream"
+    assert torch.equal(fresh.lin.weight, model.lin.weight)
+    assert mgr2.best_checkpoint() == (path, 6)
+    mgr2.close()

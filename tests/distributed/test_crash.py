@@ -94,3 +94,25 @@ def test_live_staging_is_never_cleaned(tmp_path) -> None:
     removed = cleanup_stale(st, str(tmp_path))
     assert removed == [str(tmp_path / staging_name("def"))]
     assert live.exists() and not dead.exists()
+
+
+@pytest.mark.parametrize("point", ["after_model", "after_train_state", "after_manifest"])
+def test_kill_during_async_save(tmp_path, point: str) -> None:
+    """SIGKILL from the background writer: the previous checkpoint stays committed and restorable."""
+    root = str(tmp_path / "run")
+    m1, o1 = trained(seed=1)
+    reckpt.save_model(f"{root}/model.ckpt-1", m1, o1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.distributed.crash_worker", root, "2", "async"],
+        env={**os.environ, "PYTHONPATH": REPO, "RECKPT_FAULT_KILL_AT": point},
+        cwd=REPO,
+        capture_output=True,
+        timeout=180,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    st = storage_for(root)
+    assert checkpoint_state(st, f"{root}/model.ckpt-2") in ("absent", "incomplete")
+    assert reckpt.latest_checkpoint(root) == (f"{root}/model.ckpt-1", 1)
+    m, o = fresh()
+    reckpt.restore_model(f"{root}/model.ckpt-1", m, o)
+    assert state_dicts_equal(m.state_dict(), m1.state_dict()) and optim_states_equal(o, o1)

@@ -1,0 +1,412 @@
+"""``CheckpointManager``: save cadence, async save, retention, leases, eval results, resume.
+
+Orchestration only: decisions come from :mod:`reckpt.policy`, storage from
+:mod:`reckpt.storage`, the save and restore engines from :mod:`reckpt.save` and
+:mod:`reckpt.restore`. Every collective method is called by all ranks in lockstep (the
+save decision is identical on every rank); rank 0 alone writes results, sidecars and
+deletes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch.distributed as torch_dist
+
+from reckpt.async_save import AsyncSaver, stage_state_dict
+from reckpt.dataloader_state import (
+    DATALOADER_STATE_SIDECAR,
+    merge_dataloader_states,
+    restore_dataloader_state,
+)
+from reckpt.discovery import best_checkpoint, latest_checkpoint, list_checkpoints
+from reckpt.dist import Dist
+from reckpt.errors import ConfigError
+from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME, append_eval_result, write_checkpoint_metrics
+from reckpt.lease import LeaseRecord, lease
+from reckpt.manifest import write_sidecar
+from reckpt.naming import checkpoint_name, parse_step
+from reckpt.plan import model_plan
+from reckpt.policy import BestN, CheckpointInfo, LatestN, RetentionPolicy, SaveDecision, should_save
+from reckpt.pruner import Pruner
+from reckpt.restore import restore_model
+from reckpt.resume import TRAIN_STATE, ResumeInfo, TrainState
+from reckpt.save import collect_parts, save_parts
+from reckpt.storage import Storage, storage_for
+
+__all__ = ["CheckpointManager", "ResumeInfo"]
+
+logger = logging.getLogger(__name__)
+
+
+def _extras(
+    extra_states: Mapping[str, Any] | None, lr_scheduler: Any, grad_scaler: Any, train_state: TrainState
+) -> dict[str, Any]:
+    """The extra stateful parts every manager checkpoint carries, by their directory names."""
+    extras = dict(extra_states or {})
+    for name, obj in (("lr_scheduler", lr_scheduler), ("grad_scaler", grad_scaler)):
+        if obj is not None:
+            extras[name] = obj
+    extras[TRAIN_STATE] = train_state
+    return extras
+
+
+class CheckpointManager:
+    """Periodic, crash-safe checkpoints of one run, with retention and exact resume.
+
+    The constructor does no I/O. TorchEasyRec's arguments keep their meaning:
+    ``keep_checkpoint_max > 0`` keeps that many newest checkpoints (0 keeps all), plus the
+    best one when ``export_config.exporter_type == "best"``.
+
+    Args:
+        model_dir: the run directory (local path or URL).
+        keep_checkpoint_max: newest checkpoints to keep (0: keep all); ignored with ``retention``.
+        export_config: TorchEasyRec ``ExportConfig``-like (``exporter_type``,
+            ``best_exporter_metric``, ``metric_larger_is_better``).
+        eval_result_filename: the JSON-lines results file written by :meth:`record_eval`.
+        retention: explicit retention policies (their union is kept).
+        save_steps, save_epochs, save_interval_s: :meth:`maybe_save` triggers (all off by default).
+        async_save: make :meth:`save` asynchronous by default.
+        storage_options: fsspec options for URLs.
+        process_group: the training process group (default: the default group, if any).
+
+    Example:
+        >>> # mgr = CheckpointManager("run", keep_checkpoint_max=3, save_steps=1000)
+        >>> # for step, batch in enumerate(data):
+        >>> #     ...; mgr.maybe_save(step, model, opt, dataloader_state=pos)
+        >>> # mgr.close()
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        keep_checkpoint_max: int = 0,
+        export_config: Any = None,
+        eval_result_filename: str = TRAIN_EVAL_RESULT_FILENAME,
+        *,
+        retention: Sequence[RetentionPolicy] | None = None,
+        save_steps: int = 0,
+        save_epochs: int = 0,
+        save_interval_s: float = 0.0,
+        async_save: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+        process_group: Any = None,
+    ) -> None:
+        if keep_checkpoint_max < 0:
+            raise ConfigError(f"keep_checkpoint_max must be >= 0, got {keep_checkpoint_max}")
+        self.model_dir = model_dir.rstrip("/") or model_dir
+        self.export_config = export_config
+        self.eval_result_filename = eval_result_filename
+        self.storage_options = dict(storage_options or {})
+        self._pg = process_group
+        self._best_protected = getattr(export_config, "exporter_type", None) == "best"
+        if retention is not None:
+            self._policies = list(retention)
+        else:
+            self._policies = [LatestN(keep_checkpoint_max)] if keep_checkpoint_max > 0 else []
+        self._best_protected |= any(isinstance(p, BestN) for p in self._policies)
+        self._decision = SaveDecision(
+            save_steps=save_steps, save_epochs=save_epochs, save_interval_s=save_interval_s
+        )
+        self._async = async_save
+        self._saver = AsyncSaver()
+        self._async_pg: Any = None
+        self._staged: dict[str, dict[str, Any]] = {}  # the one host copy, reused between saves
+        self._pruner: Pruner | None = None
+        self._sidecar_lock = threading.Lock()
+        self._protected: dict[str, contextlib.ExitStack] = {}
+        self._last_ckpt_step = -1
+        self._last_ckpt_dir: str | None = None
+        self._last_save_time: float | None = None
+        self._started = time.time()
+
+    # -- policy ------------------------------------------------------------------------
+    def set_save_policy(
+        self,
+        save_steps: int = 0,
+        save_epochs: int = 0,
+        ts_interval_s: float = 0,
+        ts_targets: Sequence[float] = (),
+        ts_quorum: float = 0.5,
+        *,
+        save_interval_s: float = 0.0,
+    ) -> None:
+        """TorchEasyRec's ``set_save_policy``; event-time triggers are not supported yet."""
+        if ts_interval_s or ts_targets:
+            raise ConfigError(
+                "event-time save triggers (ts_interval_s / ts_targets) are not supported by reckpt yet;"
+                " use save_steps, save_epochs or save_interval_s"
+            )
+        self._decision = SaveDecision(
+            save_steps=save_steps, save_epochs=save_epochs, save_interval_s=save_interval_s
+        )
+
+    # -- save --------------------------------------------------------------------------
+    def _storage(self) -> Storage:
+        return storage_for(self.model_dir, self.storage_options)
+
+    def checkpoint_dir(self, step: int) -> str:
+        return Storage.join(self.model_dir, checkpoint_name(step))
+
+    def _background_group(self) -> Any:
+        """Collective at first use: the gloo group of background saves (never the training group)."""
+        if not Dist(self._pg).active:
+            return None
+        if self._async_pg is None:
+            self._async_pg = torch_dist.new_group(ranks=None, backend="gloo")
+        return self._async_pg
+
+    def save(
+        self,
+        step: int,
+        model: Any,
+        optimizer: Any = None,
+        dataloader_state: Mapping[str, Any] | None = None,
+        dense_ema: Any = None,
+        *,
+        epoch: int | None = None,
+        lr_scheduler: Any = None,
+        grad_scaler: Any = None,
+        extra_states: Mapping[str, Any] | None = None,
+        user_metadata: Mapping[str, Any] | None = None,
+        async_save: bool | None = None,
+        overwrite: bool = False,
+    ) -> str:
+        """Collective: save everything needed to resume at ``step + 1``; returns the checkpoint path.
+
+        Saves model, optimizer, Dense EMA, LR scheduler, grad scaler, extra states, the train
+        state (step, epoch, every rank's RNG states) and the merged dataloader state. With
+        ``async_save`` the call returns once a host copy is staged; the caller may then
+        modify weights in place. A previous async save is waited for first, and its failure
+        is raised here.
+        """
+        start = time.time()
+        self._saver.wait()
+        extras = _extras(extra_states, lr_scheduler, grad_scaler, TrainState(step, epoch or 0, self._pg))
+        parts = collect_parts(model, optimizer, dense_ema, extras, "name")
+        path = self.checkpoint_dir(step)
+        kwargs: dict[str, Any] = {
+            "plan": model_plan(model),
+            "dataloader_state": dataloader_state,
+            "user_metadata": user_metadata,
+            "overwrite": overwrite,
+            "storage_options": self.storage_options,
+        }
+        if not (self._async if async_save is None else async_save):
+            save_parts(path, parts, process_group=self._pg, **kwargs)
+            self._after_commit(path, start, time.time() - start, False)
+        else:
+            group = self._background_group()
+            # The previous save is finished (waited for above): its host copy is reused.
+            staged = [(name, stage_state_dict(sd, self._staged.get(name))) for name, sd in parts]
+            self._staged = dict(staged)
+            del parts
+            stall = time.time() - start
+
+            def job() -> None:
+                save_parts(path, staged, process_group=group, **kwargs)
+                self._after_commit(path, start, stall, True)
+
+            self._saver.submit(step, job)
+            logger.info("async save of %s staged; caller blocked %.3fs", path, stall)
+        self._last_ckpt_step, self._last_ckpt_dir, self._last_save_time = step, path, time.time()
+        return path
+
+    def _after_commit(self, path: str, start: float, stall: float, is_async: bool) -> None:
+        total = time.time() - start
+        if Dist(self._pg).is_coordinator:
+            with self._sidecar_lock:
+                write_checkpoint_metrics(
+                    self._storage(), path, "save", {"stall_s": stall, "total_s": total, "async": is_async}
+                )
+            logger.info(
+                "saved %s: caller blocked %.3fs, total %.3fs (async=%s)", path, stall, total, is_async
+            )
+            self.prune()
+
+    def maybe_save(
+        self,
+        step: int,
+        model: Any,
+        optimizer: Any = None,
+        dataloader_state: Mapping[str, Any] | None = None,
+        dense_ema: Any = None,
+        *,
+        epoch: int | None = None,
+        final: bool = False,
+        **kwargs: Any,
+    ) -> bool:
+        """Collective: save when a trigger fires and ``step`` was not saved yet; returns whether it saved.
+
+        A repeated step is not saved twice; at an end of pass (``final`` or ``epoch`` given)
+        the newer dataloader state goes into a sidecar of the existing checkpoint, which
+        stays immutable.
+        """
+        d = Dist(self._pg)
+        want = should_save(
+            self._decision,
+            step=step,
+            epoch=epoch,
+            final=final,
+            now=time.time(),
+            last_save_time=self._last_save_time or self._started,
+        )
+        if self._decision.save_interval_s > 0:
+            want = bool(d.broadcast(want))  # wall clocks differ between ranks: rank 0 decides
+        if not want:
+            return False
+        if step == self._last_ckpt_step:
+            if (final or epoch is not None) and dataloader_state is not None and self._last_ckpt_dir:
+                merged = merge_dataloader_states(d.all_gather(dict(dataloader_state)))
+                if d.is_coordinator:
+                    if self._saver.in_flight_step == step:
+                        self._saver.wait()
+                    write_sidecar(self._storage(), self._last_ckpt_dir, DATALOADER_STATE_SIDECAR, merged)
+            return False
+        self.save(step, model, optimizer, dataloader_state, dense_ema, epoch=epoch, **kwargs)
+        return True
+
+    def wait(self) -> None:
+        """Block until the async save in flight is committed; raise its failure."""
+        self._saver.wait()
+
+    # -- restore and discovery ---------------------------------------------------------
+    def restore(
+        self,
+        checkpoint_dir: str,
+        model: Any,
+        optimizer: Any = None,
+        ckpt_param_map_path: str | None = None,
+        dense_ema: Any = None,
+        use_dense_ema: bool = False,
+        *,
+        lr_scheduler: Any = None,
+        grad_scaler: Any = None,
+        extra_states: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> ResumeInfo:
+        """Collective: restore everything :meth:`save` wrote, RNG states included.
+
+        Extra keyword arguments go to :func:`reckpt.restore_model`.
+        """
+        self._saver.wait()
+        train_state = TrainState(process_group=self._pg)
+        extras = _extras(extra_states, lr_scheduler, grad_scaler, train_state)
+        report = restore_model(
+            checkpoint_dir,
+            model,
+            optimizer,
+            ckpt_param_map_path,
+            False,
+            dense_ema,
+            use_dense_ema,
+            extra_states=extras,
+            storage_options=self.storage_options,
+            process_group=self._pg,
+            **kwargs,
+        )
+        restored = report.parts.get(TRAIN_STATE)
+        has_state = restored is not None and restored.skipped is None
+        step = train_state.step if has_state else (parse_step(checkpoint_dir) or 0)
+        path = checkpoint_dir.rstrip("/")
+        if Storage.parent(path) == self.model_dir:
+            # A final save at the resumed step must not rewrite the checkpoint just restored.
+            self._last_ckpt_step, self._last_ckpt_dir = step, path
+        dl_state = restore_dataloader_state(path, self.storage_options)
+        return ResumeInfo(path, step, train_state.epoch if has_state else 0, dl_state, report)
+
+    def latest_checkpoint(self) -> tuple[str | None, int]:
+        return latest_checkpoint(self.model_dir, self.storage_options)
+
+    def best_checkpoint(self) -> tuple[str | None, int]:
+        return best_checkpoint(
+            self.model_dir,
+            self.export_config,
+            self.eval_result_filename,
+            storage_options=self.storage_options,
+        )
+
+    def list_checkpoints(self) -> list[CheckpointInfo]:
+        return list_checkpoints(
+            self.model_dir, self.storage_options, eval_result_filename=self.eval_result_filename
+        )
+
+    def record_eval(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Rank 0: append an eval result line and put the metrics into the step's sidecar."""
+        if not Dist(self._pg).is_coordinator:
+            return
+        storage = self._storage()
+        append_eval_result(storage, Storage.join(self.model_dir, self.eval_result_filename), step, metrics)
+        if self._saver.in_flight_step == step:
+            self._saver.wait()
+        ckpt = self.checkpoint_dir(step)
+        if storage.exists(Storage.join(ckpt, "reckpt.json")):
+            with self._sidecar_lock:
+                write_checkpoint_metrics(storage, ckpt, "eval", dict(metrics))
+
+    # -- retention ---------------------------------------------------------------------
+    def _protected_steps(self) -> set[int]:
+        protected = {self._saver.in_flight_step} if self._saver.in_flight_step is not None else set()
+        if self._best_protected:
+            _, best = self.best_checkpoint()  # raises on a bad results file: the pass is skipped
+            if best >= 0:
+                protected.add(best)
+        return protected
+
+    def prune(self) -> None:
+        """Rank 0: queue a pruning pass on the background worker (no-op without policies)."""
+        if not self._policies or not Dist(self._pg).is_coordinator:
+            return
+        if self._pruner is None:
+            self._pruner = Pruner(
+                self.model_dir,
+                self._storage(),
+                self._policies,
+                self._protected_steps,
+                self.eval_result_filename,
+            )
+        self._pruner.request()
+
+    @contextlib.contextmanager
+    def lease(self, checkpoint_dir: str, *, ttl_s: float = 600.0, holder: str = "") -> Iterator[LeaseRecord]:
+        """Hold a checkpoint against pruning (see :func:`reckpt.lease.lease`)."""
+        with lease(checkpoint_dir, ttl_s=ttl_s, holder=holder, storage_options=self.storage_options) as rec:
+            yield rec
+
+    def protect_checkpoint(self, path: str) -> None:
+        """TorchEasyRec's ``protect_checkpoint``: hold a lease until :meth:`unprotect_checkpoint`."""
+        key = path.rstrip("/")
+        if key not in self._protected:
+            stack = contextlib.ExitStack()
+            stack.enter_context(self.lease(key, holder="protect_checkpoint"))
+            self._protected[key] = stack
+
+    def unprotect_checkpoint(self, path: str) -> None:
+        stack = self._protected.pop(path.rstrip("/"), None)
+        if stack is not None:
+            stack.close()
+
+    def close(self) -> None:
+        """Wait for the async save, drain pruning, release protections (idempotent).
+
+        Raises the background save's failure, if any, after everything is drained.
+        """
+        try:
+            self._saver.wait()
+        finally:
+            if self._pruner is not None:
+                self._pruner.close()
+            for key in list(self._protected):
+                self.unprotect_checkpoint(key)
+            self._staged = {}
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,291 @@
+"""Retention and save-decision policies (pure: no I/O, no clock, no torch.distributed).
+
+Policies work on plain :class:`CheckpointInfo` records and an explicit ``now``. A retention
+policy answers "which steps do I keep?"; the kept set is the union over all policies, plus
+what must never be deleted (see :func:`steps_to_delete`).
+
+=====================================  =========================================
+policy                                 keeps
+=====================================  =========================================
+``LatestN(3)``                         the 3 newest committed steps
+``BestN(2, "auc")``                    the 2 best by ``auc`` (larger is better)
+``BestN(1, "logloss", False)``         the lowest ``logloss``
+``EveryNSteps(1000)``                  steps divisible by 1000
+``EveryNSeconds(3600)``                the first checkpoint of every hour
+``PinnedSteps({0, 5000})``             exactly these steps
+=====================================  =========================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "CheckpointInfo",
+    "RetentionPolicy",
+    "LatestN",
+    "BestN",
+    "EveryNSteps",
+    "EveryNSeconds",
+    "PinnedSteps",
+    "steps_to_delete",
+    "best_step",
+    "resolve_metric_name",
+    "SaveDecision",
+    "should_save",
+    "should_save_on_timestamp",
+    "quorum_event_time",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """What discovery knows about one checkpoint.
+
+    Attributes:
+        step: the step in its name.
+        path: its directory.
+        state: ``committed``, ``legacy`` or ``incomplete``.
+        created_at: Unix seconds (manifest time), ``None`` when unknown (legacy).
+        size: bytes on storage, ``None`` when not computed.
+        metrics: eval metrics (sidecar, else eval-results file), empty when none.
+    """
+
+    step: int
+    path: str
+    state: str = "committed"
+    created_at: float | None = None
+    size: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def committed(self) -> bool:
+        return self.state in ("committed", "legacy")
+
+
+@runtime_checkable
+class RetentionPolicy(Protocol):
+    """``keep(checkpoints, now) -> steps to keep`` over committed checkpoints only."""
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[int]: ...
+
+
+def _committed(cks: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
+    return sorted((c for c in cks if c.committed), key=lambda c: c.step)
+
+
+@dataclass(frozen=True, slots=True)
+class LatestN:
+    """Keep the ``n`` newest committed checkpoints (by step, never by string order)."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"LatestN.n must be >= 1, got {self.n}")
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[int]:
+        return {c.step for c in _committed(checkpoints)[-self.n :]}
+
+
+@dataclass(frozen=True, slots=True)
+class BestN:
+    """Keep the ``n`` best committed checkpoints by ``metric``; ties go to the older step."""
+
+    n: int
+    metric: str
+    larger_is_better: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"BestN.n must be >= 1, got {self.n}")
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[int]:
+        scored = [c for c in _committed(checkpoints) if _finite(c.metrics.get(self.metric))]
+        sign = -1.0 if self.larger_is_better else 1.0
+        scored.sort(key=lambda c: (sign * float(c.metrics[self.metric]), c.step))
+        return {c.step for c in scored[: self.n]}
+
+
+@dataclass(frozen=True, slots=True)
+class EveryNSteps:
+    """Keep every committed step divisible by ``n``."""
+
+    n: int
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[int]:
+        return {c.step for c in _committed(checkpoints) if self.n > 0 and c.step % self.n == 0}
+
+
+@dataclass(frozen=True, slots=True)
+class EveryNSeconds:
+    """Keep the first committed checkpoint of each ``seconds``-long window (by creation time)."""
+
+    seconds: float
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[int]:
+        kept: set[int] = set()
+        seen: set[int] = set()
+        for c in _committed(checkpoints):
+            if c.created_at is None or self.seconds <= 0:
+                continue
+            window = int(c.created_at // self.seconds)
+            if window not in seen:
+                seen.add(window)
+                kept.add(c.step)
+        return kept
+
+
+@dataclass(frozen=True, slots=True)
+class PinnedSteps:
+    """Keep exactly these steps."""
+
+    steps: frozenset[int]
+
+    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[int]:
+        return {c.step for c in checkpoints if c.step in self.steps}
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def steps_to_delete(
+    checkpoints: Sequence[CheckpointInfo],
+    policies: Sequence[RetentionPolicy],
+    *,
+    now: float,
+    protected: Iterable[int] = (),
+) -> list[int]:
+    """Committed steps no policy keeps and nothing protects, ascending.
+
+    Never deleted, whatever the policies: the newest committed checkpoint, every step in
+    ``protected`` (the save in flight, leased steps), and uncommitted directories (crash
+    debris is the commit protocol's to clean). With no policy at all nothing is deleted.
+
+    Example:
+        >>> cks = [CheckpointInfo(s, f"m/model.ckpt-{s}") for s in (10, 20, 30)]
+        >>> steps_to_delete(cks, [LatestN(1)], now=0.0)
+        [10, 20]
+    """
+    if not policies:
+        return []
+    committed = _committed(checkpoints)
+    if not committed:
+        return []
+    keep = {committed[-1].step, *protected}
+    for policy in policies:
+        keep |= policy.keep(committed, now)
+    return [c.step for c in committed if c.step not in keep]
+
+
+def resolve_metric_name(metric: str | None, available: Iterable[str], source: str) -> str:
+    """The metric best selection uses.
+
+    An explicit name must be available. Without one: a single metric is used as is;
+    among several, ``auc`` when present; otherwise a ``ValueError`` lists them.
+    """
+    names = sorted(set(available))
+    if metric is not None:
+        if metric not in names:
+            raise ValueError(
+                f"{source}: metric {metric!r} is not recorded; recorded metrics: {names or 'none'}."
+                " Pick one of them (best_exporter_metric / --metric)."
+            )
+        return metric
+    if len(names) == 1:
+        return names[0]
+    if "auc" in names:
+        return "auc"
+    raise ValueError(
+        f"{source}: several metrics are recorded ({', '.join(names)}) and none was named;"
+        " set best_exporter_metric (or metric=) to one of them"
+    )
+
+
+def best_step(
+    metrics_by_step: Mapping[int, Mapping[str, float]], metric: str, larger_is_better: bool = True
+) -> int | None:
+    """The step with the best finite ``metric`` (ties: the earliest step), ``None`` if none."""
+    scored = [(s, float(m[metric])) for s, m in metrics_by_step.items() if _finite(m.get(metric))]
+    if not scored:
+        return None
+    sign = -1.0 if larger_is_better else 1.0
+    return min(scored, key=lambda sv: (sign * sv[1], sv[0]))[0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveDecision:
+    """When a :class:`~reckpt.manager.CheckpointManager` saves (all triggers off by default).
+
+    Attributes:
+        save_steps: save when ``step > 0 and step % save_steps == 0`` (0 = off).
+        save_epochs: save at the end of epoch ``e`` when ``(e + 1) % save_epochs == 0`` (0 = off).
+        save_interval_s: save when this many wall-clock seconds passed since the last save (0 = off).
+    """
+
+    save_steps: int = 0
+    save_epochs: int = 0
+    save_interval_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("save_steps", "save_epochs", "save_interval_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def should_save(
+    policy: SaveDecision,
+    *,
+    step: int,
+    epoch: int | None,
+    final: bool,
+    now: float,
+    last_save_time: float | None,
+) -> bool:
+    """Whether any trigger fires (the caller deduplicates saves of one step).
+
+    ========================================================  ======
+    case                                                      save
+    ========================================================  ======
+    ``final=True``                                            yes
+    ``save_steps=10``, step 10 / step 5 / step 0              yes / no / no
+    ``save_epochs=2``, epoch 1 (end of 2nd) / epoch 0         yes / no
+    ``save_interval_s=60``, 61 s / 30 s since the last save    yes / no
+    ========================================================  ======
+    """
+    if final:
+        return True
+    if policy.save_steps > 0 and step > 0 and step % policy.save_steps == 0:
+        return True
+    if policy.save_epochs > 0 and epoch is not None and step > 0 and (epoch + 1) % policy.save_epochs == 0:
+        return True
+    return (
+        policy.save_interval_s > 0
+        and last_save_time is not None
+        and now - last_save_time >= policy.save_interval_s
+    )
+
+
+def should_save_on_timestamp(
+    ts: float, last: float | None, interval: float, targets: Sequence[float]
+) -> bool:
+    """TorchEasyRec's event-time trigger: a Unix-epoch aligned bucket or a target was crossed."""
+    if last is None:
+        return False
+    if interval > 0 and math.floor(ts / interval) > math.floor(last / interval):
+        return True
+    return any(last < t <= ts for t in targets)
+
+
+def quorum_event_time(values: Sequence[float], q: float) -> float | None:
+    """The event time at least a fraction ``q`` of ranks have passed (``-1`` = no data yet)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    m = len(ordered)
+    k = min(max(math.ceil(q * m - 1e-9), 1), m)
+    return ordered[m - k]

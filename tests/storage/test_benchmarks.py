@@ -1,0 +1,16 @@
+"""The benchmarks run at a tiny size in CI so they cannot rot (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import async_stall
+
+
+def test_async_stall_benchmark_tiny(tmp_path) -> None:
+    figures = async_stall.main(["--size-mb", "2", "--repeats", "1", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "async_stall.json").read_text())
+    assert doc["figures"] == figures
+    assert {"command", "git_revision", "host"} <= doc["provenance"].keys()
+    assert figures["sync_save_s"] > 0 and figures["async_stall_s"] > 0
+    assert (tmp_path / "async_stall.md").read_text().startswith("# async_stall")
