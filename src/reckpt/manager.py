@@ -35,25 +35,13 @@ from reckpt.plan import model_plan
 from reckpt.policy import BestN, CheckpointInfo, LatestN, RetentionPolicy, SaveDecision, should_save
 from reckpt.pruner import Pruner
 from reckpt.restore import restore_model
-from reckpt.resume import TRAIN_STATE, ResumeInfo, TrainState
+from reckpt.resume import TRAIN_STATE, ResumeInfo, TrainState, manager_extras
 from reckpt.save import collect_parts, save_parts
 from reckpt.storage import Storage, storage_for
 
 __all__ = ["CheckpointManager", "ResumeInfo"]
 
 logger = logging.getLogger(__name__)
-
-
-def _extras(
-    extra_states: Mapping[str, Any] | None, lr_scheduler: Any, grad_scaler: Any, train_state: TrainState
-) -> dict[str, Any]:
-    """The extra stateful parts every manager checkpoint carries, by their directory names."""
-    extras = dict(extra_states or {})
-    for name, obj in (("lr_scheduler", lr_scheduler), ("grad_scaler", grad_scaler)):
-        if obj is not None:
-            extras[name] = obj
-    extras[TRAIN_STATE] = train_state
-    return extras
 
 
 class CheckpointManager:
@@ -187,7 +175,9 @@ class CheckpointManager:
         """
         start = time.time()
         self._saver.wait()
-        extras = _extras(extra_states, lr_scheduler, grad_scaler, TrainState(step, epoch or 0, self._pg))
+        extras = manager_extras(
+            extra_states, lr_scheduler, grad_scaler, TrainState(step, epoch or 0, self._pg)
+        )
         parts = collect_parts(model, optimizer, dense_ema, extras, "name")
         path = self.checkpoint_dir(step)
         kwargs: dict[str, Any] = {
@@ -296,7 +286,7 @@ class CheckpointManager:
         """
         self._saver.wait()
         train_state = TrainState(process_group=self._pg)
-        extras = _extras(extra_states, lr_scheduler, grad_scaler, train_state)
+        extras = manager_extras(extra_states, lr_scheduler, grad_scaler, train_state)
         report = restore_model(
             checkpoint_dir,
             model,

@@ -10,6 +10,7 @@ its own. When the world size grew, a new rank has no saved RNG state and keeps i
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from reckpt.dist import Dist
 from reckpt.report import LoadReport
 
-__all__ = ["TrainState", "TRAIN_STATE", "ResumeInfo"]
+__all__ = ["TrainState", "TRAIN_STATE", "ResumeInfo", "manager_extras"]
 
 TRAIN_STATE = "train_state"
 
@@ -102,3 +103,15 @@ class ResumeInfo:
     epoch: int
     dataloader_state: dict[str, Any] | None
     report: LoadReport
+
+
+def manager_extras(
+    extra_states: Mapping[str, Any] | None, lr_scheduler: Any, grad_scaler: Any, train_state: TrainState
+) -> dict[str, Any]:
+    """The extra stateful parts every manager checkpoint carries, by their directory names."""
+    extras = dict(extra_states or {})
+    for name, obj in (("lr_scheduler", lr_scheduler), ("grad_scaler", grad_scaler)):
+        if obj is not None:
+            extras[name] = obj
+    extras[TRAIN_STATE] = train_state
+    return extras
