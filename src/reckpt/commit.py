@@ -6,6 +6,7 @@ decides what counts as a checkpoint, for discovery, retention, restore and the C
 =================================================  =============
 directory content                                  state
 =================================================  =============
+deletion marker ``.reckpt-deleting``               incomplete (being deleted)
 ``reckpt.json`` (the manifest)                     committed
 in-progress marker, no manifest                    incomplete
 no marker, no manifest, ``model/.metadata``        legacy (committed TorchEasyRec checkpoint)
@@ -18,7 +19,8 @@ barrier rank 0 writes the manifest, fsyncs, and renames the staging directory to
 ``model.ckpt-<step>``. **Object stores** (no atomic rename): rank 0 first writes the
 in-progress marker ``.reckpt-in-progress`` (holding the owner record) into the target,
 all ranks write, and rank 0 writes the manifest last, then removes the marker.
-Deleting a checkpoint reverses this: marker first, manifest next, the marker last.
+Deleting a checkpoint on an object store writes the deletion marker first, then removes the
+manifest, the other files, and the marker last.
 
 Stale staging left by a crash is removed by a later save, but only when its owner
 record shows a dead process (same host) or a heartbeat older than ``stale_after_s``.
@@ -38,8 +40,10 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from reckpt.errors import IntegrityError
+from reckpt.knobs import fault_point
 from reckpt.naming import (
     DCP_METADATA_FILE,
+    DELETING_MARKER,
     IN_PROGRESS_MARKER,
     MANIFEST_FILE,
     MODEL_DIR,
@@ -76,6 +80,8 @@ def new_token() -> str:
 
 def checkpoint_state(storage: Storage, path: str) -> CheckpointState:
     """The commit state of a checkpoint directory (see the module table)."""
+    if storage.exists(Storage.join(path, DELETING_MARKER)):
+        return "incomplete"
     if storage.exists(Storage.join(path, MANIFEST_FILE)):
         return "committed"
     if not storage.isdir(path):
@@ -211,19 +217,22 @@ def remove_checkpoint_dir(storage: Storage, path: str) -> None:
     """Delete a checkpoint so that no intermediate state looks committed (rank 0 only).
 
     POSIX: rename to a trash name (atomic), then delete. Object stores: write the
-    in-progress marker, delete the manifest, delete the rest, delete the marker last.
+    deletion marker, delete the manifest, delete the rest, delete the marker last.
     """
     if storage.atomic_rename:
         trash = Storage.join(Storage.parent(path), trash_name(new_token()))
         storage.rename(path, trash)
         storage.fsync_dir(Storage.parent(path))
+        fault_point("delete_renamed")
         storage.rm(trash, recursive=True)
         return
-    marker = Storage.join(path, IN_PROGRESS_MARKER)
+    marker = Storage.join(path, DELETING_MARKER)
     storage.write_bytes(marker, b"{}")
+    fault_point("delete_marked")
     storage.rm(Storage.join(path, MANIFEST_FILE))
+    fault_point("delete_unmanifested")
     for rel in storage.walk_files(path):
-        if rel != IN_PROGRESS_MARKER:
+        if rel != DELETING_MARKER:
             storage.rm(Storage.join(path, rel))
     storage.rm(marker)
     storage.rm(path, recursive=True)
@@ -234,8 +243,9 @@ def cleanup_stale(
 ) -> list[str]:
     """Remove debris of crashed saves in ``model_dir`` (rank 0 only); returns what was removed.
 
-    Removes trash directories, staging directories whose owner is stale, and (object
-    stores) ``model.ckpt-*`` directories that still carry a stale in-progress marker.
+    Removes trash directories, staging directories whose owner is stale, interrupted
+    deletions, and (object stores) ``model.ckpt-*`` directories that still carry a stale
+    in-progress marker.
     Never touches a staging area whose owner is alive.
     """
     now = time.time() if now is None else now
@@ -245,6 +255,10 @@ def cleanup_stale(
         path = Storage.join(model_dir, name)
         if is_trash(name):
             storage.rm(path, recursive=True)
+            removed.append(path)
+            continue
+        if parse_step(name) is not None and storage.exists(Storage.join(path, DELETING_MARKER)):
+            remove_checkpoint_dir(storage, path)  # an interrupted deletion: finish it
             removed.append(path)
             continue
         if is_staging(name):

@@ -4,7 +4,8 @@
 reaches the named fault point (on every rank, or only on ``<rank>``). The crash tests
 use it to stop a save at each phase of the commit protocol. Points: ``begin``,
 ``after_<part>`` (e.g. ``after_model``), ``before_commit``, ``after_manifest``,
-``committed``.
+``committed``; while deleting a checkpoint: ``delete_renamed`` (POSIX), ``delete_marked``,
+``delete_unmanifested`` (object stores).
 """
 
 from __future__ import annotations

@@ -116,3 +116,33 @@ def test_kill_during_async_save(tmp_path, point: str) -> None:
     m, o = fresh()
     reckpt.restore_model(f"{root}/model.ckpt-1", m, o)
     assert state_dicts_equal(m.state_dict(), m1.state_dict()) and optim_states_equal(o, o1)
+
+
+@pytest.mark.parametrize(
+    ("backend", "point"),
+    [("local", "delete_renamed"), ("s3", "delete_marked"), ("s3", "delete_unmanifested")],
+)
+def test_kill_during_pruning_leaves_nothing_half_committed(
+    tmp_path, request, backend: str, point: str
+) -> None:
+    root = str(tmp_path / "run") if backend == "local" else request.getfixturevalue("s3_root")
+    m, _ = trained()
+    for step in (1, 2):
+        reckpt.save_model(f"{root}/model.ckpt-{step}", m)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.distributed.prune_worker", root],
+        env={**os.environ, "PYTHONPATH": REPO, "RECKPT_FAULT_KILL_AT": point},
+        cwd=REPO,
+        capture_output=True,
+        timeout=180,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    st = storage_for(root)
+    assert checkpoint_state(st, f"{root}/model.ckpt-1") in ("absent", "incomplete")
+    assert reckpt.latest_checkpoint(root) == (f"{root}/model.ckpt-2", 2)
+    assert reckpt.verify(f"{root}/model.ckpt-2").ok
+    # The next pass finishes the job.
+    mgr = reckpt.CheckpointManager(root, keep_checkpoint_max=1)
+    mgr.prune()
+    mgr.close()
+    assert [n for n in st.ls(root) if n != "model.ckpt-2"] == []

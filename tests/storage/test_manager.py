@@ -242,3 +242,16 @@ def test_async_reuses_host_copy_without_mixing_saves(tmp_path) -> None:
         m2, _ = fresh()
         reckpt.restore_model(f"{root}/model.ckpt-{step}", m2)
         assert state_dicts_equal(want, m2.state_dict()), step
+
+
+def test_lease_and_prune_on_every_backend(root: str) -> None:
+    m, _ = trained()
+    mgr = reckpt.CheckpointManager(root, keep_checkpoint_max=1)
+    with mgr.lease(mgr.save(1, m), holder="export"):
+        mgr.save(2, m)
+        mgr.save(3, m)
+        mgr.close()
+        assert _steps(root) == [1, 3]
+    mgr.prune()
+    mgr.close()
+    assert _steps(root) == [3]
