@@ -20,20 +20,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 POINTS = ["begin", "after_model", "after_optimizer", "before_commit", "after_manifest"]
 
 
-def _save_in_subprocess(root: str, step: int, kill_at: str | None) -> int:
-    env = dict(os.environ)
+def _run_worker(module: str, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m tests.distributed.<module> ARGS`` with an optional SIGKILL fault point."""
+    env = {k: v for k, v in os.environ.items() if k != "RECKPT_FAULT_KILL_AT"}
     env["PYTHONPATH"] = REPO
-    env.pop("RECKPT_FAULT_KILL_AT", None)
     if kill_at:
         env["RECKPT_FAULT_KILL_AT"] = kill_at
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.distributed.crash_worker", root, str(step)],
+    return subprocess.run(
+        [sys.executable, "-m", f"tests.distributed.{module}", *args],
         env=env,
         cwd=REPO,
         capture_output=True,
         timeout=180,
     )
-    return proc.returncode
+
+
+def _save_in_subprocess(root: str, step: int, kill_at: str | None) -> int:
+    return _run_worker("crash_worker", root, str(step), kill_at=kill_at).returncode
 
 
 def _tzrec_globbed(storage, root: str) -> list[str]:
@@ -102,13 +105,7 @@ def test_kill_during_async_save(tmp_path, point: str) -> None:
     root = str(tmp_path / "run")
     m1, o1 = trained(seed=1)
     reckpt.save_model(f"{root}/model.ckpt-1", m1, o1)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.distributed.crash_worker", root, "2", "async"],
-        env={**os.environ, "PYTHONPATH": REPO, "RECKPT_FAULT_KILL_AT": point},
-        cwd=REPO,
-        capture_output=True,
-        timeout=180,
-    )
+    proc = _run_worker("crash_worker", root, "2", "async", kill_at=point)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     st = storage_for(root)
     assert checkpoint_state(st, f"{root}/model.ckpt-2") in ("absent", "incomplete")
@@ -129,13 +126,7 @@ def test_kill_during_pruning_leaves_nothing_half_committed(
     m, _ = trained()
     for step in (1, 2):
         reckpt.save_model(f"{root}/model.ckpt-{step}", m)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.distributed.prune_worker", root],
-        env={**os.environ, "PYTHONPATH": REPO, "RECKPT_FAULT_KILL_AT": point},
-        cwd=REPO,
-        capture_output=True,
-        timeout=180,
-    )
+    proc = _run_worker("prune_worker", root, kill_at=point)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     st = storage_for(root)
     assert checkpoint_state(st, f"{root}/model.ckpt-1") in ("absent", "incomplete")
