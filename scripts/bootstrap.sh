@@ -20,7 +20,7 @@ pip() {
 }
 C=requirements/constraints.txt
 # torch is pinned everywhere: an unpinned torch would pull a multi-GB CUDA build.
-pip install -q -c "$C" torch==2.13.0 numpy fsspec s3fs xxhash -r requirements/torchrec.txt -r requirements/dev.txt
+pip install -q -c "$C" torch==2.13.0 numpy fsspec s3fs xxhash -r requirements/torchrec.txt -r requirements/trainer.txt -r requirements/dev.txt
 # torchrec's metadata requires the CUDA fbgemm-gpu package: install it without dependencies.
 pip install -q -c "$C" --no-deps torchrec==1.8.0
 pip install -q -c "$C" --no-deps -e .

@@ -13,7 +13,7 @@ from reckpt.manifest import TensorEntry, entries_from_metadata, read_manifest
 from reckpt.naming import DCP_METADATA_FILE, MODEL_DIR, OPTIMIZER_DIR
 from reckpt.storage import Storage, storage_for
 
-__all__ = ["list_distcp_param", "inspect_checkpoint", "CheckpointContents"]
+__all__ = ["list_distcp_param", "inspect_checkpoint", "CheckpointContents", "read_part"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,3 +81,51 @@ def inspect_checkpoint(
     if not parts:
         raise CheckpointNotFoundError(f"{checkpoint_dir}: no checkpoint parts (no */.metadata)")
     return CheckpointContents(checkpoint_dir, parts)
+
+
+def read_part(
+    checkpoint_dir: str,
+    part: str = "model",
+    keys: list[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Load one part of a checkpoint into plain, unsharded values in this process.
+
+    Runs without a process group and whatever the world size that saved it: every tensor
+    comes back whole (flattened keys, as in the checkpoint). Reads safely (allow-listed
+    metadata, ``weights_only`` items); does not verify checksums (call :func:`reckpt.verify`).
+
+    Args:
+        keys: only these entries (default: all).
+    """
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    from reckpt.dcp_io import SafeReader, dcp_call
+    from reckpt.planner import PartialLoadPlanner
+
+    storage = storage_for(checkpoint_dir, storage_options)
+    dcp_dir = Storage.join(checkpoint_dir, part)
+    md = read_dcp_metadata(storage, dcp_dir)
+    wanted = set(keys) if keys is not None else None
+    state: dict[str, Any] = {}
+    for name, item in md.state_dict_metadata.items():
+        if wanted is not None and name not in wanted:
+            continue
+        if isinstance(item, BytesStorageMetadata):
+            state[name] = None
+        else:
+            state[name] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
+    if wanted is not None and wanted - set(state):
+        raise CheckpointNotFoundError(f"{dcp_dir}: no entries named {sorted(wanted - set(state))}")
+    planner = PartialLoadPlanner(flatten_state_dict=False, source=dcp_dir)
+    dcp_call(
+        dcp_load,
+        f"reading {dcp_dir}",
+        state,
+        storage_reader=SafeReader(dcp_dir, storage, md),
+        planner=planner,
+        no_dist=True,
+    )
+    return state

@@ -123,8 +123,13 @@ def init_optimizer_state(optimizer: Any) -> list[Any]:
     left as is). TorchRec keyed optimizers use their own ``init_state()``.
     """
     if is_keyed_optimizer(optimizer):
-        if not optimizer.state and hasattr(optimizer, "init_state"):
-            optimizer.init_state()
+        # TorchRec: fused (in-backward) optimizers hold their state from sharding time; dense
+        # parts are KeyedOptimizerWrappers around a torch optimizer whose state is lazy.
+        subs = getattr(optimizer, "optimizers", None)
+        for keyed in [o for _, o in subs] if subs else [optimizer]:
+            inner = getattr(keyed, "_optimizer", None)
+            if isinstance(inner, torch.optim.Optimizer) and not inner.state:
+                _zero_lr_step(inner)
         return []
     if optimizer.state:
         return []

@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 Shape = tuple[int, ...]
+SKIP = "-"
+"""Parameter-map checkpoint name meaning: keep this key's initial value."""
 RenameRule = Callable[[str, Collection[str]], str | None]
 """``rule(current_key, checkpoint_keys) -> checkpoint key or None``."""
 
@@ -35,7 +37,8 @@ def parse_param_map(text: str, source: str) -> dict[str, str]:
     """Parse a parameter-map file: one ``current_name<whitespace>checkpoint_name`` per line.
 
     Blank lines and lines starting with ``#`` are ignored (TorchEasyRec rejects blank lines;
-    reckpt accepts them deliberately).
+    reckpt accepts them deliberately). A checkpoint name of ``-`` means "do not restore this
+    key": it keeps its initial value (e.g. a layer whose input size changed with an added table).
 
     Args:
         text: the file's content.
@@ -126,6 +129,9 @@ def resolve_keys(
     used: set[str] = set()
     for key, shape in current.items():
         ckpt_key = param_map.get(key, key)
+        if ckpt_key == SKIP:
+            res.reinitialized.append(key)
+            continue
         if ckpt_key not in saved_keys:
             for rule in rules:
                 candidate = rule(ckpt_key, saved_keys)

@@ -90,3 +90,11 @@ def test_index_keyed_rule_prefers_longest_name() -> None:
     assert rule("state.a.weight_b.exp_avg", ()) == "state.1.exp_avg"
     assert rule("state.a.weight.exp_avg", ()) == "state.0.exp_avg"
     assert rule("param_groups.0.lr", ()) is None
+
+
+def test_dash_in_param_map_keeps_initial_value() -> None:
+    mapping = parse_param_map("layer.weight -\n", "m.txt")
+    r = resolve_keys(
+        {"layer.weight": (4, 5), "b": (1,)}, {"layer.weight": (4, 3), "b": (1,)}, param_map=mapping
+    )
+    assert r.reinitialized == ["layer.weight"] and r.loads == {"b": "b"} and not r.errors

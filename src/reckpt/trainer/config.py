@@ -1,0 +1,195 @@
+"""Trainer configuration: a TOML file validated on load (unknown keys are errors).
+
+Field names follow TorchEasyRec where it has them (``model_dir``, ``train_config.num_steps``,
+``save_checkpoints_steps``, ``keep_checkpoint_max``, ``fine_tune_checkpoint``,
+``export_config.exporter_type`` ...). Example: ``examples/demo.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+
+from reckpt.errors import ConfigError
+
+__all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "ExportConfig", "load_config"]
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Parquet inputs and their schema."""
+
+    train_input_path: str = ""
+    """A Parquet file, or a directory of ``*.parquet`` files."""
+    eval_input_path: str = ""
+    label: str = "label"
+    dense_columns: list[str] = field(default_factory=list)
+    sparse_columns: list[str] = field(default_factory=list)
+    """int64 or list<int64> (multi-valued) id columns; one embedding table each."""
+    batch_size: int = 256
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """DLRM shape."""
+
+    embedding_dim: int = 16
+    num_embeddings: int = 10000
+    """Rows per table; ids are taken modulo this."""
+    table_sizes: dict[str, int] = field(default_factory=dict)
+    """Per-feature row counts overriding ``num_embeddings``."""
+    bottom_mlp: list[int] = field(default_factory=lambda: [64, 16])
+    """Dense arch layer sizes; the last must equal ``embedding_dim``."""
+    top_mlp: list[int] = field(default_factory=lambda: [64, 1])
+    """Over arch layer sizes; the last must be 1."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    num_steps: int = 0
+    num_epochs: int = 0
+    save_checkpoints_steps: int = 1000
+    save_checkpoints_epochs: int = 0
+    keep_checkpoint_max: int = 0
+    fine_tune_checkpoint: str = ""
+    fine_tune_ckpt_param_map: str = ""
+    log_step_count_steps: int = 100
+    learning_rate: float = 0.001
+    """Adam learning rate of the dense part."""
+    sparse_learning_rate: float = 0.05
+    """Row-wise Adagrad learning rate of the (fused) embedding tables."""
+    seed: int = 0
+    async_save: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    num_steps: int = 0
+    """Eval batches per evaluation (0: the whole eval input)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ExportConfig:
+    exporter_type: str = "latest"
+    best_exporter_metric: str = "auc"
+    metric_larger_is_better: bool = True
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    model_dir: str = "model_dir"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train_config: TrainConfig = field(default_factory=TrainConfig)
+    eval_config: EvalConfig = field(default_factory=EvalConfig)
+    export_config: ExportConfig = field(default_factory=ExportConfig)
+
+    def validate(self, source: str) -> Config:
+        """Cross-field checks; raises :class:`ConfigError` naming the key."""
+        t, d, m, e = self.train_config, self.data, self.model, self.export_config
+        if (t.num_steps > 0) == (t.num_epochs > 0):
+            raise ConfigError(
+                f"{source}: set exactly one of train_config.num_steps and train_config.num_epochs"
+            )
+        if t.save_checkpoints_epochs > 0 and t.num_epochs == 0:
+            raise ConfigError(f"{source}: train_config.save_checkpoints_epochs needs train_config.num_epochs")
+        for name in (
+            "num_steps",
+            "num_epochs",
+            "save_checkpoints_steps",
+            "save_checkpoints_epochs",
+            "keep_checkpoint_max",
+        ):
+            if getattr(t, name) < 0:
+                raise ConfigError(f"{source}: train_config.{name} must be >= 0")
+        if not d.sparse_columns and not d.dense_columns:
+            raise ConfigError(f"{source}: data.sparse_columns and data.dense_columns are both empty")
+        if d.batch_size < 1:
+            raise ConfigError(f"{source}: data.batch_size must be >= 1")
+        if m.bottom_mlp and m.bottom_mlp[-1] != m.embedding_dim:
+            raise ConfigError(
+                f"{source}: model.bottom_mlp must end with model.embedding_dim ({m.embedding_dim}),"
+                f" got {m.bottom_mlp}"
+            )
+        if not m.top_mlp or m.top_mlp[-1] != 1:
+            raise ConfigError(f"{source}: model.top_mlp must end with 1, got {m.top_mlp}")
+        unknown_tables = sorted(set(m.table_sizes) - set(d.sparse_columns))
+        if unknown_tables:
+            raise ConfigError(f"{source}: model.table_sizes names unknown sparse columns {unknown_tables}")
+        if e.exporter_type not in ("latest", "best"):
+            raise ConfigError(
+                f"{source}: export_config.exporter_type must be 'latest' or 'best', got {e.exporter_type!r}"
+            )
+        return self
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], doc: Any, where: str, source: str) -> T:
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: [{where}] must be a table, got {type(doc).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(doc) - names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(repr(k) for k in unknown)} in"
+            f" {f'[{where}]' if where else 'the top level'}; known keys: {', '.join(sorted(names))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in doc.items():
+        hint = hints[key]
+        path = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path, source)  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _check_type(value, hint, path, source)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, path: str, source: str) -> Any:
+    origin = get_origin(hint)
+    ok: bool
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is list:
+        (item,) = get_args(hint)
+        ok = isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+    elif origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(v, int) for v in value.values())
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ConfigError(f"{source}: {path} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value
+
+
+def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate a TOML config (``None``: the defaults), then apply CLI overrides.
+
+    Raises:
+        ConfigError: unreadable TOML, unknown keys (named), wrong types, inconsistent fields.
+        FileNotFoundError: the file does not exist.
+    """
+    source = path or "<defaults>"
+    doc: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    cfg = _build(Config, doc, "", source)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.rpartition(".")
+        target = getattr(cfg, section) if section else cfg
+        setattr(target, key, value)
+    return cfg

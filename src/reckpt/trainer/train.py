@@ -1,0 +1,226 @@
+"""``reckpt train``: periodic checkpoints, eval after save, exact resume, fine-tuning.
+
+Built on reckpt's public API only. Restore-source precedence follows TorchEasyRec (compat
+§7.1): a model_dir that already holds checkpoints needs ``--continue-train`` (which then wins
+over ``--fine-tune-checkpoint``); a fine-tune restarts step numbering and reads data from
+the start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import reckpt
+from reckpt.errors import ConfigError
+from reckpt.trainer.config import Config
+from reckpt.trainer.data import EPOCHS_KEY, ParquetReader, input_files
+from reckpt.trainer.metrics import auc, logloss
+from reckpt.trainer.model import build_model, init_distributed, shard_model, table_rows
+
+__all__ = ["train_and_evaluate", "evaluate", "TrainResult"]
+
+logger = logging.getLogger(__name__)
+
+KILL_AT_STEP = "RECKPT_TRAIN_KILL_AT_STEP"  # test knob: SIGKILL after this step is trained
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    last_step: int
+    checkpoints: list[reckpt.CheckpointInfo]
+    latest: str | None
+    best: str | None
+
+
+def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool]:
+    """``(checkpoint to restore, is_fine_tune)``, decided on rank 0 and broadcast."""
+    err: Exception | None = None
+    out: tuple[str | None, bool] = (None, False)
+    if dist.get_rank() == 0:
+        try:
+            ft = cfg.train_config.fine_tune_checkpoint
+            if ft:
+                path, _ = reckpt.latest_checkpoint(ft)
+                if path is None:
+                    raise ConfigError(f"fine_tune_checkpoint {ft}: no committed checkpoint there")
+                out = (path, True)
+            latest, _ = reckpt.latest_checkpoint(cfg.model_dir)
+            if latest is not None:
+                if not continue_train:
+                    raise ConfigError(
+                        f"model_dir {cfg.model_dir} already holds checkpoints (latest: {latest}); pass"
+                        " --continue-train to resume from it, or choose another --model-dir"
+                    )
+                out = (latest, False)
+        except Exception as e:
+            err = e
+    box: list[Any] = [(out, err)]
+    dist.broadcast_object_list(box, src=0)
+    (out, err) = box[0]
+    if err is not None:
+        raise err
+    return out
+
+
+def evaluate(cfg: Config, model: torch.nn.Module) -> dict[str, float]:
+    """Collective: AUC and log-loss over the whole eval input (every rank scores its slice)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    reader = ParquetReader(
+        input_files(cfg.data.eval_input_path, "data.eval_input_path"), cfg.data, rank, world, table_rows(cfg)
+    )
+    labels, probs = [], []
+    model.eval()
+    with torch.no_grad():
+        for i, b in enumerate(reader.batches()):
+            if cfg.eval_config.num_steps and i >= cfg.eval_config.num_steps:
+                break
+            probs.append(torch.sigmoid(model(b.dense, b.sparse).squeeze(-1)))
+            labels.append(b.label)
+    model.train()
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (torch.cat(labels), torch.cat(probs)))
+    y = torch.cat([g[0] for g in gathered])
+    p = torch.cat([g[1] for g in gathered])
+    return {"auc": auc(y, p), "logloss": logloss(y, p)}
+
+
+def train_and_evaluate(
+    cfg: Config, *, continue_train: bool = False, ignore_restore_optimizer: bool = False
+) -> TrainResult:
+    """Collective: train per ``cfg`` with checkpoints, eval after each save, and a final save."""
+    rank, world = init_distributed()
+    t = cfg.train_config
+    torch.manual_seed(t.seed)
+    files = input_files(cfg.data.train_input_path, "data.train_input_path")
+    input_files(cfg.data.eval_input_path, "data.eval_input_path")
+    reader = ParquetReader(files, cfg.data, rank, world, table_rows(cfg))
+    ckpt, fine_tune = _resolve_source(cfg, continue_train)
+
+    model, optimizer = shard_model(cfg, build_model(cfg))
+    mgr = reckpt.CheckpointManager(
+        cfg.model_dir,
+        keep_checkpoint_max=t.keep_checkpoint_max,
+        export_config=cfg.export_config,
+        save_steps=0 if t.save_checkpoints_epochs > 0 else t.save_checkpoints_steps,
+        save_epochs=t.save_checkpoints_epochs,
+        async_save=t.async_save,
+    )
+    position: dict[str, Any] = {EPOCHS_KEY: 0}
+    step = -1
+    restore_opt = None if ignore_restore_optimizer else optimizer
+    param_map = t.fine_tune_ckpt_param_map or None
+    if ckpt is not None and not fine_tune:
+        info = mgr.restore(ckpt, model, restore_opt, ckpt_param_map_path=param_map)
+        position, step = dict(info.dataloader_state or {EPOCHS_KEY: 0}), info.step
+        logger.info("resumed from %s at step %d", ckpt, step)
+    elif ckpt is not None:
+        report = reckpt.restore_model(ckpt, model, restore_opt, param_map)
+        if rank == 0:
+            print(f"fine-tune from {ckpt}:\n{report.summary()}", file=sys.stderr)
+    writer = _summary_writer(cfg.model_dir) if rank == 0 else None
+    kill_at = int(os.environ.get(KILL_AT_STEP, "-1"))
+    epoch = int(position.get(EPOCHS_KEY, 0))
+    start = time.time()
+    bar = _progress(rank, t.num_steps or None, step + 1)
+    loss_value = float("nan")
+
+    def after_save(s: int) -> None:
+        metrics = evaluate(cfg, model)
+        mgr.record_eval(s, metrics)
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(f"metric/{k}", v, s)
+        if rank == 0:
+            logger.info("step %d eval: %s", s, metrics)
+
+    while (t.num_steps and step + 1 < t.num_steps) or (t.num_epochs and epoch < t.num_epochs):
+        for batch in reader.batches(position):
+            step += 1
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                model(batch.dense, batch.sparse).squeeze(-1), batch.label
+            )
+            optimizer.zero_grad()
+            torch.autograd.backward(loss)
+            optimizer.step()
+            loss_value = float(loss.detach())
+            reckpt.update_dataloder_state(position, batch.position)
+            if writer is not None and step % max(t.log_step_count_steps, 1) == 0:
+                writer.add_scalar("loss", loss_value, step)
+            bar.update(
+                step, loss_value, (step + 1) * cfg.data.batch_size * world / max(time.time() - start, 1e-9)
+            )
+            if mgr.maybe_save(step, model, optimizer, dataloader_state=position):
+                after_save(step)
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if t.num_steps and step + 1 >= t.num_steps:
+                break
+        else:  # the data pass ended
+            epoch += 1
+            position = {EPOCHS_KEY: epoch}
+            if t.num_epochs and mgr.maybe_save(
+                step, model, optimizer, dataloader_state=position, epoch=epoch - 1
+            ):
+                after_save(step)
+    bar.close()
+    if mgr.maybe_save(step, model, optimizer, dataloader_state=position, final=True):
+        after_save(step)
+    mgr.close()
+    if writer is not None:
+        writer.close()
+    checkpoints = mgr.list_checkpoints()
+    latest, _ = mgr.latest_checkpoint()
+    best, _ = mgr.best_checkpoint()
+    if rank == 0:
+        print(summary_table(checkpoints, latest, best, loss_value))
+    dist.barrier()
+    return TrainResult(step, checkpoints, latest, best)
+
+
+def summary_table(
+    checkpoints: list[reckpt.CheckpointInfo], latest: str | None, best: str | None, loss: float
+) -> str:
+    lines = [f"final train loss {loss:.4f}", f"{'step':>8}  {'state':<10} {'auc':>8} {'logloss':>8}  marks"]
+    for c in checkpoints:
+        marks = " ".join(m for m, p in (("latest", latest), ("best", best)) if p == c.path)
+        a, ll = c.metrics.get("auc", float("nan")), c.metrics.get("logloss", float("nan"))
+        lines.append(f"{c.step:>8}  {c.state:<10} {a:>8.4f} {ll:>8.4f}  {marks}")
+    return "\n".join(lines)
+
+
+def _summary_writer(model_dir: str) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    os.makedirs(model_dir, exist_ok=True)
+    return SummaryWriter(log_dir=model_dir)
+
+
+class _progress:
+    """A tqdm bar (step, loss, examples/s) on rank 0 when attached to a terminal."""
+
+    def __init__(self, rank: int, total: int | None, initial: int) -> None:
+        self.bar = None
+        if rank == 0 and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.last = initial
+
+    def update(self, step: int, loss: float, eps: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step + 1 - self.last)
+            self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{eps:,.0f}")
+        self.last = step + 1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,213 @@
+"""End-to-end: `reckpt train / eval / export / predict` as subprocesses, 1 and 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import reckpt
+from reckpt.inspection import read_part
+from tests.conftest import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS, EVERY = 60, 20
+
+
+def cli(*args: str, world: int = 1, env: dict[str, str] | None = None, cwd: str | None = None):
+    full_env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env or {})}
+    if world == 1:
+        cmd = [sys.executable, "-m", "reckpt.cli", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={world}",
+            "--nnodes=1",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "reckpt.cli",
+            *args,
+        ]
+    return subprocess.run(cmd, env=full_env, cwd=cwd or REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    proc = cli("make-data", "--out", str(root), "--rows", "8000", "--eval-rows", "2000")
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+def write_config(
+    path: Path, data: Path, model_dir: Path, sparse: tuple[str, ...] = ("s0", "s1", "s2"), **extra: str
+) -> str:
+    sparse_list = ", ".join(f'"{s}"' for s in sparse)
+    text = f"""
+model_dir = "{model_dir}"
+[data]
+train_input_path = "{data}/train"
+eval_input_path = "{data}/eval"
+dense_columns = ["d0", "d1", "d2", "d3"]
+sparse_columns = [{sparse_list}]
+batch_size = 128
+[model]
+embedding_dim = 8
+num_embeddings = 500
+bottom_mlp = [16, 8]
+top_mlp = [16, 1]
+[train_config]
+num_steps = {STEPS}
+save_checkpoints_steps = {EVERY}
+learning_rate = 0.003
+{extra.get("train", "")}
+[export_config]
+exporter_type = "best"
+"""
+    path.write_text(text)
+    return str(path)
+
+
+def final_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = str(model_dir / f"model.ckpt-{STEPS - 1}")
+    out = {f"model/{k}": v for k, v in read_part(ckpt, "model").items()}
+    out.update(
+        {f"optimizer/{k}": v for k, v in read_part(ckpt, "optimizer").items() if isinstance(v, torch.Tensor)}
+    )
+    return out
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"differ: {diff}"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, world: int) -> None:
+    straight = tmp_path / "straight"
+    cfg = write_config(tmp_path / "a.toml", data, straight)
+    proc = cli("train", cfg, world=world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "latest" in proc.stdout and "best" in proc.stdout  # the summary table
+    steps = [c.step for c in reckpt.list_checkpoints(str(straight)) if c.committed]
+    assert steps == [20, 40, 59]
+    lines = [json.loads(x) for x in (straight / "train_eval_result_v2.txt").read_text().splitlines()]
+    assert [x["global_step"] for x in lines] == [20, 40, 59]
+    assert all(0.5 < x["auc"] <= 1.0 and x["logloss"] > 0 for x in lines)
+    assert list(straight.glob("events.out.tfevents.*")), "TensorBoard summaries"
+    plan = json.loads((straight / "model.ckpt-59" / "plan").read_text())
+    assert any("embedding_bag_collection" in k for k in plan)
+    state = json.loads((straight / "model.ckpt-59" / "dataloader_state.json").read_text())
+    # 2 files x ceil(4000 / world / 128) batches per pass: one pass ends before step 59 only on 2 ranks.
+    assert state["__epochs_completed__"] == world - 1 and len([k for k in state if ":" in k]) == 2 * world
+
+    # Killed with SIGKILL after step 45 (last checkpoint: 40), resumed: bitwise identical.
+    resumed = tmp_path / "resumed"
+    cfg_b = write_config(tmp_path / "b.toml", data, resumed)
+    killed = cli("train", cfg_b, world=world, env={"RECKPT_TRAIN_KILL_AT_STEP": "45"})
+    assert killed.returncode != 0
+    assert reckpt.latest_checkpoint(str(resumed))[1] == 40
+    again = cli("train", cfg_b, world=world)
+    assert again.returncode != 0 and "pass --continue-train" in again.stderr
+    proc = cli("train", cfg_b, "--continue_train", world=world)  # the underscore alias works too
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_bitwise_equal(final_state(straight), final_state(resumed))
+
+    # Export the best checkpoint; predict in a plain process matches the trained model.
+    export = tmp_path / "export"
+    proc = cli("export", cfg, "--export-dir", str(export))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((export / "model_config.json").read_text())
+    best = max(lines, key=lambda x: x["auc"])
+    assert meta["step"] == best["global_step"]
+    out = tmp_path / "scores.parquet"
+    proc = cli("predict", "--export-dir", str(export), "--input", str(data / "eval"), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    from reckpt.trainer.metrics import auc
+
+    scores = torch.from_numpy(pq.read_table(out).column("score").to_numpy())
+    labels = torch.from_numpy(pq.read_table(data / "eval" / "part-000.parquet").column("label").to_numpy())
+    # The exported model scores every eval row; its AUC is the one the trainer recorded.
+    assert abs(auc(labels[: len(scores)], scores) - best["auc"]) < 1e-6
+
+
+def test_fine_tune_with_param_map_and_eval(tmp_path: Path, data: Path) -> None:
+    base = tmp_path / "base"
+    assert cli("train", write_config(tmp_path / "base.toml", data, base, sparse=("s0", "s1"))).returncode == 0
+    # The new model adds a table (s2); the map initialises it from s1, weights and optimizer.
+    prefix = "sparse_arch.embedding_bag_collection.embedding_bags"
+    mp = tmp_path / "map.txt"
+    mp.write_text(
+        f"{prefix}.t_s2.weight {prefix}.t_s1.weight\n"
+        f"state.{prefix}.t_s2.weight.t_s2.momentum1 state.{prefix}.t_s1.weight.t_s1.momentum1\n"
+        "# the interaction output grew with the new table: this layer starts fresh\n"
+        "over_arch.model.0._mlp.0._linear.weight -\n"
+    )
+    tuned = tmp_path / "tuned"
+    cfg = write_config(tmp_path / "tuned.toml", data, tuned)
+    proc = cli("train", cfg, "--fine-tune-checkpoint", str(base), "--fine-tune-ckpt-param-map", str(mp))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"remapped: {prefix}.t_s2.weight <- {prefix}.t_s1.weight" in proc.stderr
+    assert "reinitialized: over_arch.model.0._mlp.0._linear.weight" in proc.stderr
+    assert [c.step for c in reckpt.list_checkpoints(str(tuned))] == [20, 40, 59]  # numbering restarts
+    proc = cli(
+        "train",
+        cfg,
+        "--model-dir",
+        str(tmp_path / "tuned2"),
+        "--fine-tune-checkpoint",
+        str(base / "model.ckpt-40"),
+        "--fine-tune-ckpt-param-map",
+        str(mp),
+        "--ignore-restore-optimizer",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "  model: loaded=" in proc.stderr and "  optimizer:" not in proc.stderr
+    proc = cli("eval", cfg, "--checkpoint-path", str(tuned / "model.ckpt-40"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads((tuned / "eval_result.txt").read_text().splitlines()[-1])
+    assert line["global_step"] is None and 0.5 < line["auc"] <= 1
+
+
+def test_bad_input_is_a_clear_error(tmp_path: Path, data: Path) -> None:
+    good = write_config(tmp_path / "g.toml", data, tmp_path / "run")
+    text = Path(good).read_text()
+
+    def run(name: str, content: str, *flags: str):
+        p = tmp_path / name
+        p.write_text(content)
+        return cli("train", str(p), *flags)
+
+    proc = run("unknown.toml", text.replace("[model]", "[model]\nembeding_dim = 4"))
+    assert proc.returncode == 2 and "unknown key(s) 'embeding_dim' in [model]" in proc.stderr
+    proc = run("nodata.toml", text.replace(f"{data}/train", f"{data}/nowhere"))
+    assert proc.returncode == 1 and "data.train_input_path: no Parquet file" in proc.stderr
+    proc = run("badcol.toml", text.replace('"d3"]', '"d9"]'))
+    assert proc.returncode == 2 and "column(s) ['d9']" in proc.stderr
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pq.read_table(data / "eval" / "part-000.parquet").slice(0, 0), empty)
+    proc = run("empty.toml", text.replace(f"{data}/train", str(empty)))
+    assert proc.returncode == 2 and "empty Parquet" in proc.stderr
+    assert pa is not None
+    # A checkpoint of a different model: continuing with another embedding size.
+    assert cli("train", good).returncode == 0
+    proc = run(
+        "other.toml",
+        text.replace("embedding_dim = 8", "embedding_dim = 4").replace("[16, 8]", "[16, 4]"),
+        "--continue-train",
+    )
+    assert proc.returncode == 2 and "shapes differ" in proc.stderr and "[500, 8]" in proc.stderr

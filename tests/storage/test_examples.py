@@ -1,0 +1,18 @@
+"""The library example runs end to end (it is documented in the README)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_quickstart(tmp_path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "quickstart", os.path.join(REPO, "examples", "quickstart.py")
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--model-dir", str(tmp_path / "model_dir"), "--steps", "5"]) == 0
