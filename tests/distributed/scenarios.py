@@ -19,6 +19,18 @@ def global_tables(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(*ST_SHAPE, generator=g), torch.randn(*DT_SHAPE, generator=g)
 
 
+_MESHES: dict[int, Any] = {}
+
+
+def _mesh(world: int) -> Any:
+    """One CPU device mesh per process (each new mesh would create process groups)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if world not in _MESHES:
+        _MESHES[world] = init_device_mesh("cpu", (world,))
+    return _MESHES[world]
+
+
 class Holder(nn.Module):
     """A dense layer plus a ShardedTensor table and a DTensor table (plain tensors when unsharded)."""
 
@@ -31,7 +43,6 @@ class Holder(nn.Module):
         if sharded:
             from torch.distributed._shard import sharded_tensor
             from torch.distributed._shard.sharding_spec import ChunkShardingSpec
-            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.tensor import Shard, distribute_tensor
 
             world = dist.get_world_size()
@@ -40,7 +51,7 @@ class Holder(nn.Module):
             for shard in self.st.local_shards():
                 off, n = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
                 shard.tensor.copy_(st[off : off + n])
-            self.dt: Any = distribute_tensor(dt, init_device_mesh("cpu", (world,)), [Shard(0)])
+            self.dt: Any = distribute_tensor(dt, _mesh(world), [Shard(0)])
         else:
             self.st, self.dt = st, dt
 

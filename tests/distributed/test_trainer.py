@@ -140,6 +140,19 @@ def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, worl
     labels = torch.from_numpy(pq.read_table(data / "eval" / "part-000.parquet").column("label").to_numpy())
     # The exported model scores every eval row; its AUC is the one the trainer recorded.
     assert abs(auc(labels[: len(scores)], scores) - best["auc"]) < 1e-6
+    # And its scores are the checkpoint's, restored by the library into a plain model.
+    from reckpt.trainer.config import load_config
+    from reckpt.trainer.data import ParquetReader
+    from reckpt.trainer.model import build_model, table_rows
+
+    conf = load_config(cfg)
+    plain = build_model(conf)
+    reckpt.restore_model(meta["checkpoint"], plain)
+    plain.eval()
+    reader = ParquetReader([str(data / "eval" / "part-000.parquet")], conf.data, 0, 1, table_rows(conf))
+    with torch.no_grad():
+        want = torch.cat([torch.sigmoid(plain(b.dense, b.sparse).squeeze(-1)) for b in reader.batches()])
+    assert torch.allclose(scores, want.to(scores.dtype), rtol=0, atol=1e-6)
 
 
 def test_fine_tune_with_param_map_and_eval(tmp_path: Path, data: Path) -> None:

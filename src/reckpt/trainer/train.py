@@ -130,7 +130,7 @@ def train_and_evaluate(
     kill_at = int(os.environ.get(KILL_AT_STEP, "-1"))
     epoch = int(position.get(EPOCHS_KEY, 0))
     start = time.time()
-    bar = _progress(rank, t.num_steps or None, step + 1)
+    bar = _progress(rank, t.num_steps or None, step + 1, t.log_step_count_steps)
     loss_value = float("nan")
 
     def after_save(s: int) -> None:
@@ -205,10 +205,12 @@ def _summary_writer(model_dir: str) -> Any:
 
 
 class _progress:
-    """A tqdm bar (step, loss, examples/s) on rank 0 when attached to a terminal."""
+    """Rank 0's progress (step, loss, examples/s): a tqdm bar on a terminal, else a line every
+    ``log_every`` steps."""
 
-    def __init__(self, rank: int, total: int | None, initial: int) -> None:
+    def __init__(self, rank: int, total: int | None, initial: int, log_every: int) -> None:
         self.bar = None
+        self.rank, self.log_every = rank, max(log_every, 1)
         if rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -219,6 +221,8 @@ class _progress:
         if self.bar is not None:
             self.bar.update(step + 1 - self.last)
             self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{eps:,.0f}")
+        elif self.rank == 0 and step % self.log_every == 0:
+            print(f"step {step} loss {loss:.4f} examples/s {eps:,.0f}", file=sys.stderr, flush=True)
         self.last = step + 1
 
     def close(self) -> None:
