@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     md = sub.add_parser("make-data", help="write a synthetic click log (Zipf ids, planted signal)")
     md.add_argument("--out", required=True)
-    md.add_argument("--rows", type=int, default=60000)
+    md.add_argument("--rows", type=int, default=200000)
     md.add_argument("--eval-rows", type=int, default=10000)
     md.add_argument("--seed", type=int, default=0)
     return parser
@@ -103,8 +103,8 @@ def _demo_config(args: argparse.Namespace) -> Any:
     )
     cfg.model.num_embeddings = 2000
     t = cfg.train_config
-    t.num_steps, t.save_checkpoints_steps, t.keep_checkpoint_max = 2000, 400, 3
-    t.log_step_count_steps, t.learning_rate = 50, 0.003
+    t.num_steps, t.save_checkpoints_steps, t.keep_checkpoint_max = 3000, 500, 3
+    t.log_step_count_steps, t.learning_rate, t.sparse_learning_rate = 100, 0.001, 0.02
     cfg.export_config.exporter_type = "best"
     if args.fine_tune_checkpoint:
         t.fine_tune_checkpoint = args.fine_tune_checkpoint

@@ -29,7 +29,7 @@ EPOCHS_KEY = "__epochs_completed__"
 def make_data(
     out_dir: str,
     *,
-    rows: int = 60000,
+    rows: int = 200000,
     eval_rows: int = 10000,
     dense: int = 4,
     sparse: int = 3,
