@@ -1,7 +1,9 @@
 """reckpt: checkpoint management and model persistence for PyTorch recommendation models.
 
 The public functions keep TorchEasyRec's ``checkpoint_util`` names and signatures, so code
-written against it ports by changing the import; the rest is reckpt's own.
+written against it ports by changing the import; the rest is reckpt's own. Names are
+imported on first use, so ``import reckpt`` (and the CLI's ``--help`` and ``ls``) do not pay
+for importing torch.
 
 Example:
     >>> import reckpt
@@ -9,50 +11,113 @@ Example:
     >>> # report = reckpt.restore_model("run/model.ckpt-100", model, optimizer)
 """
 
-from reckpt import errors
-from reckpt._version import __version__
-from reckpt.commit import is_committed
-from reckpt.dataloader_state import restore_dataloader_state, update_dataloder_state
-from reckpt.discovery import best_checkpoint, latest_checkpoint, list_checkpoints
-from reckpt.inspection import CheckpointContents, inspect_checkpoint, list_distcp_param
-from reckpt.lease import lease
-from reckpt.manager import CheckpointManager
-from reckpt.planner import PartialLoadPlanner
-from reckpt.policy import BestN, CheckpointInfo, EveryNSeconds, EveryNSteps, LatestN, PinnedSteps
-from reckpt.report import LoadReport, PartReport
-from reckpt.restore import restore_model
-from reckpt.resume import ResumeInfo
-from reckpt.save import save_model
-from reckpt.verify import VerifyReport, verify
+from __future__ import annotations
 
-__all__ = [
-    "__version__",
-    "errors",
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from reckpt._version import __version__
+
+_EXPORTS = {
     # TorchEasyRec checkpoint_util surface
-    "save_model",
-    "restore_model",
-    "latest_checkpoint",
-    "best_checkpoint",
-    "list_distcp_param",
-    "PartialLoadPlanner",
-    "CheckpointManager",
-    "restore_dataloader_state",
-    "update_dataloder_state",
+    "save_model": "reckpt.save",
+    "restore_model": "reckpt.restore",
+    "latest_checkpoint": "reckpt.discovery",
+    "best_checkpoint": "reckpt.discovery",
+    "list_distcp_param": "reckpt.inspection",
+    "PartialLoadPlanner": "reckpt.planner",
+    "CheckpointManager": "reckpt.manager",
+    "restore_dataloader_state": "reckpt.dataloader_state",
+    "update_dataloder_state": "reckpt.dataloader_state",
     # reckpt's own
-    "LoadReport",
-    "PartReport",
-    "ResumeInfo",
-    "verify",
-    "VerifyReport",
-    "is_committed",
-    "list_checkpoints",
-    "CheckpointInfo",
-    "inspect_checkpoint",
-    "CheckpointContents",
-    "lease",
-    "LatestN",
-    "BestN",
-    "EveryNSteps",
-    "EveryNSeconds",
-    "PinnedSteps",
-]
+    "LoadReport": "reckpt.report",
+    "PartReport": "reckpt.report",
+    "ResumeInfo": "reckpt.resume",
+    "verify": "reckpt.verification",
+    "VerifyReport": "reckpt.verification",
+    "is_committed": "reckpt.commit",
+    "list_checkpoints": "reckpt.discovery",
+    "CheckpointInfo": "reckpt.policy",
+    "inspect_checkpoint": "reckpt.inspection",
+    "CheckpointContents": "reckpt.inspection",
+    "lease": "reckpt.leases",
+    "LatestN": "reckpt.policy",
+    "BestN": "reckpt.policy",
+    "EveryNSteps": "reckpt.policy",
+    "EveryNSeconds": "reckpt.policy",
+    "PinnedSteps": "reckpt.policy",
+}
+
+__all__ = ["__version__", "errors", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "errors":
+        return importlib.import_module("reckpt.errors")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from reckpt import errors as errors
+    from reckpt.commit import is_committed as is_committed
+    from reckpt.dataloader_state import (
+        restore_dataloader_state as restore_dataloader_state,
+    )
+    from reckpt.dataloader_state import (
+        update_dataloder_state as update_dataloder_state,
+    )
+    from reckpt.discovery import (
+        best_checkpoint as best_checkpoint,
+    )
+    from reckpt.discovery import (
+        latest_checkpoint as latest_checkpoint,
+    )
+    from reckpt.discovery import (
+        list_checkpoints as list_checkpoints,
+    )
+    from reckpt.inspection import (
+        CheckpointContents as CheckpointContents,
+    )
+    from reckpt.inspection import (
+        inspect_checkpoint as inspect_checkpoint,
+    )
+    from reckpt.inspection import (
+        list_distcp_param as list_distcp_param,
+    )
+    from reckpt.leases import lease as lease
+    from reckpt.manager import CheckpointManager as CheckpointManager
+    from reckpt.planner import PartialLoadPlanner as PartialLoadPlanner
+    from reckpt.policy import (
+        BestN as BestN,
+    )
+    from reckpt.policy import (
+        CheckpointInfo as CheckpointInfo,
+    )
+    from reckpt.policy import (
+        EveryNSeconds as EveryNSeconds,
+    )
+    from reckpt.policy import (
+        EveryNSteps as EveryNSteps,
+    )
+    from reckpt.policy import (
+        LatestN as LatestN,
+    )
+    from reckpt.policy import (
+        PinnedSteps as PinnedSteps,
+    )
+    from reckpt.report import LoadReport as LoadReport
+    from reckpt.report import PartReport as PartReport
+    from reckpt.restore import restore_model as restore_model
+    from reckpt.resume import ResumeInfo as ResumeInfo
+    from reckpt.save import save_model as save_model
+    from reckpt.verification import VerifyReport as VerifyReport
+    from reckpt.verification import verify as verify

@@ -28,7 +28,7 @@ from reckpt.discovery import best_checkpoint, latest_checkpoint, list_checkpoint
 from reckpt.dist import Dist
 from reckpt.errors import ConfigError
 from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME, append_eval_result, write_checkpoint_metrics
-from reckpt.lease import LeaseRecord, lease
+from reckpt.leases import LeaseRecord, lease
 from reckpt.manifest import write_sidecar
 from reckpt.naming import checkpoint_name, parse_step
 from reckpt.plan import model_plan
@@ -364,7 +364,7 @@ class CheckpointManager:
 
     @contextlib.contextmanager
     def lease(self, checkpoint_dir: str, *, ttl_s: float = 600.0, holder: str = "") -> Iterator[LeaseRecord]:
-        """Hold a checkpoint against pruning (see :func:`reckpt.lease.lease`)."""
+        """Hold a checkpoint against pruning (see :func:`reckpt.leases.lease`)."""
         with lease(checkpoint_dir, ttl_s=ttl_s, holder=holder, storage_options=self.storage_options) as rec:
             yield rec
 

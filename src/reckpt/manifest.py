@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
-
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+from typing import TYPE_CHECKING, Any
 
 from reckpt.errors import IntegrityError
 from reckpt.integrity import CHECKSUM_ALGORITHM, FileRecord, checksum_bytes
 from reckpt.naming import MANIFEST_FILE, sidecar_name
 from reckpt.storage import Storage
+
+if TYPE_CHECKING:  # torch is imported lazily: discovery and `reckpt ls` do not need it
+    from torch.distributed.checkpoint.metadata import Metadata
 
 __all__ = [
     "FORMAT_VERSION",
@@ -48,6 +49,8 @@ class TensorEntry:
 
 def entries_from_metadata(md: Metadata) -> list[TensorEntry]:
     """Tensor entries of a DCP checkpoint, sorted by name, from its metadata."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
     out = []
     for name, item in md.state_dict_metadata.items():
         if isinstance(item, BytesStorageMetadata):

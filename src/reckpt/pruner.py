@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 
 from reckpt.commit import cleanup_stale, remove_checkpoint_dir
 from reckpt.discovery import list_checkpoints
-from reckpt.lease import active_leases, remove_expired_leases
-from reckpt.policy import RetentionPolicy, steps_to_delete
+from reckpt.leases import active_leases, remove_expired_leases
+from reckpt.policy import CheckpointInfo, RetentionPolicy, steps_to_delete
 from reckpt.storage import Storage
 
 __all__ = ["Pruner"]
@@ -56,8 +56,8 @@ class Pruner:
         self._thread: threading.Thread | None = None
         self.deleted: list[int] = []
 
-    def run_once(self) -> list[int]:
-        """One pruning pass (synchronously); returns the deleted steps."""
+    def plan(self) -> list[CheckpointInfo]:
+        """The checkpoints a pass would delete now (nothing is deleted)."""
         if not self.policies:
             return []
         now = time.time()
@@ -65,9 +65,17 @@ class Pruner:
             self.model_dir, eval_result_filename=self.eval_result_filename, with_size=False
         )
         keep = set(self.protected()) | set(active_leases(self.storage, self.model_dir, now))
-        by_step = {c.step: c.path for c in infos}
+        doomed = set(steps_to_delete(infos, self.policies, now=now, protected=keep))
+        return [c for c in infos if c.step in doomed]
+
+    def run_once(self) -> list[int]:
+        """One pruning pass (synchronously); returns the deleted steps."""
+        if not self.policies:
+            return []
+        now = time.time()
+        by_step = {c.step: c.path for c in self.plan()}
         deleted = []
-        for step in steps_to_delete(infos, self.policies, now=now, protected=keep):
+        for step in sorted(by_step):
             if step in active_leases(self.storage, self.model_dir):
                 continue  # leased since the pass began
             remove_checkpoint_dir(self.storage, by_step[step])

@@ -43,7 +43,7 @@ from reckpt.remap import (
 )
 from reckpt.report import LoadReport, PartReport
 from reckpt.storage import Storage, storage_for
-from reckpt.verify import require_committed, verify_collective
+from reckpt.verification import require_committed, verify_collective
 
 __all__ = ["restore_model", "read_meta"]
 

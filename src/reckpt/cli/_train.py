@@ -1,31 +1,16 @@
-"""The ``reckpt`` command line (argparse; flags use hyphens, TorchEasyRec's underscores are aliases).
-
-Examples:
-    reckpt train                                  # demo: generate data, train into ./model_dir
-    reckpt train demo.toml --model-dir runs/a --continue-train
-    torchrun --nproc_per_node=2 -m reckpt.cli train demo.toml
-    reckpt eval demo.toml --checkpoint-path runs/a/model.ckpt-400
-    reckpt export demo.toml --export-dir serving/
-    reckpt predict --export-dir serving/ --input data/eval --output scores.parquet
-    reckpt make-data --out data/
-"""
+"""Trainer commands: ``train``, ``eval``, ``export``, ``predict``, ``make-data``."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
-from collections.abc import Sequence
 from typing import Any
 
-from reckpt.errors import CheckpointError
-
-__all__ = ["main"]
+__all__ = ["register", "flag"]
 
 
-def _flag(p: argparse.ArgumentParser, name: str, **kw: Any) -> None:
+def flag(p: argparse.ArgumentParser, name: str, **kw: Any) -> None:
     """``--some-flag`` plus TorchEasyRec's ``--some_flag`` alias."""
     names = [f"--{name}"]
     if "-" in name:
@@ -33,46 +18,61 @@ def _flag(p: argparse.ArgumentParser, name: str, **kw: Any) -> None:
     p.add_argument(*names, **kw)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="reckpt",
-        description=__doc__.splitlines()[0],
-        epilog=__doc__.split("Examples:")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def register(sub: Any) -> None:
+    train = sub.add_parser(
+        "train",
+        help="train the reference DLRM (no CONFIG: a demo on generated data)",
+        epilog="example: reckpt train examples/demo.toml --model-dir runs/a --continue-train",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="train the reference DLRM (no CONFIG: a demo on generated data)")
     train.add_argument("config", nargs="?", help="TOML config (see examples/demo.toml)")
-    _flag(train, "model-dir", help="override model_dir")
-    _flag(train, "continue-train", action="store_true", help="resume from the latest checkpoint in model_dir")
-    _flag(train, "fine-tune-checkpoint", help="initialise from another run's model_dir or one checkpoint")
-    _flag(train, "fine-tune-ckpt-param-map", help="parameter-map file for the fine-tune")
-    _flag(train, "ignore-restore-optimizer", action="store_true", help="restore weights only")
+    flag(train, "model-dir", help="override model_dir")
+    flag(train, "continue-train", action="store_true", help="resume from the latest checkpoint in model_dir")
+    flag(train, "fine-tune-checkpoint", help="initialise from another run's model_dir or one checkpoint")
+    flag(train, "fine-tune-ckpt-param-map", help="parameter-map file for the fine-tune")
+    flag(train, "ignore-restore-optimizer", action="store_true", help="restore weights only")
+    train.set_defaults(func=_run)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint (AUC, log-loss)")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint (AUC, log-loss)",
+        epilog="example: reckpt eval examples/demo.toml --checkpoint-path runs/a/model.ckpt-500",
+    )
     ev.add_argument("config")
-    _flag(ev, "model-dir")
-    _flag(ev, "checkpoint-path", help="a checkpoint or model_dir (default: latest in model_dir)")
+    flag(ev, "model-dir")
+    flag(ev, "checkpoint-path", help="a checkpoint or model_dir (default: latest in model_dir)")
+    ev.set_defaults(func=_run)
 
-    ex = sub.add_parser("export", help="export the best or latest checkpoint for serving")
+    ex = sub.add_parser(
+        "export",
+        help="export the best or latest checkpoint for serving",
+        epilog="example: reckpt export examples/demo.toml --export-dir serving/",
+    )
     ex.add_argument("config")
-    _flag(ex, "model-dir")
-    _flag(ex, "export-dir", required=True)
-    _flag(ex, "checkpoint-path")
+    flag(ex, "model-dir")
+    flag(ex, "export-dir", required=True)
+    flag(ex, "checkpoint-path")
+    ex.set_defaults(func=_run)
 
-    pr = sub.add_parser("predict", help="score a Parquet file with an exported model")
-    _flag(pr, "export-dir", required=True)
+    pr = sub.add_parser(
+        "predict",
+        help="score a Parquet file with an exported model",
+        epilog="example: reckpt predict --export-dir serving/ --input data/eval --output s.parquet",
+    )
+    flag(pr, "export-dir", required=True)
     pr.add_argument("--input", required=True, help="Parquet file or directory")
     pr.add_argument("--output", required=True, help="Parquet file to write (column 'score')")
+    pr.set_defaults(func=_run)
 
-    md = sub.add_parser("make-data", help="write a synthetic click log (Zipf ids, planted signal)")
+    md = sub.add_parser(
+        "make-data",
+        help="write a synthetic click log (Zipf ids, planted signal)",
+        epilog="example: reckpt make-data --out demo_data",
+    )
     md.add_argument("--out", required=True)
     md.add_argument("--rows", type=int, default=200000)
     md.add_argument("--eval-rows", type=int, default=10000)
     md.add_argument("--seed", type=int, default=0)
-    return parser
+    md.set_defaults(func=_run)
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -152,28 +152,3 @@ def _run(args: argparse.Namespace) -> int:
         src = export_model(cfg, args.export_dir, args.checkpoint_path)
         print(f"exported {src} to {args.export_dir}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("torchrec", "torch", "fbgemm_gpu"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
-    warnings.filterwarnings("ignore", category=UserWarning, module="torchrec")
-    try:
-        return _run(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"reckpt {args.command}: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ValueError) else 1
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reckpt.commit import checkpoint_state
-from reckpt.dist import Dist
 from reckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError
 from reckpt.integrity import CHECKSUM_ALGORITHM, hash_stream
 from reckpt.manifest import Manifest, read_manifest
 from reckpt.naming import IN_PROGRESS_MARKER, MANIFEST_FILE, OWNER_FILE, is_sidecar
 from reckpt.storage import Storage, storage_for
+
+if TYPE_CHECKING:
+    from reckpt.dist import Dist
 
 __all__ = ["VerifyReport", "verify", "check_files"]
 

@@ -1,0 +1,72 @@
+"""The ``reckpt`` command line: checkpoint tools and the reference trainer.
+
+Every command takes local paths and URLs (``s3://...``), exits non-zero with a one-line
+error on failure, and prints machine-readable output with ``--json`` where noted
+(schemas: ``docs/cli.md``). Flags use hyphens; TorchEasyRec's underscore spellings are
+accepted as aliases. torch and torchrec are imported only by the commands that need them.
+
+Examples:
+    reckpt ls runs/a                          # checkpoints, state, size, metrics, markers
+    reckpt inspect runs/a/model.ckpt-500      # entries by part, with sharding
+    reckpt verify runs/a                      # sizes and checksums of every checkpoint
+    reckpt diff runs/a/model.ckpt-500 runs/a/model.ckpt-1000
+    reckpt best runs/a --metric auc
+    reckpt prune runs/a --keep-last 2 --keep-best auc --dry-run
+    reckpt convert runs/a/model.ckpt-500 model.safetensors
+    reckpt plot runs/a -o metrics.png
+    reckpt train                              # demo: generate data, train into ./model_dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from reckpt.cli import _checkpoints, _convert, _train
+
+    parser = argparse.ArgumentParser(
+        prog="reckpt",
+        description=__doc__.splitlines()[0],
+        epilog="examples:" + __doc__.split("Examples:")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _checkpoints.register(sub)
+    _convert.register(sub)
+    _train.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("torchrec", "torch", "fbgemm_gpu"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torchrec")
+    from reckpt.errors import CheckpointError
+
+    try:
+        return int(args.func(args))
+    except (CheckpointError, OSError, ValueError, KeyError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if len(str(e).splitlines()) > 1:
+            message += " (" + "; ".join(line.strip() for line in str(e).splitlines()[1:4]) + ")"
+        print(f"reckpt {args.command}: error: {message}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+    finally:
+        if "torch.distributed" in sys.modules:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()

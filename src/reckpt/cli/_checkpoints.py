@@ -1,0 +1,365 @@
+"""Checkpoint commands: ls, inspect, verify, diff, latest, best, prune, plot."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from reckpt.cli._output import emit as _emit
+from reckpt.cli._output import human_size as _size
+from reckpt.cli._output import progress
+from reckpt.cli._train import flag
+
+__all__ = ["register"]
+
+
+def _is_checkpoint(path: str) -> bool:
+    from reckpt.commit import checkpoint_state
+    from reckpt.naming import parse_step
+    from reckpt.storage import storage_for
+
+    return parse_step(path) is not None or checkpoint_state(storage_for(path), path) in (
+        "committed",
+        "legacy",
+    )
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from reckpt.discovery import best_checkpoint, latest_checkpoint, list_checkpoints
+    from reckpt.errors import CheckpointNotFoundError
+    from reckpt.leases import active_leases
+    from reckpt.storage import storage_for
+
+    storage = storage_for(args.model_dir)
+    if not storage.isdir(args.model_dir):
+        raise CheckpointNotFoundError(f"{args.model_dir}: no such model_dir")
+    infos = list_checkpoints(args.model_dir)
+    latest, _ = latest_checkpoint(args.model_dir)
+    try:
+        best, _ = best_checkpoint(args.model_dir) if any(c.metrics for c in infos) else (None, -1)
+    except ValueError:
+        best = None  # several metrics and none named: `reckpt best --metric` decides
+    leased = set(active_leases(storage, args.model_dir))
+    rows: list[dict[str, Any]] = []
+    for c in infos:
+        marks = [
+            m
+            for m, on in (
+                ("latest", c.path == latest),
+                ("best", c.path == best),
+                ("leased", c.step in leased),
+            )
+            if on
+        ]
+        rows.append(
+            {
+                "step": c.step,
+                "path": c.path,
+                "state": c.state,
+                "created_at": c.created_at,
+                "size_bytes": c.size,
+                "metrics": dict(c.metrics),
+                "markers": marks,
+            }
+        )
+    lines = [f"{'step':>8}  {'state':<10} {'created':<19} {'size':>9}  {'metrics':<32} markers"]
+    for r in rows:
+        created = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])) if r["created_at"] else "-"
+        )
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(r["metrics"].items())) or "-"
+        size = _size(r["size_bytes"])
+        tags = ",".join(r["markers"])
+        lines.append(f"{r['step']:>8}  {r['state']:<10} {created:<19} {size:>9}  {metrics:<32} {tags}")
+    _emit(args, {"model_dir": args.model_dir, "checkpoints": rows}, lines if rows else ["(no checkpoints)"])
+    return 0
+
+
+def _sharding(checkpoint: str) -> dict[str, str]:
+    """Model key -> sharding type, from the checkpoint's plan file (TorchEasyRec schema)."""
+    from reckpt.plan import read_plan
+
+    out: dict[str, str] = {}
+    for module, tables in (read_plan(checkpoint) or {}).items():
+        for table, ps in tables.items():
+            out[f"{module}.embedding_bags.{table}.weight"] = ps.get("sharding_type", "")
+            out[f"{module}.embeddings.{table}.weight"] = ps.get("sharding_type", "")
+    return out
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from reckpt.inspection import inspect_checkpoint
+
+    contents = inspect_checkpoint(args.checkpoint)
+    sharding = _sharding(args.checkpoint)
+    doc: dict[str, Any] = {"checkpoint": args.checkpoint, "total_bytes": contents.total_bytes(), "parts": {}}
+    lines = []
+    order = sorted(contents.parts, key=lambda p: (p != "model", p != "optimizer", p))
+    for part in order:
+        entries = contents.parts[part]
+        doc["parts"][part] = [
+            {
+                "name": e.name,
+                "shape": e.shape,
+                "dtype": e.dtype,
+                "bytes": e.bytes,
+                "sharding": sharding.get(e.name),
+            }
+            for e in entries
+        ]
+        lines.append(f"[{part}] {len(entries)} entries, {_size(sum(e.bytes for e in entries))}")
+        for e in entries:
+            shape = "x".join(map(str, e.shape)) if e.shape is not None else "(object)"
+            shard = f"  {sharding[e.name]}" if e.name in sharding else ""
+            lines.append(f"  {e.name:<60} {shape:<14} {e.dtype or '-':<9} {_size(e.bytes):>9}{shard}")
+    _emit(args, doc, lines)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from reckpt.discovery import list_checkpoints
+    from reckpt.verification import verify
+
+    paths = (
+        [args.path]
+        if _is_checkpoint(args.path)
+        else [c.path for c in list_checkpoints(args.path, with_size=False)]
+    )
+    if not paths:
+        from reckpt.errors import CheckpointNotFoundError
+
+        raise CheckpointNotFoundError(f"{args.path}: no checkpoints to verify")
+    results, lines = [], []
+    for path in progress(paths, "verify"):
+        r = verify(path)
+        results.append(
+            {
+                "checkpoint": path,
+                "state": r.state,
+                "ok": r.ok,
+                "files_checked": r.checked,
+                "problems": r.problems,
+                "unexpected": r.unexpected,
+            }
+        )
+        lines.append(f"{'OK  ' if r.ok else 'FAIL'} {path} ({r.state}, {r.checked} files)")
+        lines.extend(f"     {p}" for p in r.problems)
+    _emit(args, {"results": results, "ok": all(r["ok"] for r in results)}, lines)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+def cmd_latest(args: argparse.Namespace) -> int:
+    from reckpt.discovery import latest_checkpoint
+    from reckpt.errors import CheckpointNotFoundError
+
+    path, step = latest_checkpoint(args.model_dir)
+    if path is None:
+        raise CheckpointNotFoundError(f"{args.model_dir}: no committed checkpoint")
+    _emit(args, {"path": path, "step": step}, [path])
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from reckpt.discovery import best_checkpoint
+    from reckpt.errors import CheckpointNotFoundError
+
+    path, step = best_checkpoint(
+        args.model_dir,
+        None,
+        args.eval_result_filename,
+        metric=args.metric,
+        larger_is_better=not args.smaller_is_better,
+    )
+    if path is None:
+        raise CheckpointNotFoundError(f"{args.model_dir}: no committed checkpoint")
+    _emit(args, {"path": path, "step": step, "metric": args.metric}, [path])
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    import torch
+
+    from reckpt.inspection import inspect_checkpoint, read_part
+
+    a, b = inspect_checkpoint(args.a), inspect_checkpoint(args.b)
+    doc: dict[str, Any] = {
+        "a": args.a,
+        "b": args.b,
+        "added": [],
+        "removed": [],
+        "reshaped": [],
+        "changed": [],
+    }
+    pairs = []
+    for part in sorted(set(a.parts) | set(b.parts)):
+        ea = {e.name: e for e in a.parts.get(part, [])}
+        eb = {e.name: e for e in b.parts.get(part, [])}
+        doc["added"] += [f"{part}/{k}" for k in sorted(set(eb) - set(ea))]
+        doc["removed"] += [f"{part}/{k}" for k in sorted(set(ea) - set(eb))]
+        for k in sorted(set(ea) & set(eb)):
+            if ea[k].shape != eb[k].shape or ea[k].dtype != eb[k].dtype:
+                doc["reshaped"].append(
+                    {"name": f"{part}/{k}", "a": [ea[k].shape, ea[k].dtype], "b": [eb[k].shape, eb[k].dtype]}
+                )
+            elif ea[k].shape is not None:
+                pairs.append((part, k))
+    for part, k in progress(pairs, "diff"):
+        ta = read_part(args.a, part, [k])[k].double()
+        tb = read_part(args.b, part, [k])[k].double()
+        delta = (ta - tb).abs()
+        max_abs = float(delta.max()) if delta.numel() else 0.0
+        max_rel = float((delta / ta.abs().clamp_min(1e-12)).max()) if delta.numel() else 0.0
+        doc["changed"].append(
+            {
+                "name": f"{part}/{k}",
+                "max_abs": max_abs,
+                "max_rel": max_rel,
+                "equal": bool(torch.equal(ta, tb)),
+            }
+        )
+    lines = [f"+ {k}" for k in doc["added"]] + [f"- {k}" for k in doc["removed"]]
+    lines += [f"~ {r['name']}: {r['a']} -> {r['b']}" for r in doc["reshaped"]]
+    lines += [
+        f"  {r['name']:<64} max_abs={r['max_abs']:.3g} max_rel={r['max_rel']:.3g}"
+        for r in doc["changed"]
+        if not r["equal"]
+    ]
+    same = sum(r["equal"] for r in doc["changed"])
+    lines.append(
+        f"{len(doc['added'])} added, {len(doc['removed'])} removed, {len(doc['reshaped'])} reshaped,"
+        f" {len(doc['changed']) - same} changed, {same} identical"
+    )
+    _emit(args, doc, lines)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from reckpt.discovery import best_checkpoint
+    from reckpt.errors import ConfigError
+    from reckpt.policy import BestN, EveryNSteps, LatestN, RetentionPolicy
+    from reckpt.pruner import Pruner
+    from reckpt.storage import storage_for
+
+    policies: list[RetentionPolicy] = []
+    if args.keep_last:
+        policies.append(LatestN(args.keep_last))
+    for metric in args.keep_best or []:
+        policies.append(BestN(args.keep_best_n, metric, not args.smaller_is_better))
+    if args.keep_every_steps:
+        policies.append(EveryNSteps(args.keep_every_steps))
+    if not policies:
+        raise ConfigError("prune: give at least one of --keep-last, --keep-best, --keep-every-steps")
+
+    def protected() -> set[int]:
+        steps = set()
+        for metric in args.keep_best or []:
+            _, step = best_checkpoint(
+                args.model_dir, metric=metric, larger_is_better=not args.smaller_is_better
+            )
+            steps.add(step)
+        return steps
+
+    pruner = Pruner(
+        args.model_dir, storage_for(args.model_dir), policies, protected, args.eval_result_filename
+    )
+    doomed = pruner.plan()
+    if not args.dry_run:
+        pruner.run_once()
+    verb = "would delete" if args.dry_run else "deleted"
+    lines = [f"{verb} {c.path}" for c in doomed] or ["nothing to delete"]
+    _emit(
+        args,
+        {
+            "dry_run": args.dry_run,
+            "deleted" if not args.dry_run else "would_delete": [c.path for c in doomed],
+        },
+        lines,
+    )
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from reckpt.plot import plot_metrics
+
+    data = plot_metrics(
+        args.model_dir, args.output, metric=args.metric, eval_result_filename=args.eval_result_filename
+    )
+    _emit(args, data, [f"wrote {args.output} ({len(data['steps'])} points, best step {data['best_step']})"])
+    return 0
+
+
+def register(sub: Any) -> None:
+    def add(name: str, func: Any, help: str, example: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help, description=help, epilog=f"example: {example}"
+        )
+        p.add_argument("--json", action="store_true", help="machine-readable output (docs/cli.md)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add(
+        "ls",
+        cmd_ls,
+        "list checkpoints: step, state, created, size, metrics, markers",
+        "reckpt ls runs/a --json",
+    )
+    p.add_argument("model_dir")
+    p = add(
+        "inspect",
+        cmd_inspect,
+        "entries of a checkpoint (name, shape, dtype, bytes, sharding)",
+        "reckpt inspect runs/a/model.ckpt-500",
+    )
+    p.add_argument("checkpoint")
+    p = add(
+        "verify",
+        cmd_verify,
+        "check sizes and checksums of a checkpoint or of every checkpoint in a model_dir",
+        "reckpt verify runs/a",
+    )
+    p.add_argument("path")
+    p = add("latest", cmd_latest, "the newest committed checkpoint", "reckpt latest runs/a")
+    p.add_argument("model_dir")
+    p = add(
+        "best",
+        cmd_best,
+        "the committed checkpoint with the best eval metric",
+        "reckpt best runs/a --metric auc",
+    )
+    p.add_argument("model_dir")
+    p.add_argument("--metric", default=None, help="metric name (default: the only one, else auc)")
+    flag(p, "smaller-is-better", action="store_true")
+    flag(p, "eval-result-filename", default="train_eval_result_v2.txt")
+    p = add(
+        "diff",
+        cmd_diff,
+        "added, removed, reshaped entries and per-tensor changes between two checkpoints",
+        "reckpt diff runs/a/model.ckpt-500 runs/a/model.ckpt-1000",
+    )
+    p.add_argument("a")
+    p.add_argument("b")
+    p = add(
+        "prune",
+        cmd_prune,
+        "delete checkpoints no policy keeps (newest, best and leased ones are never deleted)",
+        "reckpt prune runs/a --keep-last 2 --keep-best auc --dry-run",
+    )
+    p.add_argument("model_dir")
+    flag(p, "keep-last", type=int, default=0)
+    flag(p, "keep-best", action="append", metavar="METRIC")
+    flag(p, "keep-best-n", type=int, default=1)
+    flag(p, "keep-every-steps", type=int, default=0)
+    flag(p, "smaller-is-better", action="store_true")
+    flag(p, "eval-result-filename", default="train_eval_result_v2.txt")
+    flag(p, "dry-run", action="store_true")
+    p = add(
+        "plot",
+        cmd_plot,
+        "eval metrics against step, checkpoints marked, the best highlighted",
+        "reckpt plot runs/a -o metrics.png",
+    )
+    p.add_argument("model_dir")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--metric", default=None)
+    flag(p, "eval-result-filename", default="train_eval_result_v2.txt")
