@@ -59,9 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (CheckpointError, OSError, ValueError, KeyError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if len(str(e).splitlines()) > 1:
-            message += " (" + "; ".join(line.strip() for line in str(e).splitlines()[1:4]) + ")"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        message = lines[0] if lines else type(e).__name__
+        if len(lines) > 1:  # one line for scripts, nothing dropped for people
+            message += " (" + "; ".join(lines[1:]) + ")"
         print(f"reckpt {args.command}: error: {message}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
     finally:
