@@ -194,3 +194,17 @@ def test_progress_bar_under_a_pty(run_dir: Path) -> None:
     out = b"".join(chunks).decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0
     assert "verify:" in out and ("it/s" in out or "s/it" in out), out
+
+
+def test_urls_work_like_paths(s3_root: str) -> None:
+    """moto's S3 server; credentials and endpoint reach the subprocess through AWS_* variables."""
+    m, o = trained()
+    mgr = reckpt.CheckpointManager(s3_root)
+    mgr.save(5, m, o)
+    mgr.record_eval(5, {"auc": 0.6})
+    mgr.close()
+    doc = json.loads(reckpt_cli("ls", s3_root, "--json").stdout)
+    assert [(r["step"], r["markers"]) for r in doc["checkpoints"]] == [(5, ["latest", "best"])]
+    assert json.loads(reckpt_cli("verify", s3_root, "--json").stdout)["ok"] is True
+    inspected = json.loads(reckpt_cli("inspect", f"{s3_root}/model.ckpt-5", "--json").stdout)
+    assert "model" in inspected["parts"]
