@@ -224,3 +224,15 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, data: Path) -> None:
         "--continue-train",
     )
     assert proc.returncode == 2 and "shapes differ" in proc.stderr and "[500, 8]" in proc.stderr
+
+
+def test_train_into_s3_model_dir(tmp_path: Path, data: Path, s3_root: str) -> None:
+    cfg = write_config(tmp_path / "s3.toml", data, Path("unused"))
+    text = Path(cfg).read_text().replace('model_dir = "unused"', f'model_dir = "{s3_root}/run"')
+    Path(cfg).write_text(text)
+    proc = cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [c.step for c in reckpt.list_checkpoints(f"{s3_root}/run")] == [20, 40, 59]
+    proc = cli("train", cfg, "--continue-train")  # nothing left to do: no new checkpoint
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert reckpt.latest_checkpoint(f"{s3_root}/run")[1] == 59

@@ -198,10 +198,15 @@ def summary_table(
 
 
 def _summary_writer(model_dir: str) -> Any:
+    """TensorBoard events in model_dir (local model_dirs; a URL model_dir gets none, with a warning)."""
+    if "://" in model_dir and not model_dir.startswith("file://"):
+        logger.warning("model_dir %s is remote: TensorBoard summaries are not written", model_dir)
+        return None
     from torch.utils.tensorboard import SummaryWriter
 
-    os.makedirs(model_dir, exist_ok=True)
-    return SummaryWriter(log_dir=model_dir)
+    local = model_dir.removeprefix("file://")
+    os.makedirs(local, exist_ok=True)
+    return SummaryWriter(log_dir=local)
 
 
 class _progress:
