@@ -68,7 +68,7 @@ def test_expired_lease_does_not_pin(tmp_path) -> None:
     m, _ = trained()
     mgr = reckpt.CheckpointManager(root, keep_checkpoint_max=1)
     ck = mgr.save(1, m)
-    with reckpt.lease(ck, ttl_s=0.3):
+    with reckpt.lease(ck, ttl_s=5.0):
         mgr.save(2, m)
         mgr.close()
         assert _steps(root) == [1, 2]
