@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import re
 
+from reckpt.errors import ConfigError
+
 CKPT_PREFIX = "model.ckpt-"
 MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"
@@ -54,7 +56,7 @@ def basename(path: str) -> str:
 def checkpoint_name(step: int) -> str:
     """``checkpoint_name(100) == "model.ckpt-100"``; ``step`` must be a non-negative int."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+        raise ConfigError(f"step must be a non-negative int, got {step!r}")
     return f"{CKPT_PREFIX}{step}"
 
 
@@ -87,7 +89,7 @@ def is_trash(name: str) -> bool:
 def sidecar_name(kind: str) -> str:
     """File name of a mutable sidecar, e.g. ``sidecar_name("metrics")``."""
     if not _EXTRA_NAME_RE.fullmatch(kind):
-        raise ValueError(f"sidecar kind {kind!r} must match {_EXTRA_NAME_RE.pattern}")
+        raise ConfigError(f"sidecar kind {kind!r} must match {_EXTRA_NAME_RE.pattern}")
     return f"{SIDECAR_PREFIX}{kind}{SIDECAR_SUFFIX}"
 
 
@@ -99,7 +101,7 @@ def is_sidecar(name: str) -> bool:
 def validate_extra_name(name: str) -> str:
     """Check the directory name of an extra stateful object (``"lr_scheduler"``...)."""
     if not _EXTRA_NAME_RE.fullmatch(name) or name in _RESERVED_EXTRA or name.startswith("reckpt"):
-        raise ValueError(
+        raise ConfigError(
             f"extra state name {name!r} is not usable as a checkpoint entry: use letters, digits,"
             f" '_' or '-', not starting with 'reckpt', and none of {sorted(_RESERVED_EXTRA)}"
         )

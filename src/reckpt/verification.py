@@ -127,7 +127,10 @@ def require_committed(storage: Storage, checkpoint_dir: str) -> str:
     """The commit state, raising when the checkpoint is absent or incomplete."""
     state = checkpoint_state(storage, checkpoint_dir)
     if state == "absent":
-        raise CheckpointNotFoundError(f"checkpoint_dir[{checkpoint_dir}] not exists: no checkpoint there")
+        raise CheckpointNotFoundError(
+            f"checkpoint_dir[{checkpoint_dir}] not exists: no checkpoint there; check the path, or find one"
+            " with latest_checkpoint(model_dir) or `reckpt ls MODEL_DIR`"
+        )
     if state == "incomplete":
         raise IncompleteCheckpointError(
             f"{checkpoint_dir}: incomplete checkpoint (a save crashed or is still running);"

@@ -1,0 +1,412 @@
+"""The table of user mistakes: each case, the exception it raises and its exact message.
+
+`tests/storage/test_user_mistakes.py` checks every case; `scripts/gen_mistakes_doc.py` writes
+`docs/mistakes.md` from the same table (a test fails when the two drift apart).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import reckpt
+from reckpt import errors
+from reckpt.storage import storage_for
+from tests.helpers import fresh, trained
+
+
+@dataclass(frozen=True)
+class Mistake:
+    name: str
+    run: Callable[[Path], object]
+    error: type[BaseException]
+    message: str  # exact message; "<dir>" stands for the case's temporary directory
+
+
+def _saved(d: Path, step: int = 1, **kw: object) -> str:
+    m, o = trained()
+    ck = str(d / f"model.ckpt-{step}")
+    reckpt.save_model(ck, m, o, **kw)  # type: ignore[arg-type]
+    return ck
+
+
+def _map(d: Path, text: str) -> str:
+    (d / "map.txt").write_text(text)
+    return str(d / "map.txt")
+
+
+def _restore_with_map(d: Path, text: str) -> None:
+    reckpt.restore_model(_saved(d), fresh()[0], ckpt_param_map_path=_map(d, text))
+
+
+def _flip_data_file(d: Path) -> None:
+    ck = _saved(d)
+    f = Path(ck) / "model" / "__0_0.distcp"
+    raw = bytearray(f.read_bytes())
+    raw[100] ^= 1
+    f.write_bytes(bytes(raw))
+    reckpt.restore_model(ck, fresh()[0])
+
+
+def _truncate_data_file(d: Path) -> None:
+    ck = _saved(d)
+    f = Path(ck) / "model" / "__0_0.distcp"
+    f.write_bytes(f.read_bytes()[:-8])
+    reckpt.restore_model(ck, fresh()[0])
+
+
+class _Payload:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, ("true",))
+
+
+def _pickle_payload(d: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    ck = d / "model.ckpt-1"
+    dcp.save(trained()[0].state_dict(), checkpoint_id=str(ck / "model"), no_dist=True)
+    (ck / "model" / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    reckpt.restore_model(str(ck), fresh()[0])
+
+
+def _newer_manifest(d: Path) -> None:
+    ck = _saved(d)
+    mf = Path(ck) / "reckpt.json"
+    mf.write_text(mf.read_text().replace('"format_version": 1', '"format_version": 9'))
+    reckpt.restore_model(ck, fresh()[0])
+
+
+def _tampered_sidecar(d: Path) -> None:
+    from reckpt.manifest import read_sidecar, write_sidecar
+
+    ck = _saved(d)
+    write_sidecar(storage_for(ck), ck, "metrics", {"eval": {"auc": 0.5}})
+    side = Path(ck) / "reckpt.metrics.sidecar.json"
+    side.write_text(side.read_text().replace("0.5", "0.9"))
+    read_sidecar(storage_for(ck), ck, "metrics")
+
+
+def _results(d: Path, lines: str) -> None:
+    _saved(d, 1)
+    (d / "train_eval_result_v2.txt").write_text(lines)
+
+
+def _incomplete(d: Path) -> str:
+    (d / "model.ckpt-3").mkdir()
+    (d / "model.ckpt-3" / ".reckpt-in-progress").write_text("{}")
+    return str(d / "model.ckpt-3")
+
+
+def _foreign_optimizer(d: Path) -> None:
+    m, _ = trained()
+    other = torch.nn.Linear(2, 2)
+    reckpt.save_model(str(d / "model.ckpt-1"), m, torch.optim.SGD(other.parameters(), lr=0.1))
+
+
+def _config(d: Path, text: str) -> None:
+    from reckpt.trainer.config import load_config
+
+    (d / "c.toml").write_text(text)
+    load_config(str(d / "c.toml")).validate(str(d / "c.toml"))
+
+
+SHAPE = (
+    "<dir>/model.ckpt-1/model: 2 key(s) cannot be loaded because their shapes differ:\n"
+    "  emb.user.weight: checkpoint 'emb.user.weight' has shape [50, 4], the current value [50, 6]\n"
+    "  tower.0.weight: checkpoint 'tower.0.weight' has shape [8, 4], the current value [8, 6]\n"
+    "A table whose row count changed loads its overlapping rows with allow_row_resize=True;"
+    " otherwise map the key elsewhere or drop it."
+)
+
+MISTAKES: list[Mistake] = [
+    Mistake(
+        "parameter map: a line with one name",
+        lambda d: _restore_with_map(d, "a.weight b.weight\nlonely\n"),
+        errors.ParamMapError,
+        "<dir>/map.txt:2: expected 'current_name checkpoint_name' (two names separated by whitespace),"
+        " got 1 token(s): 'lonely'",
+    ),
+    Mistake(
+        "parameter map: a line with three names",
+        lambda d: _restore_with_map(d, "a b c\n"),
+        errors.ParamMapError,
+        "<dir>/map.txt:1: expected 'current_name checkpoint_name' (two names separated by whitespace),"
+        " got 3 token(s): 'a b c'",
+    ),
+    Mistake(
+        "parameter map: a name mapped twice",
+        lambda d: _restore_with_map(d, "a x\na y\n"),
+        errors.ParamMapError,
+        "<dir>/map.txt:2: 'a' is mapped twice (to 'x' and 'y'); keep one line per current name",
+    ),
+    Mistake(
+        "parameter map: the file does not exist",
+        lambda d: reckpt.restore_model(_saved(d), fresh()[0], ckpt_param_map_path=str(d / "nomap.txt")),
+        errors.CheckpointNotFoundError,
+        "ckpt_param_map_path <dir>/nomap.txt: file does not exist",
+    ),
+    Mistake(
+        "restore: no checkpoint at the path",
+        lambda d: reckpt.restore_model(str(d / "model.ckpt-9"), fresh()[0]),
+        errors.CheckpointNotFoundError,
+        "checkpoint_dir[<dir>/model.ckpt-9] not exists: no checkpoint there; check the path, or find one with"
+        " latest_checkpoint(model_dir) or `reckpt ls MODEL_DIR`",
+    ),
+    Mistake(
+        "restore: a crashed (uncommitted) save",
+        lambda d: reckpt.restore_model(_incomplete(d), fresh()[0]),
+        errors.IncompleteCheckpointError,
+        "<dir>/model.ckpt-3: incomplete checkpoint (a save crashed or is still running); restore the previous"
+        " one, e.g. latest_checkpoint(model_dir)",
+    ),
+    Mistake(
+        "restore: a tensor's shape changed",
+        lambda d: reckpt.restore_model(_saved(d), fresh(dim=6)[0]),
+        errors.ShapeMismatchError,
+        SHAPE,
+    ),
+    Mistake(
+        "restore: strict and keys are missing",
+        lambda d: reckpt.restore_model(_saved(d), fresh(extra=True)[0], error_on_missing_keys=True),
+        errors.KeyMismatchError,
+        "<dir>/model.ckpt-1/model: 2 key(s) of the current model are missing from the checkpoint: extra.bias,"
+        " extra.weight. Map them with a parameter-map file, or restore with error_on_missing_keys=False to keep"
+        " their initial values.",
+    ),
+    Mistake(
+        "restore: a data file was corrupted",
+        _flip_data_file,
+        errors.IntegrityError,
+        "<dir>/model.ckpt-1: integrity check failed (1 file(s)):\n"
+        "  <dir>/model.ckpt-1/model/__0_0.distcp: checksum <xxh3> differs from the manifest's <xxh3> (corrupted)\n"
+        "Restore from another checkpoint; pass verify=False only to salvage data.",
+    ),
+    Mistake(
+        "restore: a data file was truncated",
+        _truncate_data_file,
+        errors.IntegrityError,
+        "<dir>/model.ckpt-1: integrity check failed (1 file(s)):\n"
+        "  <dir>/model.ckpt-1/model/__0_0.distcp: size 8773 bytes, the manifest says 8781 (truncated or appended)\n"
+        "Restore from another checkpoint; pass verify=False only to salvage data.",
+    ),
+    Mistake(
+        "restore: a pickle payload in .metadata",
+        _pickle_payload,
+        errors.UnsafeCheckpointError,
+        "<dir>/model.ckpt-1/model/.metadata: refusing to load posix.system: DCP metadata may only reference"
+        " checkpoint metadata classes. The file is corrupt or was crafted to run code; do not load it with"
+        " plain torch.distributed.checkpoint either.",
+    ),
+    Mistake(
+        "restore: a checkpoint from a newer reckpt",
+        _newer_manifest,
+        errors.IntegrityError,
+        "<dir>/model.ckpt-1/reckpt.json: format_version 9 is newer than this reckpt understands (1);"
+        " upgrade reckpt",
+    ),
+    Mistake(
+        "sidecar edited by hand",
+        _tampered_sidecar,
+        errors.IntegrityError,
+        "<dir>/model.ckpt-1/reckpt.metrics.sidecar.json: sidecar checksum mismatch; the file was modified"
+        " or corrupted",
+    ),
+    Mistake(
+        "save: the step already exists",
+        lambda d: (_saved(d), _saved(d)),
+        errors.StepAlreadyExistsError,
+        "<dir>/model.ckpt-1: a committed checkpoint already exists; pass overwrite=True to replace it, or save"
+        " under another step",
+    ),
+    Mistake(
+        "save: an extra state named like a part",
+        lambda d: _saved(d, extra_states={"model": torch.nn.Linear(1, 1)}),
+        errors.ConfigError,
+        "extra state name 'model' is not usable as a checkpoint entry: use letters, digits, '_' or '-', not"
+        " starting with 'reckpt', and none of ['dataloader_state.json', 'meta', 'model', 'optimizer', 'plan']",
+    ),
+    Mistake(
+        "save: an extra state without state_dict()",
+        lambda d: _saved(d, extra_states={"sched": 3}),
+        errors.ConfigError,
+        "extra_states['sched'] has no state_dict() method (int)",
+    ),
+    Mistake(
+        "save: user_metadata that is not JSON",
+        lambda d: _saved(d, user_metadata={"x": object}),
+        errors.ConfigError,
+        "user_metadata must be JSON-serialisable: Object of type type is not JSON serializable",
+    ),
+    Mistake(
+        "save: an optimizer of another model",
+        _foreign_optimizer,
+        errors.ConfigError,
+        "optimizer param_groups[0] holds a parameter of shape (2, 2) that is not a parameter of the model passed"
+        " alongside it; pass the model whose parameters the optimizer was built from",
+    ),
+    Mistake(
+        "save: an unknown optimizer layout",
+        lambda d: _saved(d, optimizer_layout="rows"),
+        errors.ConfigError,
+        "optimizer layout must be 'name' or 'index', got 'rows'",
+    ),
+    Mistake(
+        "an unsupported URL scheme",
+        lambda d: reckpt.latest_checkpoint("nosuch://bucket/run"),
+        errors.ConfigError,
+        "cannot open storage for 'nosuch://bucket/run': Protocol not known: nosuch. Use a local path or a URL"
+        " whose fsspec backend is installed (e.g. 's3://' needs the 's3fs' package).",
+    ),
+    Mistake(
+        "latest: an explicit checkpoint that never committed",
+        lambda d: reckpt.latest_checkpoint(_incomplete(d)),
+        errors.IncompleteCheckpointError,
+        "<dir>/model.ckpt-3: checkpoint was never committed",
+    ),
+    Mistake(
+        "latest: an explicit checkpoint that does not exist",
+        lambda d: reckpt.latest_checkpoint(str(d / "model.ckpt-4")),
+        errors.CheckpointNotFoundError,
+        "<dir>/model.ckpt-4: checkpoint does not exist",
+    ),
+    Mistake(
+        "best: a metric that is not recorded",
+        lambda d: (
+            _results(d, '{"global_step": 1, "auc": 0.5}\n'),
+            reckpt.best_checkpoint(str(d), metric="ndcg"),
+        ),
+        errors.ConfigError,
+        "<dir>/train_eval_result_v2.txt: metric 'ndcg' is not recorded; recorded metrics: ['auc']."
+        " Pick one of them (best_exporter_metric / --metric).",
+    ),
+    Mistake(
+        "best: several metrics, none named, no auc",
+        lambda d: (
+            _results(d, '{"global_step": 1, "gauc": 0.5, "logloss": 0.4}\n'),
+            reckpt.best_checkpoint(str(d)),
+        ),
+        errors.ConfigError,
+        "<dir>/train_eval_result_v2.txt: several metrics are recorded (gauc, logloss) and none was named;"
+        " set best_exporter_metric (or metric=) to one of them",
+    ),
+    Mistake(
+        "lease: a checkpoint that does not exist",
+        lambda d: reckpt.lease(str(d / "model.ckpt-5")).__enter__(),
+        errors.CheckpointNotFoundError,
+        "<dir>/model.ckpt-5: no committed checkpoint to lease",
+    ),
+    Mistake(
+        "lease: a non-positive TTL",
+        lambda d: reckpt.lease(str(d / "model.ckpt-5"), ttl_s=0).__enter__(),
+        errors.ConfigError,
+        "lease ttl_s must be > 0, got 0",
+    ),
+    Mistake(
+        "lease: a path that is not a checkpoint",
+        lambda d: reckpt.lease(str(d)).__enter__(),
+        errors.ConfigError,
+        "<dir>: a lease needs a checkpoint path named model.ckpt-<step>",
+    ),
+    Mistake(
+        "manager: a negative keep_checkpoint_max",
+        lambda d: reckpt.CheckpointManager(str(d), keep_checkpoint_max=-1),
+        errors.ConfigError,
+        "keep_checkpoint_max must be >= 0, got -1",
+    ),
+    Mistake(
+        "manager: event-time triggers",
+        lambda d: reckpt.CheckpointManager(str(d)).set_save_policy(ts_interval_s=60),
+        errors.ConfigError,
+        "event-time save triggers (ts_interval_s / ts_targets) are not supported by reckpt yet; use save_steps,"
+        " save_epochs or save_interval_s",
+    ),
+    Mistake(
+        "retention: keep the last 0", lambda d: reckpt.LatestN(0), ValueError, "LatestN.n must be >= 1, got 0"
+    ),
+    Mistake(
+        "config: an unknown key",
+        lambda d: _config(d, "[model]\nembeding_dim = 4\n"),
+        errors.ConfigError,
+        "<dir>/c.toml: unknown key(s) 'embeding_dim' in [model]; known keys: bottom_mlp, embedding_dim,"
+        " num_embeddings, table_sizes, top_mlp",
+    ),
+    Mistake(
+        "config: a value of the wrong type",
+        lambda d: _config(d, '[data]\nbatch_size = "big"\n'),
+        errors.ConfigError,
+        "<dir>/c.toml: data.batch_size must be int, got 'big'",
+    ),
+    Mistake(
+        "config: both num_steps and num_epochs",
+        lambda d: _config(d, "[train_config]\nnum_steps = 5\nnum_epochs = 1\n"),
+        errors.ConfigError,
+        "<dir>/c.toml: set exactly one of train_config.num_steps and train_config.num_epochs",
+    ),
+    Mistake(
+        "config: the bottom MLP does not end at the embedding size",
+        lambda d: _config(
+            d, '[data]\nsparse_columns = ["a"]\n[model]\nbottom_mlp = [8, 4]\n[train_config]\nnum_steps = 5\n'
+        ),
+        errors.ConfigError,
+        "<dir>/c.toml: model.bottom_mlp must end with model.embedding_dim (16), got [8, 4]",
+    ),
+    Mistake(
+        "config: an unknown exporter_type",
+        lambda d: _config(
+            d,
+            '[data]\nsparse_columns = ["a"]\n[train_config]\nnum_steps = 5\n'
+            '[export_config]\nexporter_type = "newest"\n',
+        ),
+        errors.ConfigError,
+        "<dir>/c.toml: export_config.exporter_type must be 'latest' or 'best', got 'newest'",
+    ),
+    Mistake(
+        "config: the file does not exist",
+        lambda d: _config_missing(d),
+        errors.ConfigError,
+        "config file <dir>/missing.toml does not exist",
+    ),
+]
+
+
+def _config_missing(d: Path) -> None:
+    from reckpt.trainer.config import load_config
+
+    load_config(str(d / "missing.toml"))
+
+
+def observed(case: Mistake, d: Path) -> BaseException:
+    """Run a case in directory ``d`` and return the exception it raised (AssertionError if none)."""
+    try:
+        case.run(d)
+    except BaseException as e:
+        return e
+    raise AssertionError(f"{case.name}: no error raised")
+
+
+def normalise(message: str, d: Path) -> str:
+    """The message with the case's directory as ``<dir>`` and checksums as ``<xxh3>``."""
+    return re.sub(r"\b[0-9a-f]{16}\b", "<xxh3>", message.replace(str(d), "<dir>"))
+
+
+def render_markdown(rows: list[tuple[Mistake, str]]) -> str:
+    """docs/mistakes.md from the table and the observed messages."""
+    out = [
+        "# User mistakes and their errors",
+        "",
+        "Generated by `python scripts/gen_mistakes_doc.py` from `tests/mistakes.py`; the test suite",
+        "checks every message and that this page matches. `<dir>` is the directory involved.",
+        "",
+        "| # | mistake | error | message |",
+        "|---|---|---|---|",
+    ]
+    for i, (case, message) in enumerate(rows, start=1):
+        text = message.replace("|", "\\|").replace("\n", "<br>")
+        out.append(f"| {i} | {case.name} | `{case.error.__name__}` | {text} |")
+    return "\n".join(out) + "\n"
