@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from reckpt.errors import IntegrityError
 from reckpt.knobs import fault_point
@@ -152,7 +152,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def is_stale(
-    owner: OwnerRecord | None,
+    owner: Any,
     *,
     now: float,
     host: str,
@@ -177,7 +177,7 @@ def is_stale(
         return True
     if owner.host == host and not pid_alive(owner.pid):
         return True
-    return now - owner.heartbeat_at > stale_after_s
+    return bool(now - owner.heartbeat_at > stale_after_s)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch.distributed as torch_dist
@@ -28,7 +28,7 @@ from reckpt.discovery import best_checkpoint, latest_checkpoint, list_checkpoint
 from reckpt.dist import Dist
 from reckpt.errors import ConfigError
 from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME, append_eval_result, write_checkpoint_metrics
-from reckpt.leases import LeaseRecord, lease
+from reckpt.leases import lease
 from reckpt.manifest import write_sidecar
 from reckpt.naming import checkpoint_name, parse_step
 from reckpt.plan import model_plan
@@ -36,6 +36,7 @@ from reckpt.policy import BestN, CheckpointInfo, LatestN, RetentionPolicy, SaveD
 from reckpt.pruner import Pruner
 from reckpt.restore import restore_model
 from reckpt.resume import TRAIN_STATE, ResumeInfo, TrainState, manager_extras
+from reckpt.run_lock import model_dir_lock
 from reckpt.save import collect_parts, save_parts
 from reckpt.storage import Storage, storage_for
 
@@ -105,6 +106,7 @@ class CheckpointManager:
         self._saver = AsyncSaver()
         self._async_pg: Any = None
         self._staged: dict[str, dict[str, Any]] = {}  # the one host copy, reused between saves
+        self._lock: contextlib.ExitStack | None = None
         self._pruner: Pruner | None = None
         self._sidecar_lock = threading.Lock()
         self._protected: dict[str, contextlib.ExitStack] = {}
@@ -175,6 +177,7 @@ class CheckpointManager:
         """
         start = time.time()
         self._saver.wait()
+        self._take_lock()
         extras = manager_extras(
             extra_states, lr_scheduler, grad_scaler, TrainState(step, epoch or 0, self._pg)
         )
@@ -206,6 +209,13 @@ class CheckpointManager:
             logger.info("async save of %s staged; caller blocked %.3fs", path, stall)
         self._last_ckpt_step, self._last_ckpt_dir, self._last_save_time = step, path, time.time()
         return path
+
+    def _take_lock(self) -> None:
+        """Rank 0, at the first save: the model_dir's writer lock (released by close())."""
+        if self._lock is None and Dist(self._pg).is_coordinator:
+            lock = contextlib.ExitStack()
+            lock.enter_context(model_dir_lock(self._storage(), self.model_dir))
+            self._lock = lock
 
     def _after_commit(self, path: str, start: float, stall: float, is_async: bool) -> None:
         total = time.time() - start
@@ -353,20 +363,13 @@ class CheckpointManager:
         if not self._policies or not Dist(self._pg).is_coordinator:
             return
         if self._pruner is None:
-            self._pruner = Pruner(
-                self.model_dir,
-                self._storage(),
-                self._policies,
-                self._protected_steps,
-                self.eval_result_filename,
-            )
+            args = (self._storage(), self._policies, self._protected_steps, self.eval_result_filename)
+            self._pruner = Pruner(self.model_dir, *args)
         self._pruner.request()
 
-    @contextlib.contextmanager
-    def lease(self, checkpoint_dir: str, *, ttl_s: float = 600.0, holder: str = "") -> Iterator[LeaseRecord]:
-        """Hold a checkpoint against pruning (see :func:`reckpt.leases.lease`)."""
-        with lease(checkpoint_dir, ttl_s=ttl_s, holder=holder, storage_options=self.storage_options) as rec:
-            yield rec
+    def lease(self, checkpoint_dir: str, *, ttl_s: float = 600.0, holder: str = "") -> Any:
+        """Context manager holding a checkpoint against pruning (see :func:`reckpt.leases.lease`)."""
+        return lease(checkpoint_dir, ttl_s=ttl_s, holder=holder, storage_options=self.storage_options)
 
     def protect_checkpoint(self, path: str) -> None:
         """TorchEasyRec's ``protect_checkpoint``: hold a lease until :meth:`unprotect_checkpoint`."""
@@ -393,6 +396,9 @@ class CheckpointManager:
                 self._pruner.close()
             for key in list(self._protected):
                 self.unprotect_checkpoint(key)
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
             self._staged = {}
 
     def __enter__(self) -> CheckpointManager:

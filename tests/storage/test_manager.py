@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from types import SimpleNamespace
@@ -255,3 +256,31 @@ def test_lease_and_prune_on_every_backend(root: str) -> None:
     mgr.prune()
     mgr.close()
     assert _steps(root) == [3]
+
+
+def test_two_jobs_one_model_dir(tmp_path) -> None:
+    """The second writer refuses, naming the owner; a dead owner's lock is taken over."""
+    import json
+    import socket
+
+    from reckpt.run_lock import LOCK_FILE, ModelDirLockedError
+
+    m, _ = trained()
+    first = reckpt.CheckpointManager(str(tmp_path))
+    first.save(1, m)
+    second = reckpt.CheckpointManager(str(tmp_path))
+    with pytest.raises(ModelDirLockedError, match=rf"host {socket.gethostname()}, pid {os.getpid()}"):
+        second.save(2, m)
+    assert isinstance(ModelDirLockedError("x"), RuntimeError)
+    first.close()
+    assert not (tmp_path / LOCK_FILE).exists()
+    second.save(2, m)  # free now
+    second.close()
+    # A lock left by a dead process on this host is stale: taken over.
+    (tmp_path / LOCK_FILE).write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": 2**22 + 7, "token": "dead", "started_at": 0.0, "heartbeat_at": 0.0}
+    ))
+    third = reckpt.CheckpointManager(str(tmp_path))
+    third.save(3, m)
+    third.close()
+    assert [c.step for c in reckpt.list_checkpoints(str(tmp_path))] == [1, 2, 3]
