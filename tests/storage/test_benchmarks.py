@@ -14,3 +14,20 @@ def test_async_stall_benchmark_tiny(tmp_path) -> None:
     assert {"command", "git_revision", "host"} <= doc["provenance"].keys()
     assert figures["sync_save_s"] > 0 and figures["async_stall_s"] > 0
     assert (tmp_path / "async_stall.md").read_text().startswith("# async_stall")
+
+
+def test_save_restore_benchmark_tiny(tmp_path) -> None:
+    from benchmarks import save_restore
+
+    doc = save_restore.main(["--size-mb", "2", "--repeats", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "save_restore.json").read_text())
+    assert saved["ratios"] == doc["ratios"] and saved["state_bytes"] > 0
+    assert {
+        "raw write",
+        "raw read",
+        "torch.save",
+        "DCP load",
+        "reckpt save",
+        "reckpt restore (verified)",
+    } <= set(saved["median_seconds"])
+    assert (tmp_path / "save_restore.png").read_bytes()[:4] == b"\x89PNG"

@@ -277,9 +277,17 @@ def test_two_jobs_one_model_dir(tmp_path) -> None:
     second.save(2, m)  # free now
     second.close()
     # A lock left by a dead process on this host is stale: taken over.
-    (tmp_path / LOCK_FILE).write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": 2**22 + 7, "token": "dead", "started_at": 0.0, "heartbeat_at": 0.0}
-    ))
+    (tmp_path / LOCK_FILE).write_text(
+        json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": 2**22 + 7,
+                "token": "dead",
+                "started_at": 0.0,
+                "heartbeat_at": 0.0,
+            }
+        )
+    )
     third = reckpt.CheckpointManager(str(tmp_path))
     third.save(3, m)
     third.close()
