@@ -141,7 +141,8 @@ class OwnerRecord:
         )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -272,7 +273,7 @@ def cleanup_stale(
             # No readable record: the writer died before writing it, or it is being written
             # right now; only a directory whose contents are all old is removed.
             continue
-        if is_stale(owner, now=now, host=host, pid_alive=_pid_alive, stale_after_s=stale_after_s):
+        if is_stale(owner, now=now, host=host, pid_alive=pid_alive, stale_after_s=stale_after_s):
             if is_staging(name):
                 storage.rm(path, recursive=True)
             else:

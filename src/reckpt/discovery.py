@@ -19,7 +19,7 @@ from reckpt.naming import MODEL_DIR, OPTIMIZER_DIR, checkpoint_name, parse_step
 from reckpt.policy import CheckpointInfo, best_step, resolve_metric_name
 from reckpt.storage import Storage, storage_for
 
-__all__ = ["latest_checkpoint", "best_checkpoint", "list_checkpoints", "committed_steps", "collect_metrics"]
+__all__ = ["latest_checkpoint", "best_checkpoint", "list_checkpoints", "committed_steps", "scan"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,21 +73,25 @@ def latest_checkpoint(
     return None, -1
 
 
-def list_checkpoints(
+def scan(
     model_dir: str,
     storage_options: Mapping[str, Any] | None = None,
     *,
     eval_result_filename: str = TRAIN_EVAL_RESULT_FILENAME,
     with_size: bool = True,
-) -> list[CheckpointInfo]:
-    """Every ``model.ckpt-<step>`` directory (committed or not) with its state, size, time, metrics.
+) -> tuple[list[CheckpointInfo], dict[int, dict[str, float]]]:
+    """One pass over a model_dir: its checkpoints, and step -> eval metrics.
 
-    Metrics come from the checkpoint's sidecar, else from the eval-results file.
+    Reads the results file once and each committed checkpoint's manifest and metrics sidecar
+    once. Metrics come from the results file, overridden per key by each checkpoint's sidecar
+    (disagreements are logged; the sidecar wins); steps whose checkpoint is gone keep their
+    results-file metrics, so best selection can tell a pruned best from a missing metric.
     """
     storage = storage_for(model_dir, storage_options)
     root = model_dir.rstrip("/") or model_dir
-    from_file = read_eval_results(storage, Storage.join(root, eval_result_filename)).by_step
-    out = []
+    results = Storage.join(root, eval_result_filename)
+    by_step = {s: dict(m) for s, m in read_eval_results(storage, results).by_step.items()}
+    found: list[tuple[int, str, str, float | None, int | None]] = []
     for name in storage.ls(root):
         step = parse_step(name)
         if step is None:
@@ -97,52 +101,48 @@ def list_checkpoints(
         if state == "absent":  # a file that merely carries the name
             continue
         created, size = None, None
-        metrics: dict[str, float] = {}
         try:
             manifest = read_manifest(storage, path) if state == "committed" else None
-            metrics = read_checkpoint_metrics(storage, path) if state == "committed" else {}
+            side = read_checkpoint_metrics(storage, path) if state == "committed" else {}
         except IntegrityError as e:
-            logger.warning("%s", e)
-            manifest = None
+            logger.warning("%s; using %s for step %d", e, results, step)
+            manifest, side = None, {}
         if manifest is not None:
             created = manifest.created_at
             size = sum(r.size for r in manifest.files.values())
         elif with_size:
             size = int(storage.fs.du(path))
-        out.append(CheckpointInfo(step, path, state, created, size, metrics or from_file.get(step, {})))
-    return sorted(out, key=lambda c: c.step)
-
-
-def collect_metrics(
-    storage: Storage, model_dir: str, checkpoints: list[CheckpointInfo], eval_result_filename: str
-) -> dict[int, dict[str, float]]:
-    """Step -> metrics from the results file, overridden by each checkpoint's sidecar.
-
-    Disagreements between the two are logged as warnings (the sidecar wins).
-    """
-    path = Storage.join(model_dir, eval_result_filename)
-    merged = {s: dict(m) for s, m in read_eval_results(storage, path).by_step.items()}
-    for c in checkpoints:
-        if not c.committed or c.state != "committed":
-            continue
-        try:
-            side = read_checkpoint_metrics(storage, c.path)
-        except IntegrityError as e:
-            logger.warning("%s; using %s for step %d", e, path, c.step)
-            continue
-        if not side:
-            continue
-        in_file = merged.get(c.step)
-        if in_file is not None and any(in_file.get(k) != v for k, v in side.items()):
+        in_file = by_step.get(step)
+        if side and in_file is not None and any(in_file.get(k) != v for k, v in side.items()):
             logger.warning(
                 "step %d: %s says %s but the checkpoint's metrics sidecar says %s; using the sidecar",
-                c.step,
-                path,
+                step,
+                results,
                 in_file,
                 side,
             )
-        merged[c.step] = {**(in_file or {}), **side}
-    return merged
+        if side:
+            by_step[step] = {**(in_file or {}), **side}
+        found.append((step, path, state, created, size))
+    infos = [CheckpointInfo(st, p, state, c, sz, by_step.get(st, {})) for st, p, state, c, sz in found]
+    return sorted(infos, key=lambda c: c.step), by_step
+
+
+def list_checkpoints(
+    model_dir: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    eval_result_filename: str = TRAIN_EVAL_RESULT_FILENAME,
+    with_size: bool = True,
+) -> list[CheckpointInfo]:
+    """Every ``model.ckpt-<step>`` directory (committed or not) with its state, size, time, metrics.
+
+    Metrics come from the results file, overridden by the checkpoint's sidecar (see :func:`scan`).
+    """
+    infos, _ = scan(
+        model_dir, storage_options, eval_result_filename=eval_result_filename, with_size=with_size
+    )
+    return infos
 
 
 def _export_fields(export_config: Any) -> tuple[str | None, bool, str | None]:
@@ -187,12 +187,10 @@ def best_checkpoint(
     cfg_metric, cfg_larger, _ = _export_fields(export_config)
     metric = metric if metric is not None else cfg_metric
     larger = cfg_larger if larger_is_better is None else larger_is_better
-    storage = storage_for(model_dir, storage_options)
     root = model_dir.rstrip("/") or model_dir
-    checkpoints = list_checkpoints(
+    checkpoints, by_step = scan(
         root, storage_options, eval_result_filename=eval_result_filename, with_size=False
     )
-    by_step = collect_metrics(storage, root, checkpoints, eval_result_filename)
     names = {k for m in by_step.values() for k in m}
     if not names:
         logger.info("%s: no eval metrics recorded; using the latest checkpoint", root)

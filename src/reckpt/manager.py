@@ -99,9 +99,7 @@ class CheckpointManager:
         else:
             self._policies = [LatestN(keep_checkpoint_max)] if keep_checkpoint_max > 0 else []
         self._best_protected |= any(isinstance(p, BestN) for p in self._policies)
-        self._decision = SaveDecision(
-            save_steps=save_steps, save_epochs=save_epochs, save_interval_s=save_interval_s
-        )
+        self.set_save_policy(save_steps, save_epochs, save_interval_s=save_interval_s)
         self._async = async_save
         self._saver = AsyncSaver()
         self._async_pg: Any = None

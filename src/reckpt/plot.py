@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from reckpt.discovery import best_checkpoint, collect_metrics, list_checkpoints
+from reckpt.discovery import best_checkpoint, scan
 from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME
 from reckpt.policy import resolve_metric_name
-from reckpt.storage import Storage, storage_for
+from reckpt.storage import Storage
 
 __all__ = ["plot_metrics"]
 
@@ -30,9 +30,7 @@ def plot_metrics(
     import matplotlib.pyplot as plt
 
     root = model_dir.rstrip("/")
-    storage = storage_for(root)
-    infos = list_checkpoints(root, eval_result_filename=eval_result_filename, with_size=False)
-    by_step = collect_metrics(storage, root, infos, eval_result_filename)
+    infos, by_step = scan(root, eval_result_filename=eval_result_filename, with_size=False)
     names = {k for m in by_step.values() for k in m}
     if not names:
         raise ValueError(f"{Storage.join(root, eval_result_filename)}: no eval metrics recorded to plot")

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from reckpt.commit import STALE_AFTER_S, _pid_alive, heartbeat, is_stale, new_token
+from reckpt.commit import STALE_AFTER_S, heartbeat, is_stale, new_token, pid_alive
 from reckpt.errors import CheckpointError
 from reckpt.storage import Storage
 
@@ -62,7 +62,7 @@ def model_dir_lock(
     me = _Owner(socket.gethostname(), os.getpid(), new_token(), time.time(), time.time())
     current = _read(storage, path)
     if current is not None and not is_stale(
-        current, now=time.time(), host=me.host, pid_alive=_pid_alive, stale_after_s=stale_after_s
+        current, now=time.time(), host=me.host, pid_alive=pid_alive, stale_after_s=stale_after_s
     ):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.started_at))
         raise ModelDirLockedError(

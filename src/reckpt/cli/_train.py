@@ -96,11 +96,11 @@ def _demo_config(args: argparse.Namespace) -> Any:
     model_dir = args.model_dir or "model_dir"
     data_dir = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "demo_data")
     cfg = load_config(None, {"model_dir": model_dir})
-    if not os.path.isdir(os.path.join(data_dir, "train")):
+    if os.path.isdir(os.path.join(data_dir, "train")):
+        cfg.data = _demo_data(data_dir)
+    else:
         print(f"generating demo data in {data_dir}", file=sys.stderr)
-    cfg.data = (
-        make_data(data_dir) if not os.path.isdir(os.path.join(data_dir, "train")) else _demo_data(data_dir)
-    )
+        cfg.data = make_data(data_dir)
     cfg.model.num_embeddings = 2000
     t = cfg.train_config
     t.num_steps, t.save_checkpoints_steps, t.keep_checkpoint_max = 3000, 500, 3

@@ -32,7 +32,10 @@ WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.json"
 
 
-def _pick(cfg: Config, checkpoint_path: str | None) -> tuple[str, int | None]:
+def _pick(
+    cfg: Config, checkpoint_path: str | None, *, per_export_config: bool = True
+) -> tuple[str, int | None]:
+    """The explicit checkpoint, else the best (``exporter_type = "best"``) or latest in model_dir."""
     if checkpoint_path:
         path, step = reckpt.latest_checkpoint(checkpoint_path)
         if path is None:
@@ -40,7 +43,7 @@ def _pick(cfg: Config, checkpoint_path: str | None) -> tuple[str, int | None]:
                 f"--checkpoint-path {checkpoint_path}: no committed checkpoint there"
             )
         return path, step
-    if cfg.export_config.exporter_type == "best":
+    if per_export_config and cfg.export_config.exporter_type == "best":
         path, step = reckpt.best_checkpoint(cfg.model_dir, cfg.export_config)
     else:
         path, step = reckpt.latest_checkpoint(cfg.model_dir)
@@ -53,9 +56,7 @@ def eval_checkpoint(cfg: Config, checkpoint_path: str | None = None) -> dict[str
     """Collective: restore a checkpoint (latest by default) and evaluate it; rank 0 appends
     the result to ``model_dir/eval_result.txt`` (``global_step`` null for an explicit path)."""
     init_distributed()
-    path, step = _pick(cfg, checkpoint_path) if checkpoint_path else reckpt.latest_checkpoint(cfg.model_dir)
-    if path is None:
-        raise CheckpointNotFoundError(f"model_dir {cfg.model_dir}: no committed checkpoint to evaluate")
+    path, step = _pick(cfg, checkpoint_path, per_export_config=False)
     model, _ = shard_model(cfg, build_model(cfg))
     with reckpt.lease(path, holder="reckpt eval"):
         reckpt.restore_model(path, model)
