@@ -229,7 +229,8 @@ MISTAKES: list[Mistake] = [
         lambda d: _saved(d, extra_states={"model": torch.nn.Linear(1, 1)}),
         errors.ConfigError,
         "extra state name 'model' is not usable as a checkpoint entry: use letters, digits, '_' or '-', not"
-        " starting with 'reckpt', and none of ['dataloader_state.json', 'meta', 'model', 'optimizer', 'plan']",
+        " starting with 'reckpt', and none of ['dataloader_state.json', 'delta_rows', 'dynamicemb', 'meta', 'model',"
+        " 'optimizer', 'plan']",
     ),
     Mistake(
         "save: an extra state without state_dict()",

@@ -50,7 +50,7 @@ from reckpt.naming import (
     OWNER_FILE,
     is_staging,
     is_trash,
-    parse_step,
+    parse_any_step,
     trash_name,
 )
 from reckpt.storage import Storage, storage_for
@@ -258,13 +258,13 @@ def cleanup_stale(
             storage.rm(path, recursive=True)
             removed.append(path)
             continue
-        if parse_step(name) is not None and storage.exists(Storage.join(path, DELETING_MARKER)):
+        if parse_any_step(name) is not None and storage.exists(Storage.join(path, DELETING_MARKER)):
             remove_checkpoint_dir(storage, path)  # an interrupted deletion: finish it
             removed.append(path)
             continue
         if is_staging(name):
             record = Storage.join(path, OWNER_FILE)
-        elif parse_step(name) is not None and checkpoint_state(storage, path) == "incomplete":
+        elif parse_any_step(name) is not None and checkpoint_state(storage, path) == "incomplete":
             record = Storage.join(path, IN_PROGRESS_MARKER)
         else:
             continue

@@ -83,6 +83,9 @@ class Manifest:
         entries: part (``model``, ``optimizer``, extra names) -> its tensor entries.
         files: relative path -> (size, checksum) of every file except the manifest and sidecars.
         user_metadata: free-form JSON-serialisable data given to ``save_model``.
+        delta: for an incremental checkpoint (``model.delta-<step>``): ``{"base": name of the
+            full checkpoint, "parent": name of the previous link, "chain": [base, deltas ...]}``
+            and what it holds (see ``reckpt.delta``); ``None`` for a full checkpoint.
     """
 
     step: int | None
@@ -94,6 +97,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     library_version: str = ""
     checksum_algorithm: str = CHECKSUM_ALGORITHM
+    delta: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         doc = {
@@ -107,6 +111,8 @@ class Manifest:
             "files": {p: {"size": r.size, "checksum": r.checksum} for p, r in sorted(self.files.items())},
             "user_metadata": self.user_metadata,
         }
+        if self.delta is not None:
+            doc["delta"] = self.delta
         return json.dumps(doc, indent=1, sort_keys=False).encode("utf-8")
 
     @classmethod
@@ -143,6 +149,7 @@ class Manifest:
                 format_version=version,
                 library_version=str(doc.get("library_version", "")),
                 checksum_algorithm=str(doc["checksum_algorithm"]),
+                delta=None if doc.get("delta") is None else dict(doc["delta"]),
             )
         except IntegrityError:
             raise

@@ -27,6 +27,9 @@ import re
 from reckpt.errors import ConfigError
 
 CKPT_PREFIX = "model.ckpt-"
+DELTA_PREFIX = "model.delta-"
+DYNAMICEMB_DIR = "dynamicemb"
+DELTA_ROWS_DIR = "delta_rows"
 MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"
 DENSE_EMA_DIR = "dense_ema"
@@ -42,9 +45,18 @@ SIDECAR_SUFFIX = ".sidecar.json"
 DCP_METADATA_FILE = ".metadata"
 
 _STEP_RE = re.compile(r"model\.ckpt-(0|[1-9][0-9]*)")
+_DELTA_RE = re.compile(r"model\.delta-(0|[1-9][0-9]*)")
 _STAGING_RE = re.compile(r"\.reckpt-staging\.([0-9a-f]+)")
 _TRASH_RE = re.compile(r"\.reckpt-trash\.([0-9a-f]+)")
-_RESERVED_EXTRA = {MODEL_DIR, OPTIMIZER_DIR, PLAN_FILE, META_FILE, DATALOADER_STATE_FILE}
+_RESERVED_EXTRA = {
+    MODEL_DIR,
+    OPTIMIZER_DIR,
+    PLAN_FILE,
+    META_FILE,
+    DATALOADER_STATE_FILE,
+    DYNAMICEMB_DIR,
+    DELTA_ROWS_DIR,
+}
 _EXTRA_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
@@ -64,6 +76,25 @@ def parse_step(path: str) -> int | None:
     """Step of a checkpoint path or name, or ``None`` when it is not one (see table)."""
     match = _STEP_RE.fullmatch(basename(path))
     return int(match.group(1)) if match else None
+
+
+def delta_name(step: int) -> str:
+    """``delta_name(150) == "model.delta-150"``: an incremental checkpoint (never ``model.ckpt-``,
+    which TorchEasyRec would load as a whole model)."""
+    checkpoint_name(step)  # same validation
+    return f"{DELTA_PREFIX}{step}"
+
+
+def parse_delta_step(path: str) -> int | None:
+    """Step of a ``model.delta-<step>`` path or name, else ``None`` (same rules as :func:`parse_step`)."""
+    match = _DELTA_RE.fullmatch(basename(path))
+    return int(match.group(1)) if match else None
+
+
+def parse_any_step(path: str) -> int | None:
+    """Step of a full (``model.ckpt-``) or delta (``model.delta-``) checkpoint name, else ``None``."""
+    step = parse_step(path)
+    return step if step is not None else parse_delta_step(path)
 
 
 def staging_name(token: str) -> str:

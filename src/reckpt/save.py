@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from reckpt.naming import (
     OPTIMIZER_DIR,
     OWNER_FILE,
     PLAN_FILE,
-    parse_step,
+    parse_any_step,
     staging_name,
     trash_name,
     validate_extra_name,
@@ -47,9 +47,17 @@ from reckpt.optim import optimizer_state_dict
 from reckpt.plan import model_plan, plan_to_json
 from reckpt.storage import Storage, storage_for
 
-__all__ = ["save_model", "save_parts", "collect_parts"]
+__all__ = ["FileWriter", "save_model", "save_parts", "collect_parts", "write_record"]
 
 logger = logging.getLogger(__name__)
+
+FileWriter = Callable[[Storage, str], dict[str, FileRecord]]
+"""Writes files of its own into a save's work directory; called on every rank.
+
+Called as ``writer(storage, work_dir)`` after the DCP parts; returns the records (path
+relative to the checkpoint -> size and checksum) of what this rank wrote, best made with
+:func:`write_record`. Paths must be unique across ranks (put the rank in the name).
+"""
 
 
 def collect_parts(
@@ -124,10 +132,15 @@ def _commit(storage: Storage, target: str, work: str, manifest: Manifest, token:
         storage.rm(Storage.join(work, IN_PROGRESS_MARKER))
 
 
+def write_record(storage: Storage, work: str, name: str, data: bytes | memoryview) -> FileRecord:
+    """Write ``<work>/<name>`` (fsynced) and return its manifest record."""
+    storage.write_bytes(Storage.join(work, name), bytes(data) if isinstance(data, memoryview) else data)
+    return FileRecord(name, len(data), checksum_bytes(data))
+
+
 def _json_record(storage: Storage, work: str, name: str, doc: Any) -> FileRecord:
     data = doc if isinstance(doc, bytes) else json.dumps(doc).encode("utf-8")
-    storage.write_bytes(Storage.join(work, name), data)
-    return FileRecord(name, len(data), checksum_bytes(data))
+    return write_record(storage, work, name, data)
 
 
 def save_model(
@@ -146,6 +159,7 @@ def save_model(
     storage_options: Mapping[str, Any] | None = None,
     process_group: Any = None,
     thread_count: int = 1,
+    file_writers: Sequence[FileWriter] = (),
 ) -> str:
     """Save a checkpoint that becomes visible only once complete.
 
@@ -171,6 +185,7 @@ def save_model(
         storage_options: fsspec options (endpoint, credentials) for URLs.
         process_group: the process group (default: the default group, if initialised).
         thread_count: writer threads per rank.
+        file_writers: extra per-rank writers of non-DCP files (see :data:`FileWriter`).
 
     Returns:
         ``checkpoint_dir``.
@@ -195,6 +210,7 @@ def save_model(
         storage_options=storage_options,
         process_group=process_group,
         thread_count=thread_count,
+        file_writers=file_writers,
     )
 
 
@@ -210,11 +226,14 @@ def save_parts(
     storage_options: Mapping[str, Any] | None = None,
     process_group: Any = None,
     thread_count: int = 1,
+    file_writers: Sequence[FileWriter] = (),
+    delta: Mapping[str, Any] | None = None,
 ) -> str:
     """Collective: save ready state dicts (``[(directory name, state_dict)]``) as one checkpoint.
 
     The engine behind :func:`save_model` (and the async saver, which hands it staged
-    copies). Same call sequence, arguments and errors as :func:`save_model`.
+    copies). Same call sequence, arguments and errors as :func:`save_model`; ``delta`` is the
+    manifest's link record of an incremental checkpoint (``reckpt.delta``).
     """
     d = Dist(process_group)
     target = checkpoint_dir.rstrip("/") or checkpoint_dir
@@ -259,6 +278,8 @@ def save_parts(
                 records.update(writer.records)
                 entries[name] = entries_from_metadata(md)
                 fault_point(f"after_{name}", d.rank)
+            for file_writer in file_writers:
+                records.update(file_writer(storage, work))
             merged_dl = None
             if dataloader_state is not None:
                 merged_dl = merge_dataloader_states(d.all_gather(dict(dataloader_state)))
@@ -282,12 +303,13 @@ def save_parts(
                     for recs, _ in gathered:
                         files.update(recs)
                     manifest = Manifest(
-                        step=parse_step(target),
+                        step=parse_any_step(target),
                         world_size=d.world_size,
                         entries=entries,
                         files=files,
                         user_metadata=dict(user_metadata or {}),
                         library_version=__version__,
+                        delta=None if delta is None else dict(delta),
                     )
                     stack.close()  # stop the heartbeat before the record goes away
                     _commit(storage, target, work, manifest, token)
