@@ -10,12 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from reckpt.dcp_io import SafeReader, dcp_call, read_dcp_metadata
 from reckpt.dist import Dist
 from reckpt.errors import CheckpointNotFoundError, KeyMismatchError
+from reckpt.fused_state import (
+    RowwiseConversion,
+    apply_conversions,
+    dense_fused_rename_rule,
+    plan_conversions,
+    read_sources,
+)
 from reckpt.manifest import read_json_object, read_manifest
 from reckpt.naming import (
     DCP_METADATA_FILE,
@@ -41,7 +48,7 @@ from reckpt.remap import (
     input_tile_rule,
     parse_param_map,
 )
-from reckpt.report import LoadReport, PartReport
+from reckpt.report import LoadReport, PartReport, ShapeMismatch
 from reckpt.storage import Storage, storage_for
 from reckpt.verification import require_committed, verify_collective
 
@@ -186,7 +193,11 @@ class _OptimizerJob:
         if not self.keyed and is_index_keyed(ld.metadata(OPTIMIZER_DIR).state_dict_metadata):
             names = optimizer_param_names(model, optimizer)
             rules.append(index_keyed_optimizer_rule({n: i for i, n in enumerate(names)}))
+        if self.keyed:
+            rules.append(dense_fused_rename_rule)
         groups = len(optimizer.param_groups)
+        self.ld = ld
+        self.conversions: dict[str, RowwiseConversion] | None = None
         self.job = _Job(
             OPTIMIZER_DIR,
             self.target,
@@ -199,11 +210,22 @@ class _OptimizerJob:
     def target(self) -> dict[str, Any]:
         if self.created is None:
             self.created = init_optimizer_state(self.optimizer)
-        return optimizer_state_dict(self.model, self.optimizer, "name")
+        sd = optimizer_state_dict(self.model, self.optimizer, "name")
+        if self.conversions is None:
+            # Row-wise state laid out for another plan is converted after the load, not by DCP
+            # (which would load it positionally); decided once, before the keys are checked.
+            model_md = self.ld.metadata(MODEL_DIR) if self.ld.has(MODEL_DIR) else None
+            optim_md = self.ld.metadata(OPTIMIZER_DIR)
+            self.conversions = plan_conversions(
+                sd, self.model.state_dict(), optim_md, model_md, skip=self.ld.param_map
+            )
+            self.job.exclude_keys = [*self.job.exclude_keys, *self.conversions]
+        return sd
 
     def finish(self, sd: dict[str, Any], pr: PartReport) -> None:
         # Saved parameter lists are replaced by the current ones on purpose: not "unused".
         pr.unused = [k for k in pr.unused if not _GROUP_PARAMS.fullmatch(k)]
+        self._convert(sd, pr)
         load_optimizer_state_dict(self.model, self.optimizer, sd)
         if self.keyed or not self.created:
             return
@@ -217,6 +239,34 @@ class _OptimizerJob:
             if id(p) in created_ids and keys and all(k in missing for k in keys):
                 self.optimizer.state.pop(p, None)
                 pr.reinitialized.append(f"state.{name}")
+
+    def _convert(self, sd: dict[str, Any], pr: PartReport) -> None:
+        """Collective: fill the plan-dependent keys (see :mod:`reckpt.fused_state`)."""
+        conversions = self.conversions or {}
+        if not any(self.ld.d.all_gather(bool(conversions))):
+            return
+        md = self.ld.metadata(OPTIMIZER_DIR)
+        wanted = {}
+        for c in conversions.values():
+            entry = md.state_dict_metadata[c.source]
+            dtype = entry.properties.dtype if isinstance(entry, TensorStorageMetadata) else torch.float32
+            wanted[c.source] = (c.source_shape, dtype)
+        dcp_dir = Storage.join(self.ld.ckpt, OPTIMIZER_DIR)
+        sources = read_sources(wanted, self.ld.storage, dcp_dir, md, self.ld.d, self.ld.pg)
+        done, lossy = apply_conversions(conversions, sd, sources)
+        for c in done:
+            pr.loaded.append(c.key)
+            if c.source != c.key:
+                pr.remapped[c.key] = c.source
+            self.ld.report.notes.append(f"optimizer: converted {c.describe()}")
+        for c in lossy:
+            pr.reinitialized.append(c.key)
+            pr.shape_mismatched.append(ShapeMismatch(c.key, c.source, c.source_shape, None))
+            why = f"{c.describe()} cannot be converted exactly; re-initialised"
+            logger.warning("%s: %s", dcp_dir, why)
+            self.ld.report.notes.append(f"optimizer: {why}")
+        pr.loaded.sort()
+        pr.reinitialized.sort()
 
 
 def restore_model(

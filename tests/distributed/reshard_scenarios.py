@@ -1,0 +1,225 @@
+"""The resharding matrix: TorchRec models saved at world sizes 1-3 under two plans, loaded at 1-3.
+
+Nine tiny tables, each under a different (plan A, plan B) pair of sharding types, so that one
+model covers every required change: data_parallel <-> table_wise / row_wise / column_wise,
+table_wise <-> row_wise, column_wise -> row_wise / table_wise, and the changes whose row-wise
+Adagrad state cannot be converted (table_wise / row_wise -> column_wise). One process group per
+world size saves both plans and loads every checkpoint written so far under both plans.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import reckpt
+from reckpt.fused_state import flat_state
+
+ROWS, DIM = 12, 8
+PLANS: dict[str, dict[str, str]] = {
+    "A": {
+        "t0": "data_parallel",
+        "t1": "data_parallel",
+        "t2": "data_parallel",
+        "t3": "table_wise",
+        "t4": "row_wise",
+        "t5": "column_wise",
+        "t6": "column_wise",
+        "t7": "table_wise",
+        "t8": "column_wise",
+    },
+    "B": {
+        "t0": "table_wise",
+        "t1": "row_wise",
+        "t2": "column_wise",
+        "t3": "data_parallel",
+        "t4": "data_parallel",
+        "t5": "data_parallel",
+        "t6": "row_wise",
+        "t7": "row_wise",
+        "t8": "table_wise",
+    },
+}
+TABLES = sorted(PLANS["A"])
+
+
+def weight_key(t: str) -> str:
+    return f"ebc.embedding_bags.{t}.weight"
+
+
+def row_sharder() -> Any:
+    """TorchRec's bag sharder with ``row_wise`` allowed on CPU (the planner refuses it there)."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+    class RowWiseOnCpu(EmbeddingBagCollectionSharder):
+        def sharding_types(self, compute_device_type: str) -> list[str]:
+            return [*super().sharding_types(compute_device_type), "row_wise"]
+
+    return RowWiseOnCpu()
+
+
+def build(plan: dict[str, str], seed: int) -> tuple[Any, Any]:
+    """A sharded EmbeddingBagCollection; fused row-wise Adagrad, dense RowWiseAdagrad for DP tables."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    torch.manual_seed(seed)
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ebc = EmbeddingBagCollection(
+                tables=[
+                    EmbeddingBagConfig(
+                        name=t, embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f"f_{t}"]
+                    )
+                    for t in TABLES
+                ],
+                device=torch.device("cpu"),
+            )
+
+        def forward(self, kjt: Any) -> torch.Tensor:
+            return self.ebc(kjt).values()
+
+    model = Wrap()
+    apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": 0.1})
+    constraints = {
+        t: ParameterConstraints(sharding_types=[st], min_partition=DIM // 2) for t, st in plan.items()
+    }
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=dist.get_world_size(), compute_device="cpu"), constraints=constraints
+    )
+    sharders = [row_sharder()]
+    sharding_plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=sharding_plan, sharders=sharders)
+    optims: list[Any] = [dmp.fused_optimizer]
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    if dense:
+        optims.append(KeyedOptimizerWrapper(dense, lambda ps: RowWiseAdagrad(ps, lr=0.1)))
+    return dmp, CombinedOptimizer(optims)
+
+
+def train(dmp: Any, opt: Any, steps: int = 2) -> None:
+    from torchrec import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(5 + dist.get_rank())
+    for _ in range(steps):
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=[f"f_{t}" for t in TABLES],
+            values=torch.randint(0, ROWS, (4 * len(TABLES),), generator=g),
+            lengths=torch.full((2 * len(TABLES),), 2),
+        )
+        dmp(kjt).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def gather_all(items: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Whole tensors of (sharded or replicated) values, on every rank; ranks may hold other keys."""
+    local: dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]] = {}
+    for key, value in items.items():
+        if hasattr(value, "local_shards"):
+            pieces = [(tuple(s.metadata.shard_offsets), s.tensor.clone()) for s in value.local_shards()]
+            local[key] = (tuple(value.size()), pieces)
+        elif isinstance(value, torch.Tensor) and value.numel() > 0:
+            local[key] = (tuple(value.shape), [((0,) * value.dim(), value.detach().clone())])
+    out: dict[str, torch.Tensor] = {}
+    for per_rank in _all_gather(local):
+        for key, (shape, pieces) in per_rank.items():
+            full = out.setdefault(key, torch.zeros(shape))
+            for off, t in pieces:
+                full[tuple(slice(o, o + n) for o, n in zip(off, t.shape, strict=True))] = t
+    return out
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    box: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj)
+    return box
+
+
+def snapshot(dmp: Any, opt: Any) -> dict[str, torch.Tensor]:
+    sd = dmp.state_dict()
+    out = gather_all({weight_key(t): sd[weight_key(t)] for t in TABLES})
+    out.update(gather_all({key: v for key, _, _, v in flat_state(opt.state_dict())}))
+    return out
+
+
+def momentum(snap: dict[str, torch.Tensor], t: str, sharding: str) -> torch.Tensor:
+    """A table's row-wise Adagrad state, as saved: ``[rows * column shards]``."""
+    if sharding == "data_parallel":
+        return snap[f"state.{weight_key(t)}.sum"].reshape(-1)
+    return snap[f"state.{weight_key(t)}.{t}.momentum1"]
+
+
+def expected_momentum(saved: torch.Tensor, old: str, new: str) -> torch.Tensor | None:
+    """What the conversion table promises (``None``: re-initialised)."""
+    old_cw, new_cw = old == "column_wise", new == "column_wise"
+    if old_cw == new_cw:
+        return saved
+    if old_cw:
+        # Two column shards of width DIM/2: the row's value is the width-weighted mean.
+        return saved[:ROWS] * 0.5 + saved[ROWS:] * 0.5
+    return None
+
+
+def save_world(root: str, world: int) -> None:
+    for name, plan in PLANS.items():
+        dmp, opt = build(plan, seed=world * 10 + ord(name))
+        train(dmp, opt)
+        ckpt = f"{root}/w{world}{name}/model.ckpt-1"
+        reckpt.save_model(ckpt, dmp, opt)
+        snap = snapshot(dmp, opt)
+        if dist.get_rank() == 0:
+            torch.save(snap, f"{root}/w{world}{name}/expected.pt")
+        dist.barrier()
+
+
+def load_world(root: str, world: int) -> None:
+    """Load every checkpoint under ``root`` under both plans; exact where the table says so."""
+    saved = sorted(d for d in os.listdir(root) if os.path.isfile(f"{root}/{d}/expected.pt"))
+    for src in saved:
+        want = torch.load(f"{root}/{src}/expected.pt")
+        old_plan = PLANS[src[-1]]
+        for name, plan in PLANS.items():
+            dmp, opt = build(plan, seed=99)
+            fresh = snapshot(dmp, opt)
+            report = reckpt.restore_model(f"{root}/{src}/model.ckpt-1", dmp, opt)
+            got = snapshot(dmp, opt)
+            where = f"{src} -> w{world}{name}"
+            opt_report = report.part("optimizer")
+            for t in TABLES:
+                assert torch.equal(got[weight_key(t)], want[weight_key(t)]), f"{where}: {t} weight"
+                expect = expected_momentum(momentum(want, t, old_plan[t]), old_plan[t], plan[t])
+                value = momentum(got, t, plan[t])
+                key = f"state.{weight_key(t)}." + ("sum" if plan[t] == "data_parallel" else f"{t}.momentum1")
+                holds = key in {k for k, _, _, _ in flat_state(opt.state_dict())}
+                if expect is None:
+                    assert torch.equal(value, momentum(fresh, t, plan[t])), f"{where}: {t} re-initialised"
+                    # Reports are per rank: a rank holding no shard of the table has no such key.
+                    reported = key in opt_report.reinitialized
+                    assert reported == holds, (where, t, opt_report.reinitialized)
+                    assert reported == any(key in n and "re-initialised" in n for n in report.notes)
+                    assert any(_all_gather(reported)), (where, t)
+                else:
+                    assert torch.equal(value, expect), f"{where}: {t} {old_plan[t]} -> {plan[t]} momentum"
+                    assert key not in opt_report.reinitialized, (where, t)
+                if old_plan[t] == plan[t] == "data_parallel":
+                    step = f"state.{weight_key(t)}.step"
+                    assert torch.equal(got[step], want[step]), f"{where}: {t} step"
+
+
+def save_and_load(rank: int, world: int, root: str, save: bool, load: bool) -> None:
+    if save:
+        save_world(root, world)
+    if load:
+        load_world(root, world)
