@@ -13,7 +13,10 @@ from reckpt.manifest import read_json_object
 from reckpt.naming import PLAN_FILE
 from reckpt.storage import Storage, storage_for
 
-__all__ = ["plan_to_json", "model_plan", "read_plan"]
+__all__ = ["plan_to_json", "model_plan", "read_plan", "plan_constraints", "FORCE_LOAD_SHARDING_PLAN"]
+
+FORCE_LOAD_SHARDING_PLAN = "FORCE_LOAD_SHARDING_PLAN"
+"""TorchEasyRec's environment variable: ``1`` pins every table's saved sharding type."""
 
 
 def _field(ps: Any, name: str) -> Any:
@@ -57,3 +60,60 @@ def read_plan(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = N
     """The checkpoint's plan (JSON form), ``None`` when it has none."""
     storage = storage_for(checkpoint_dir, storage_options)
     return read_json_object(storage, Storage.join(checkpoint_dir, PLAN_FILE))
+
+
+def plan_constraints(
+    plan: Any,
+    constraints: Mapping[str, Any] | None = None,
+    *,
+    pin_all: bool = False,
+) -> dict[str, Any]:
+    """Planner constraints that make a resumed run keep its checkpoint's plan (TorchEasyRec rules).
+
+    Every table whose saved sharding type is ``data_parallel`` (every table with
+    ``pin_all``) and that ``constraints`` does not already name gets a
+    ``ParameterConstraints(sharding_types=[saved type])``; the user's constraints are kept as
+    they are. Data-parallel tables are pinned by default because their optimizer state lives
+    in the dense optimizer: moving them in or out of data-parallel changes the state's keys
+    (``reckpt`` converts them, see ``docs/resharding.md``, but a stable plan needs none).
+    Kernels and ranks are not pinned: the planner re-derives them.
+
+    Args:
+        plan: the checkpoint's plan (:func:`read_plan`), a ``ShardingPlan``, or ``None``.
+        constraints: the user's ``table -> ParameterConstraints`` (kept, never overridden).
+        pin_all: pin every table, not only data-parallel ones (TorchEasyRec's
+            ``FORCE_LOAD_SHARDING_PLAN=1``).
+
+    Returns:
+        A new ``table name -> ParameterConstraints`` mapping for ``EmbeddingShardingPlanner``.
+
+    Raises:
+        ConfigError: ``plan`` has neither the ShardingPlan nor the JSON shape, or names one
+            table with two different saved sharding types.
+
+    Example:
+        >>> c = plan_constraints({"ebc": {"t1": {"sharding_type": "data_parallel",
+        ...     "compute_kernel": "dense", "ranks": [0, 1]}}})
+        >>> c["t1"].sharding_types
+        ['data_parallel']
+    """
+    from torchrec.distributed.planner import ParameterConstraints
+
+    out: dict[str, Any] = dict(constraints or {})
+    if plan is None:
+        return out
+    pinned: dict[str, str] = {}
+    for module_path, tables in plan_to_json(plan).items():
+        for table, entry in tables.items():
+            st = entry["sharding_type"]
+            if table in pinned and pinned[table] != st:
+                raise ConfigError(
+                    f"plan: table {table!r} is {pinned[table]!r} in one module and {st!r} in"
+                    f" {module_path!r}; planner constraints are per table name: pass constraints"
+                    " for it explicitly"
+                )
+            if table in (constraints or {}) or not (pin_all or st == "data_parallel"):
+                continue
+            pinned[table] = st
+            out[table] = ParameterConstraints(sharding_types=[st])
+    return out

@@ -12,3 +12,9 @@ def test_plan_change_reinitialises_fused_optimizer_state(tmp_path) -> None:
         str(tmp_path),
         timeout_s=400,
     )
+
+
+def test_resumed_run_reproduces_saved_plan(tmp_path) -> None:
+    run_world(
+        2, "tests.distributed.torchrec_scenarios.resumed_run_reproduces_plan", str(tmp_path), timeout_s=300
+    )

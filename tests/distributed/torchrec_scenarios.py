@@ -122,3 +122,60 @@ def plan_change_reinitialises_fused_state(rank: int, world: int, root: str) -> N
     opt_report = report.part("optimizer")
     assert any(k.startswith(mom_key) for k in opt_report.reinitialized), opt_report
     assert any(m.key.startswith(mom_key) for m in opt_report.shape_mismatched)
+
+
+def _planned(constraints: dict[str, Any]) -> dict[str, Any]:
+    """The JSON plan the planner makes for the two-table model under ``constraints``."""
+    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+
+    from reckpt.plan import plan_to_json
+    from tests.distributed.reshard_scenarios import row_sharder
+
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name=t, embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f"f_{t}"])
+            for t in ("t1", "t2", "t3")
+        ],
+        device=torch.device("meta"),
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=dist.get_world_size(), compute_device="cpu"), constraints=constraints
+    )
+    return plan_to_json(planner.collective_plan(ebc, [row_sharder()], dist.GroupMember.WORLD))
+
+
+def resumed_run_reproduces_plan(rank: int, world: int, root: str) -> None:
+    """A checkpoint's plan, turned into planner constraints, gives the resumed run the same plan."""
+    from torchrec.distributed.planner import ParameterConstraints
+
+    from reckpt.plan import plan_constraints
+
+    user = {
+        "t1": ParameterConstraints(sharding_types=["row_wise"]),
+        "t2": ParameterConstraints(sharding_types=["data_parallel"]),
+        "t3": ParameterConstraints(sharding_types=["table_wise"]),
+    }
+    saved = _planned(user)
+    if rank == 0:
+        import json
+
+        with open(f"{root}/plan", "w", encoding="utf-8") as f:
+            json.dump(saved, f)
+    dist.barrier()
+    stored = read_plan(root)
+    assert stored == saved
+    fresh = _planned({})
+    assert fresh != saved, "the test needs a plan the planner would not choose by itself"
+
+    # TorchEasyRec's default: data-parallel tables keep their type, the rest is re-planned.
+    default = _planned(plan_constraints(stored))
+    assert default[""]["t2"]["sharding_type"] == "data_parallel"
+    assert fresh[""]["t2"]["sharding_type"] != "data_parallel"
+    # Pin all: the whole plan comes back.
+    assert _planned(plan_constraints(stored, pin_all=True)) == saved
+    # The user's own constraint for a table wins over the saved plan.
+    mine = {"t3": ParameterConstraints(sharding_types=["data_parallel"])}
+    again = _planned(plan_constraints(stored, mine, pin_all=True))
+    assert again[""]["t3"]["sharding_type"] == "data_parallel"
+    assert again[""]["t1"] == saved[""]["t1"]

@@ -71,11 +71,15 @@ def build_model(cfg: Config, device: str = "cpu") -> nn.Module:
     return model
 
 
-def shard_model(cfg: Config, model: nn.Module) -> tuple[nn.Module, Any]:
+def shard_model(
+    cfg: Config, model: nn.Module, constraints: dict[str, Any] | None = None
+) -> tuple[nn.Module, Any]:
     """Shard the tables with DistributedModelParallel (fused row-wise Adagrad) + Adam for the rest.
 
     Collective (the planner agrees on one plan). Returns ``(dmp, optimizer)``; the optimizer
     is a TorchRec ``CombinedOptimizer`` whose state is keyed by parameter name.
+    ``constraints`` (``table -> ParameterConstraints``) go to the planner, e.g. those of
+    :func:`reckpt.plan.plan_constraints` to keep a resumed run's plan.
     """
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -90,7 +94,9 @@ def shard_model(cfg: Config, model: nn.Module) -> tuple[nn.Module, Any]:
     apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": t.sparse_learning_rate})
     sharders: list[Any] = [EmbeddingBagCollectionSharder()]
     world = dist.get_world_size()
-    planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"))
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints
+    )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
     dense = KeyedOptimizerWrapper(

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import reckpt
 from reckpt.errors import ConfigError
+from reckpt.plan import FORCE_LOAD_SHARDING_PLAN, plan_constraints, read_plan
 from reckpt.trainer.config import Config
 from reckpt.trainer.data import EPOCHS_KEY, ParquetReader, input_files
 from reckpt.trainer.metrics import auc, logloss
@@ -105,7 +106,13 @@ def train_and_evaluate(
     reader = ParquetReader(files, cfg.data, rank, world, table_rows(cfg))
     ckpt, fine_tune = _resolve_source(cfg, continue_train)
 
-    model, optimizer = shard_model(cfg, build_model(cfg))
+    constraints = None
+    if ckpt is not None:
+        # TorchEasyRec: the restored checkpoint's plan pins data-parallel tables (all tables
+        # with FORCE_LOAD_SHARDING_PLAN=1), so the resumed run keeps its plan.
+        pin_all = os.environ.get(FORCE_LOAD_SHARDING_PLAN, "") == "1"
+        constraints = plan_constraints(read_plan(ckpt), pin_all=pin_all)
+    model, optimizer = shard_model(cfg, build_model(cfg), constraints)
     mgr = reckpt.CheckpointManager(
         cfg.model_dir,
         keep_checkpoint_max=t.keep_checkpoint_max,
