@@ -199,6 +199,11 @@ def save_model(
     """
     parts = collect_parts(model, optimizer, dense_ema, extra_states, optimizer_layout)
     plan = plan if plan is not None else model_plan(model)
+    from reckpt.dynamic import dynamic_writer  # imports this module
+
+    dynamic = dynamic_writer(model, process_group=process_group)
+    if dynamic is not None:
+        file_writers = [*file_writers, dynamic]
     return save_parts(
         checkpoint_dir,
         parts,

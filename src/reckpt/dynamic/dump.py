@@ -1,0 +1,156 @@
+"""The ``dynamicemb/`` folder of a checkpoint: dynamic tables, one file set per table and rank.
+
+Layout (TorchEasyRec's dynamicemb dump, compat §5.4), for the table ``<t>`` of the module
+at ``<path>`` (``model.`` + the module's name with wrapper prefixes stripped) written by
+rank ``R`` of ``W``::
+
+    dynamicemb/<path>/<t>_emb_keys.rank_R.world_size_W          int64 keys, sorted
+    dynamicemb/<path>/<t>_emb_values.rank_R.world_size_W        float32, dim per key
+    dynamicemb/<path>/<t>_emb_scores.rank_R.world_size_W        int64 eviction scores
+    dynamicemb/<path>/<t>_emb_opt_values.rank_R.world_size_W    float32 Adagrad state, 1 per key
+    dynamicemb/<path>/<t>_counter_keys.rank_R.world_size_W      int64 not-yet-admitted keys
+    dynamicemb/<path>/<t>_counter_frequencies.rank_R.world_size_W  int64 their counts
+    dynamicemb/<path>/<t>_opt_args.json                         optimizer and table settings
+
+All numbers are raw little-endian; an empty shard is a set of zero-byte files; every rank
+writes its set, so a dump holds ``W`` complete shards. A dump of touched rows only (an
+incremental checkpoint) adds ``<t>_removed_keys.rank_R.world_size_W`` (evicted keys).
+Every file goes through :class:`~reckpt.storage.Storage` and into the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from reckpt.dynamic.module import DynamicEmbedding
+from reckpt.dynamic.table import TableState
+from reckpt.errors import ConfigError
+from reckpt.integrity import FileRecord
+from reckpt.naming import DYNAMICEMB_DIR
+from reckpt.save import FileWriter, write_record
+from reckpt.storage import Storage
+
+__all__ = ["dynamic_tables", "dynamic_writer", "shard_name", "KINDS", "REMOVED", "SHARD_RE"]
+
+_WRAPPERS = {"_dmp_wrapped_module", "_orig_mod"}
+_DDP_LIKE = {"DistributedDataParallel", "FullyShardedDataParallel", "DistributedModelParallel"}
+SHARD_RE = re.compile(r"(?P<kind>[a-z_]+)\.rank_(?P<rank>0|[1-9][0-9]*)\.world_size_(?P<world>[1-9][0-9]*)")
+KINDS = ("emb_keys", "emb_values", "emb_scores", "emb_opt_values", "counter_keys", "counter_frequencies")
+REMOVED = "removed_keys"
+
+
+def dynamic_tables(model: torch.nn.Module) -> dict[tuple[str, str], DynamicEmbedding]:
+    """``{(collection path, table name): module}`` of every :class:`DynamicEmbedding` in ``model``.
+
+    Paths are rooted at the literal ``model`` like TorchEasyRec's (``model.dyn.user``), with
+    wrapper prefixes (DistributedModelParallel, DDP, ``torch.compile``) stripped, so they do
+    not change when a model is wrapped.
+    """
+    out: dict[tuple[str, str], DynamicEmbedding] = {}
+
+    def walk(mod: torch.nn.Module, path: str) -> None:
+        for name, child in mod.named_children():
+            wrapper = name in _WRAPPERS or (name == "module" and type(mod).__name__ in _DDP_LIKE)
+            sub = path if wrapper else f"{path}.{name}"
+            if isinstance(child, DynamicEmbedding):
+                key = (sub, child.name or name)
+                if key in out:
+                    raise ConfigError(f"two DynamicEmbedding modules at {sub} are both named {key[1]!r}")
+                out[key] = child
+            else:
+                walk(child, sub)
+
+    if isinstance(model, DynamicEmbedding):
+        out[("model", model.name or "table")] = model
+    else:
+        walk(model, "model")
+    return out
+
+
+def shard_name(table: str, kind: str, rank: int, world: int) -> str:
+    return f"{table}_{kind}.rank_{rank}.world_size_{world}"
+
+
+def _opt_args(m: DynamicEmbedding) -> dict[str, Any]:
+    t = m.table
+    return {
+        "optimizer": "rowwise_adagrad",
+        "lr": m.lr,
+        "eps": m.eps,
+        "embedding_dim": m.embedding_dim,
+        "eviction": t.eviction,
+        "capacity": t.capacity,
+        "admit_threshold": t.admit_threshold,
+        "clock": t.clock,
+    }
+
+
+def dynamic_writer(
+    model: torch.nn.Module,
+    *,
+    keys: str = "all",
+    subdir: str = DYNAMICEMB_DIR,
+    process_group: Any = None,
+) -> FileWriter | None:
+    """A save hook writing the model's dynamic tables, or ``None`` when it has none.
+
+    The tables are copied now (so an asynchronous save may train on while the hook writes
+    later); the hook writes this rank's shard of every table (rank 0 adds the
+    ``_opt_args.json`` files) and returns the manifest records.
+
+    Args:
+        model: the model (wrapped or not).
+        keys: ``"all"`` rows, or ``"touched"``: only rows changed since ``clear_touched()``,
+            plus the keys evicted since then (incremental checkpoints).
+        subdir: the folder inside the checkpoint.
+        process_group: unused by the hook itself (it runs no collective); kept for symmetry.
+    """
+    if keys not in ("all", "touched"):
+        raise ConfigError(f"dynamic_writer: keys must be 'all' or 'touched', got {keys!r}")
+    tables = dynamic_tables(model)
+    if not tables:
+        return None
+    del process_group
+    snaps: list[tuple[str, str, int, int, TableState, dict[str, Any]]] = []
+    for (path, name), m in tables.items():
+        rank, world = m.shard()
+        if keys == "all":
+            st = m.table.export()
+        else:
+            st = m.table.export(m.touched_keys())
+            st.removed_keys = m.removed_keys()
+        snaps.append((path, name, rank, world, st, _opt_args(m)))
+
+    def write(storage: Storage, work: str) -> dict[str, FileRecord]:
+        records: dict[str, FileRecord] = {}
+        for path, name, rank, world, st, args in snaps:
+            folder = f"{subdir}/{path}"
+            blobs = {
+                "emb_keys": st.keys,
+                "emb_values": st.values,
+                "emb_scores": st.scores,
+                "emb_opt_values": st.opt_values,
+                "counter_keys": st.counter_keys,
+                "counter_frequencies": st.counter_freqs,
+            }
+            if st.removed_keys is not None:
+                blobs[REMOVED] = st.removed_keys
+            for kind, tensor in blobs.items():
+                rel = f"{folder}/{shard_name(name, kind, rank, world)}"
+                records[rel] = write_record(storage, work, rel, _encode(tensor))
+            if rank == 0:
+                rel = f"{folder}/{name}_opt_args.json"
+                records[rel] = write_record(storage, work, rel, json.dumps(args, sort_keys=True).encode())
+        return records
+
+    return write
+
+
+def _encode(t: torch.Tensor) -> bytes:
+    dtype = "<i8" if t.dtype == torch.int64 else "<f4"
+    return np.ascontiguousarray(t.numpy(), dtype=dtype).tobytes()
