@@ -46,6 +46,9 @@ _EXPORTS = {
     "EveryNSteps": "reckpt.policy",
     "EveryNSeconds": "reckpt.policy",
     "PinnedSteps": "reckpt.policy",
+    "IncrementalPolicy": "reckpt.policy",
+    "RowTracker": "reckpt.row_tracker",
+    "save_delta": "reckpt.delta",
 }
 
 __all__ = ["__version__", "errors", *_EXPORTS]
@@ -75,6 +78,7 @@ if TYPE_CHECKING:
     from reckpt.dataloader_state import (
         update_dataloder_state as update_dataloder_state,
     )
+    from reckpt.delta import save_delta as save_delta
     from reckpt.discovery import (
         best_checkpoint as best_checkpoint,
     )
@@ -108,6 +112,7 @@ if TYPE_CHECKING:
     from reckpt.policy import (
         EveryNSteps as EveryNSteps,
     )
+    from reckpt.policy import IncrementalPolicy as IncrementalPolicy
     from reckpt.policy import (
         LatestN as LatestN,
     )
@@ -118,6 +123,7 @@ if TYPE_CHECKING:
     from reckpt.report import PartReport as PartReport
     from reckpt.restore import restore_model as restore_model
     from reckpt.resume import ResumeInfo as ResumeInfo
+    from reckpt.row_tracker import RowTracker as RowTracker
     from reckpt.save import save_model as save_model
     from reckpt.verification import VerifyReport as VerifyReport
     from reckpt.verification import verify as verify

@@ -14,8 +14,15 @@ from typing import Any
 from reckpt.commit import checkpoint_state
 from reckpt.errors import CheckpointNotFoundError, ConfigError, IncompleteCheckpointError, IntegrityError
 from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME, read_checkpoint_metrics, read_eval_results
-from reckpt.manifest import read_manifest
-from reckpt.naming import MODEL_DIR, OPTIMIZER_DIR, checkpoint_name, parse_step
+from reckpt.manifest import chain_names, read_manifest
+from reckpt.naming import (
+    MODEL_DIR,
+    OPTIMIZER_DIR,
+    checkpoint_name,
+    parse_any_step,
+    parse_delta_step,
+    parse_step,
+)
 from reckpt.policy import CheckpointInfo, best_step, resolve_metric_name
 from reckpt.storage import Storage, storage_for
 
@@ -91,9 +98,11 @@ def scan(
     root = model_dir.rstrip("/") or model_dir
     results = Storage.join(root, eval_result_filename)
     by_step = {s: dict(m) for s, m in read_eval_results(storage, results).by_step.items()}
-    found: list[tuple[int, str, str, float | None, int | None]] = []
+    found: list[tuple[int, str, str, float | None, int | None, str, tuple[int, ...]]] = []
     for name in storage.ls(root):
-        step = parse_step(name)
+        step, kind = parse_step(name), "full"
+        if step is None:
+            step, kind = parse_delta_step(name), "delta"
         if step is None:
             continue
         path = Storage.join(root, name)
@@ -101,6 +110,7 @@ def scan(
         if state == "absent":  # a file that merely carries the name
             continue
         created, size = None, None
+        needs: tuple[int, ...] = ()
         try:
             manifest = read_manifest(storage, path) if state == "committed" else None
             side = read_checkpoint_metrics(storage, path) if state == "committed" else {}
@@ -109,6 +119,7 @@ def scan(
             manifest, side = None, {}
         if manifest is not None:
             created = manifest.created_at
+            needs = tuple(parse_any_step(n) or 0 for n in chain_names(manifest, path)[:-1])
             size = sum(r.size for r in manifest.files.values())
         elif with_size:
             size = int(storage.fs.du(path))
@@ -123,8 +134,11 @@ def scan(
             )
         if side:
             by_step[step] = {**(in_file or {}), **side}
-        found.append((step, path, state, created, size))
-    infos = [CheckpointInfo(st, p, state, c, sz, by_step.get(st, {})) for st, p, state, c, sz in found]
+        found.append((step, path, state, created, size, kind, needs))
+    infos = [
+        CheckpointInfo(st, p, state, c, sz, by_step.get(st, {}), kind, needs)
+        for st, p, state, c, sz, kind, needs in found
+    ]
     return sorted(infos, key=lambda c: c.step), by_step
 
 

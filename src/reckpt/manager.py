@@ -26,14 +26,22 @@ from reckpt.dataloader_state import (
 )
 from reckpt.discovery import best_checkpoint, latest_checkpoint, list_checkpoints
 from reckpt.dist import Dist
-from reckpt.dynamic import dynamic_writer
 from reckpt.errors import ConfigError
 from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME, append_eval_result, write_checkpoint_metrics
+from reckpt.incremental import Incremental, latest_restorable
 from reckpt.leases import lease
 from reckpt.manifest import write_sidecar
 from reckpt.naming import checkpoint_name, parse_step
 from reckpt.plan import model_plan
-from reckpt.policy import BestN, CheckpointInfo, LatestN, RetentionPolicy, SaveDecision, should_save
+from reckpt.policy import (
+    BestN,
+    CheckpointInfo,
+    IncrementalPolicy,
+    LatestN,
+    RetentionPolicy,
+    SaveDecision,
+    should_save,
+)
 from reckpt.pruner import Pruner
 from reckpt.restore import restore_model
 from reckpt.resume import TRAIN_STATE, ResumeInfo, TrainState, manager_extras
@@ -64,6 +72,8 @@ class CheckpointManager:
         async_save: make :meth:`save` asynchronous by default.
         storage_options: fsspec options for URLs.
         process_group: the training process group (default: the default group, if any).
+        incremental: write delta checkpoints (``model.delta-<step>``: the touched embedding
+            rows plus the dense part) between full ones (see :mod:`reckpt.delta`).
 
     Example:
         >>> # mgr = CheckpointManager("run", keep_checkpoint_max=3, save_steps=1000)
@@ -86,6 +96,7 @@ class CheckpointManager:
         async_save: bool = False,
         storage_options: Mapping[str, Any] | None = None,
         process_group: Any = None,
+        incremental: IncrementalPolicy | None = None,
     ) -> None:
         if keep_checkpoint_max < 0:
             raise ConfigError(f"keep_checkpoint_max must be >= 0, got {keep_checkpoint_max}")
@@ -113,6 +124,11 @@ class CheckpointManager:
         self._last_ckpt_dir: str | None = None
         self._last_save_time: float | None = None
         self._started = time.time()
+        self._incremental = (
+            None
+            if incremental is None
+            else Incremental(incremental, self.model_dir, storage_options, process_group)
+        )
 
     # -- policy ------------------------------------------------------------------------
     def set_save_policy(
@@ -180,6 +196,20 @@ class CheckpointManager:
         extras = manager_extras(
             extra_states, lr_scheduler, grad_scaler, TrainState(step, epoch or 0, self._pg)
         )
+        if self._incremental is not None:
+            delta = self._incremental.maybe_save_delta(
+                step,
+                model,
+                optimizer,
+                dense_ema=dense_ema,
+                extra_states=extras,
+                dataloader_state=dataloader_state,
+                user_metadata=user_metadata,
+            )
+            if delta is not None:
+                self._after_commit(delta, start, time.time() - start, False)
+                self._last_ckpt_step, self._last_ckpt_dir, self._last_save_time = step, delta, time.time()
+                return delta
         parts = collect_parts(model, optimizer, dense_ema, extras, "name")
         path = self.checkpoint_dir(step)
         kwargs: dict[str, Any] = {
@@ -189,9 +219,6 @@ class CheckpointManager:
             "overwrite": overwrite,
             "storage_options": self.storage_options,
         }
-        dynamic = dynamic_writer(model)  # copies the dynamic tables now (async-safe)
-        if dynamic is not None:
-            kwargs["file_writers"] = [dynamic]
         if not (self._async if async_save is None else async_save):
             save_parts(path, parts, process_group=self._pg, **kwargs)
             self._after_commit(path, start, time.time() - start, False)
@@ -209,6 +236,8 @@ class CheckpointManager:
 
             self._saver.submit(step, job)
             logger.info("async save of %s staged; caller blocked %.3fs", path, stall)
+        if self._incremental is not None:
+            self._incremental.saved_full(path)
         self._last_ckpt_step, self._last_ckpt_dir, self._last_save_time = step, path, time.time()
         return path
 
@@ -319,10 +348,15 @@ class CheckpointManager:
         if Storage.parent(path) == self.model_dir:
             # A final save at the resumed step must not rewrite the checkpoint just restored.
             self._last_ckpt_step, self._last_ckpt_dir = step, path
+        if self._incremental is not None:
+            self._incremental.restored(path, model)
         dl_state = restore_dataloader_state(path, self.storage_options)
         return ResumeInfo(path, step, train_state.epoch if has_state else 0, dl_state, report)
 
     def latest_checkpoint(self) -> tuple[str | None, int]:
+        """The newest committed checkpoint (a delta too, in incremental mode)."""
+        if self._incremental is not None:
+            return latest_restorable(self.model_dir, self.storage_options)
         return latest_checkpoint(self.model_dir, self.storage_options)
 
     def best_checkpoint(self) -> tuple[str | None, int]:

@@ -174,6 +174,14 @@ def read_json_object(storage: Storage, path: str) -> dict[str, Any] | None:
     return doc
 
 
+def chain_names(manifest: Manifest | None, path: str) -> list[str]:
+    """Names of the links a checkpoint needs, itself last (a full checkpoint: ``[itself]``)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if manifest is None or manifest.delta is None:
+        return [name]
+    return [*(str(n) for n in manifest.delta["chain"]), name]
+
+
 def read_manifest(storage: Storage, checkpoint_dir: str) -> Manifest | None:
     """The checkpoint's manifest, or ``None`` when it has none (legacy or incomplete)."""
     path = Storage.join(checkpoint_dir, MANIFEST_FILE)

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from reckpt.errors import ConfigError
+
 __all__ = [
     "CheckpointInfo",
     "RetentionPolicy",
@@ -38,6 +40,8 @@ __all__ = [
     "should_save",
     "should_save_on_timestamp",
     "quorum_event_time",
+    "IncrementalPolicy",
+    "next_save_kind",
 ]
 
 
@@ -52,6 +56,8 @@ class CheckpointInfo:
         created_at: Unix seconds (manifest time), ``None`` when unknown (legacy).
         size: bytes on storage, ``None`` when not computed.
         metrics: eval metrics (sidecar, else eval-results file), empty when none.
+        kind: ``"full"`` (``model.ckpt-<step>``) or ``"delta"`` (``model.delta-<step>``).
+        needs: steps of the links a delta restores on top of (its base first).
     """
 
     step: int
@@ -60,6 +66,8 @@ class CheckpointInfo:
     created_at: float | None = None
     size: int | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    kind: str = "full"
+    needs: tuple[int, ...] = ()
 
     @property
     def committed(self) -> bool:
@@ -162,9 +170,10 @@ def steps_to_delete(
 ) -> list[int]:
     """Committed steps no policy keeps and nothing protects, ascending.
 
-    Never deleted, whatever the policies: the newest committed checkpoint, every step in
-    ``protected`` (the save in flight, leased steps), and uncommitted directories (crash
-    debris is the commit protocol's to clean). With no policy at all nothing is deleted.
+    Never deleted, whatever the policies: the newest committed checkpoint, every link a kept
+    delta checkpoint needs (its base and earlier deltas), every step in ``protected`` (the
+    save in flight, leased steps), and uncommitted directories (crash debris is the commit
+    protocol's to clean). With no policy at all nothing is deleted.
 
     Example:
         >>> cks = [CheckpointInfo(s, f"m/model.ckpt-{s}") for s in (10, 20, 30)]
@@ -179,6 +188,9 @@ def steps_to_delete(
     keep = {committed[-1].step, *protected}
     for policy in policies:
         keep |= policy.keep(committed, now)
+    for c in committed:  # a kept delta keeps its whole chain
+        if c.step in keep:
+            keep |= set(c.needs)
     return [c.step for c in committed if c.step not in keep]
 
 
@@ -289,3 +301,55 @@ def quorum_event_time(values: Sequence[float], q: float) -> float | None:
     m = len(ordered)
     k = min(max(math.ceil(q * m - 1e-9), 1), m)
     return ordered[m - k]
+
+
+@dataclass(frozen=True, slots=True)
+class IncrementalPolicy:
+    """When a save writes a delta checkpoint instead of a full one.
+
+    Attributes:
+        full_every: a full checkpoint after this many deltas in a row.
+        max_delta_fraction: a full checkpoint when a delta would exceed this fraction of a
+            full one (estimated from the touched rows before anything is written).
+        encoding: the weight rows' encoding: ``"raw"`` (lossless, for resuming), ``"int8"``
+            or ``"fp16"`` (serving dumps; restore needs ``allow_lossy``).
+        tables: state-dict keys of the tables to track (default: every sharded TorchRec
+            table, see :class:`reckpt.RowTracker`).
+    """
+
+    full_every: int = 4
+    max_delta_fraction: float = 0.5
+    encoding: str = "raw"
+    tables: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.full_every < 1:
+            raise ConfigError(f"IncrementalPolicy.full_every must be >= 1, got {self.full_every}")
+        if not 0 < self.max_delta_fraction <= 1:
+            raise ConfigError(
+                f"IncrementalPolicy.max_delta_fraction must be in (0, 1], got {self.max_delta_fraction}"
+            )
+
+
+def next_save_kind(
+    policy: IncrementalPolicy,
+    *,
+    has_parent: bool,
+    deltas_since_full: int,
+    delta_bytes: int,
+    full_bytes: int,
+) -> tuple[str, str]:
+    """``("full" | "delta", why)`` for the next save.
+
+    Example:
+        >>> next_save_kind(IncrementalPolicy(), has_parent=True, deltas_since_full=0,
+        ...                delta_bytes=5, full_bytes=100)
+        ('delta', '5 of 100 bytes')
+    """
+    if not has_parent:
+        return "full", "no full checkpoint to build on yet"
+    if deltas_since_full >= policy.full_every:
+        return "full", f"{deltas_since_full} deltas since the last full checkpoint"
+    if delta_bytes > policy.max_delta_fraction * full_bytes:
+        return "full", f"a delta would be {delta_bytes} of {full_bytes} bytes"
+    return "delta", f"{delta_bytes} of {full_bytes} bytes"

@@ -75,7 +75,7 @@ class Pruner:
         now = time.time()
         by_step = {c.step: c.path for c in self.plan()}
         deleted = []
-        for step in sorted(by_step):
+        for step in sorted(by_step, reverse=True):  # a delta goes before the links it needs
             if step in active_leases(self.storage, self.model_dir):
                 continue  # leased since the pass began
             remove_checkpoint_dir(self.storage, by_step[step])

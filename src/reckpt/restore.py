@@ -286,6 +286,8 @@ def restore_model(
     rename_rules: Sequence[RenameRule] = (),
     storage_options: Mapping[str, Any] | None = None,
     process_group: Any = None,
+    follow_delta_chain: bool = True,
+    allow_lossy: bool = False,
 ) -> LoadReport:
     """Restore a checkpoint into ``model`` (and optimizer, EMA, extra state), partially if needed.
 
@@ -311,6 +313,10 @@ def restore_model(
         rename_rules: further rename rules (see :mod:`reckpt.remap`).
         storage_options: fsspec options for URLs.
         process_group: the process group (default: the default group, if initialised).
+        follow_delta_chain: a delta checkpoint (``model.delta-<step>``) restores its whole
+            chain: base, each link's rows, its own dense part (see :mod:`reckpt.delta`);
+            ``False`` loads only the delta's own files.
+        allow_lossy: allow a chain with int8/fp16 delta dumps (not lossless).
 
     Returns:
         The :class:`~reckpt.report.LoadReport`.
@@ -334,6 +340,34 @@ def restore_model(
     state = require_committed(storage, ckpt)
     report = LoadReport(ckpt, legacy=state == "legacy")
     manifest = read_manifest(storage, ckpt)
+    if follow_delta_chain and manifest is not None and manifest.delta is not None:
+        from reckpt.delta import restore_chain
+
+        kwargs = {
+            "ckpt_param_map_path": ckpt_param_map_path,
+            "error_on_missing_keys": error_on_missing_keys,
+            "dense_ema": dense_ema,
+            "use_dense_ema": use_dense_ema,
+            "extra_states": extra_states,
+            "load_optimizer": load_optimizer,
+            "verify": verify,
+            "allow_row_resize": allow_row_resize,
+            "param_map": param_map,
+            "rename_rules": rename_rules,
+            "storage_options": storage_options,
+            "process_group": process_group,
+        }
+        return restore_chain(
+            ckpt,
+            manifest,
+            model,
+            optimizer,
+            restore=restore_model,
+            restore_kwargs=kwargs,
+            allow_lossy=allow_lossy,
+            storage_options=storage_options,
+            process_group=process_group,
+        )
     if verify and manifest is not None:
         verify_collective(storage, ckpt, manifest, d)
         report.verified = True
@@ -412,17 +446,6 @@ def restore_model(
         jobs.append(_Job(name, obj.state_dict, _applier(obj)))
 
     ld.check(jobs)
-    from reckpt.dynamic.load import restore_step  # imports reckpt.save
-
-    dynamic = restore_step(
-        ckpt,
-        model,
-        meta,
-        optimizer_restored=optimizer is not None and load_optimizer,
-        upsert=manifest is not None and manifest.delta is not None,  # a delta holds touched rows only
-        storage_options=storage_options,
-        process_group=process_group,
-    )
     for job in jobs:
         if (
             job.part == DENSE_EMA_DIR
@@ -434,7 +457,5 @@ def restore_model(
         ld.load(job)
     if dense_ema is not None and not ld.has(DENSE_EMA_DIR) and callable(getattr(dense_ema, "reset", None)):
         dense_ema.reset()
-    if dynamic is not None:
-        dynamic.apply(report)
     logger.info("%s", report.summary())
     return report

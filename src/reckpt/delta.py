@@ -1,0 +1,319 @@
+"""Incremental (delta) checkpoints: only the embedding rows that changed, plus the dense part.
+
+A delta ``<model_dir>/model.delta-<step>/`` holds, for every tracked table, the rows touched
+since the previous link (weights and row-indexed optimizer state, ``delta_rows/``), the
+touched rows of dynamic tables (``dynamicemb/``, upserts and removals), and everything else
+in full: the rest of the model, the rest of the optimizer, extra state, dataloader state.
+Its manifest names its chain (``{"base", "parent", "chain"}``). The name never matches
+``model.ckpt-*``, so TorchEasyRec never loads a delta as a partial model.
+
+Restoring a delta (``restore_model`` does it by itself) checks that every link exists, is
+committed and verifies, reads every link's rows, then restores the base, applies the rows
+link by link, and finally the delta's own dense part. Raw deltas are lossless; int8/fp16
+deltas (``encoding``) are serving dumps and restore only with ``allow_lossy=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from reckpt.commit import checkpoint_state
+from reckpt.delta_rows import RowPiece, apply_pieces, decode_index, encode_pieces, select_rows
+from reckpt.dist import Dist
+from reckpt.errors import CheckpointNotFoundError, ConfigError, IntegrityError, StepAlreadyExistsError
+from reckpt.integrity import FileRecord, checksum_bytes
+from reckpt.manifest import Manifest, chain_names, read_manifest
+from reckpt.naming import (
+    DELTA_ROWS_DIR,
+    DYNAMICEMB_DIR,
+    MODEL_DIR,
+    OPTIMIZER_DIR,
+    basename,
+    checkpoint_name,
+    parse_delta_step,
+    parse_step,
+)
+from reckpt.optim import load_optimizer_state_dict, optimizer_state_dict
+from reckpt.plan import model_plan
+from reckpt.quant import ENCODINGS
+from reckpt.report import LoadReport
+from reckpt.row_tracker import RowTracker
+from reckpt.save import FileWriter, collect_parts, save_parts, write_record
+from reckpt.storage import Storage, storage_for
+
+__all__ = ["restore_chain", "save_delta"]
+
+logger = logging.getLogger(__name__)
+
+
+def _dynamic_writer(model: torch.nn.Module, process_group: Any) -> FileWriter | None:
+    try:
+        from reckpt.dynamic import dynamic_writer
+    except ImportError:
+        return None
+    return dynamic_writer(model, keys="touched", subdir=DYNAMICEMB_DIR, process_group=process_group)
+
+
+def _split_rows(
+    parts: list[tuple[str, dict[str, Any]]],
+    tracker: RowTracker,
+    touched: Mapping[str, torch.Tensor],
+    d: Dist,
+    encoding: str,
+) -> list[RowPiece]:
+    """Move the tracked tables' rows out of ``parts`` (in place) into pieces of touched rows."""
+    pieces: list[RowPiece] = []
+    for part, sd in parts:
+        for key, table in tracker.tables.items():
+            ids = touched[key]
+            if part == MODEL_DIR and key in sd:
+                got = select_rows(MODEL_DIR, key, sd.pop(key), ids, table.num_rows, d, encoding)
+                pieces += got or []
+            elif part == OPTIMIZER_DIR and isinstance(sd.get("state", {}).get(key), dict):
+                # state_dict() shares the per-parameter dicts with the live optimizer: copy.
+                sd["state"] = dict(sd["state"])
+                leaves = sd["state"][key] = dict(sd["state"][key])
+                for leaf in list(leaves):
+                    got = select_rows(
+                        OPTIMIZER_DIR, f"state.{key}.{leaf}", leaves[leaf], ids, table.num_rows, d
+                    )
+                    if got is not None:
+                        pieces += got
+                        del leaves[leaf]
+                if not leaves:
+                    del sd["state"][key]
+    return pieces
+
+
+def save_delta(
+    checkpoint_dir: str,
+    model: torch.nn.Module,
+    optimizer: Any,
+    tracker: RowTracker,
+    parent: str,
+    *,
+    dense_ema: Any = None,
+    extra_states: Mapping[str, Any] | None = None,
+    dataloader_state: Mapping[str, Any] | None = None,
+    user_metadata: Mapping[str, Any] | None = None,
+    encoding: str = "raw",
+    storage_options: Mapping[str, Any] | None = None,
+    process_group: Any = None,
+    touched: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, int]:
+    """Collective: save a delta checkpoint on top of ``parent`` (the previous link).
+
+    Every rank calls it: the touched rows are the union over ranks (one all-reduce per
+    table); each rank writes the rows of its own shards; rank 0 writes the JSON files and
+    commits (``save_parts``). The caller clears the tracker afterwards.
+
+    Args:
+        checkpoint_dir: ``<model_dir>/model.delta-<step>``.
+        parent: the previous link (a full checkpoint or a delta) in the same model_dir.
+        encoding: ``"raw"`` (lossless, default), ``"int8"`` or ``"fp16"`` for the weight rows.
+        touched: the tracker's union of touched rows, when the caller already gathered it.
+
+    Returns:
+        Table key -> number of rows written.
+
+    Raises:
+        ConfigError: a bad name, encoding or parent (nothing written).
+        StepAlreadyExistsError: a full checkpoint already holds this step.
+    """
+    target = checkpoint_dir.rstrip("/")
+    step, parent = parse_delta_step(target), parent.rstrip("/")
+    if step is None:
+        raise ConfigError(f"{target}: a delta checkpoint must be named model.delta-<step>")
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"delta encoding must be one of {ENCODINGS}, got {encoding!r}")
+    if Storage.parent(parent) != Storage.parent(target):
+        raise ConfigError(f"delta parent {parent} must be in the same model_dir as {target}")
+    storage = storage_for(target, storage_options)
+    d = Dist(process_group)
+    if checkpoint_state(storage, Storage.join(Storage.parent(target), checkpoint_name(step))) != "absent":
+        raise StepAlreadyExistsError(f"{target}: model.ckpt-{step} already holds step {step}")
+    if checkpoint_state(storage, parent) != "committed":
+        raise CheckpointNotFoundError(f"delta parent {parent} is not a committed reckpt checkpoint")
+    chain = chain_names(read_manifest(storage, parent), parent)
+    touched = touched if touched is not None else tracker.touched(process_group)
+    parts = collect_parts(model, optimizer, dense_ema, extra_states, "name")
+    pieces = _split_rows(parts, tracker, touched, d, encoding)
+
+    def rows_writer(st: Storage, work: str) -> dict[str, FileRecord]:
+        index, data = encode_pieces(pieces)
+        out = {}
+        for suffix, blob in (("bin", data), ("json", index)):
+            rel = f"{DELTA_ROWS_DIR}/rank_{d.rank}.{suffix}"
+            out[rel] = write_record(st, work, rel, blob)
+        return out
+
+    writers: list[FileWriter] = [rows_writer]
+    dyn = _dynamic_writer(model, process_group)
+    if dyn is not None:
+        writers.append(dyn)
+    rows = {k: int(v.numel()) for k, v in touched.items()}
+    link = {
+        "base": chain[0],
+        "parent": basename(parent),
+        "chain": chain,
+        "rows": rows,
+        "encoding": encoding,
+        "lossless": encoding == "raw",
+    }
+    save_parts(
+        target,
+        parts,
+        plan=model_plan(model),
+        dataloader_state=dataloader_state,
+        user_metadata=user_metadata,
+        storage_options=storage_options,
+        process_group=process_group,
+        file_writers=writers,
+        delta=link,
+    )
+    return rows
+
+
+def _read_link_rows(storage: Storage, path: str, manifest: Manifest) -> list[RowPiece]:
+    """Every rank's rows of one link, each file checked against the manifest first."""
+    blobs: dict[str, bytes] = {}
+    for rel, rec in sorted(manifest.files.items()):
+        if not rel.startswith(f"{DELTA_ROWS_DIR}/"):
+            continue
+        full = Storage.join(path, rel)
+        if not storage.exists(full):
+            raise IntegrityError(f"{full}: delta rows file is missing")
+        data = storage.read_bytes(full)
+        if len(data) != rec.size or checksum_bytes(data) != rec.checksum:
+            raise IntegrityError(
+                f"{full}: delta rows file is corrupted (size or checksum differs from the manifest)"
+            )
+        blobs[rel] = data
+    pieces: list[RowPiece] = []
+    for rel in sorted(r for r in blobs if r.endswith(".json")):
+        bin_rel = rel.removesuffix(".json") + ".bin"
+        if bin_rel not in blobs:
+            raise IntegrityError(f"{Storage.join(path, bin_rel)}: delta rows file is missing")
+        pieces += decode_index(blobs[rel], blobs[bin_rel], Storage.join(path, rel))
+    return pieces
+
+
+def _links(
+    storage: Storage, ckpt: str, manifest: Manifest, allow_lossy: bool
+) -> list[tuple[str, Manifest | None]]:
+    """``[(path, manifest)]`` of the chain, base first, each checked committed and consistent."""
+    root = Storage.parent(ckpt)
+    names = chain_names(manifest, ckpt)
+    out: list[tuple[str, Manifest | None]] = []
+    for i, name in enumerate(names):
+        path = Storage.join(root, name)
+        state = checkpoint_state(storage, path)
+        if state == "absent":
+            raise CheckpointNotFoundError(f"{ckpt}: its chain is broken: link {path} does not exist")
+        if state == "incomplete":
+            raise IntegrityError(f"{ckpt}: its chain is broken: link {path} was never committed")
+        m = manifest if i == len(names) - 1 else read_manifest(storage, path)
+        if i == 0:
+            if parse_step(name) is None or (m is not None and m.delta is not None):
+                raise IntegrityError(f"{ckpt}: its chain is broken: base {path} is not a full checkpoint")
+        elif m is None or m.delta is None or chain_names(m, path) != names[: i + 1]:
+            raise IntegrityError(f"{ckpt}: its chain is broken: {path} is not the delta the chain expects")
+        elif not m.delta.get("lossless", True) and not allow_lossy:
+            raise ConfigError(
+                f"{path} is a lossy ({m.delta.get('encoding')}) delta dump;"
+                " pass allow_lossy=True to restore it"
+            )
+        out.append((path, m))
+    return out
+
+
+def restore_chain(
+    ckpt: str,
+    manifest: Manifest,
+    model: torch.nn.Module,
+    optimizer: Any,
+    *,
+    restore: Any,
+    restore_kwargs: dict[str, Any],
+    allow_lossy: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    process_group: Any = None,
+) -> LoadReport:
+    """Collective: restore a delta checkpoint: base, then each link's rows, then its dense part.
+
+    Every rank reads and checks every link's row files before anything is loaded (a broken
+    or corrupt link raises naming it, with the model untouched), restores the base with
+    ``restore`` (``restore_model``), applies the rows it holds shards of, upserts dynamic
+    rows, and restores the delta's own files with ``restore(..., follow_delta_chain=False)``.
+    """
+    for arg in ("ckpt_param_map_path", "param_map", "rename_rules"):
+        if restore_kwargs.get(arg):
+            raise ConfigError(
+                f"{arg} is not supported when restoring a delta checkpoint ({ckpt});"
+                " restore it and save a full checkpoint first"
+            )
+    d = Dist(process_group)
+    storage = storage_for(ckpt, storage_options)
+    links = _links(storage, ckpt, manifest, allow_lossy)
+    rows = [(path, _read_link_rows(storage, path, m)) for path, m in links[1:] if m is not None]
+    base_report: LoadReport = restore(links[0][0], model, optimizer, **restore_kwargs)
+    sd = model.state_dict()
+    with_optim = optimizer is not None and restore_kwargs.get("load_optimizer", True)
+    osd = optimizer_state_dict(model, optimizer, "name") if with_optim else None
+    flat_optim = {
+        f"state.{k}.{leaf}": v for k, st in (osd or {}).get("state", {}).items() for leaf, v in st.items()
+    }
+    chained: set[str] = set()
+    for path, pieces in rows:
+        by_key: dict[tuple[str, str], list[RowPiece]] = {}
+        for p in pieces:
+            by_key.setdefault((p.part, p.key), []).append(p)
+        for (part, key), group in by_key.items():
+            target = sd.get(key) if part == MODEL_DIR else flat_optim.get(key) if with_optim else None
+            if target is None:
+                if part == MODEL_DIR or with_optim:
+                    logger.warning(
+                        "%s: rows of %s/%s have no tensor in the current model; skipped", path, part, key
+                    )
+                continue
+            with torch.no_grad():
+                apply_pieces(target, group, d)
+            if part == MODEL_DIR:
+                chained.add(key)
+    with torch.no_grad():
+        model.load_state_dict(sd, strict=False)
+    if osd is not None:
+        load_optimizer_state_dict(model, optimizer, osd)
+    # the last link's dynamic rows come with its own restore below (an upsert, like these)
+    _load_dynamic_links(model, links[1:-1], storage_options, process_group)
+    final_kwargs = {**restore_kwargs, "error_on_missing_keys": False}
+    report: LoadReport = restore(ckpt, model, optimizer, follow_delta_chain=False, **final_kwargs)
+    mp = report.part(MODEL_DIR)
+    mp.missing = [k for k in mp.missing if k not in chained]
+    mp.loaded = sorted({*mp.loaded, *chained})
+    report.verified = report.verified and base_report.verified
+    report.notes.append(
+        f"restored the chain {[basename(p) for p, _ in links]} ({len(chained)} tables by rows)"
+    )
+    return report
+
+
+def _load_dynamic_links(
+    model: torch.nn.Module,
+    links: Sequence[tuple[str, Manifest | None]],
+    storage_options: Mapping[str, Any] | None,
+    process_group: Any,
+) -> None:
+    with contextlib.suppress(ImportError):
+        from reckpt.dynamic import load_dynamic
+
+        for path, m in links:
+            if m is not None and any(r.startswith(f"{DYNAMICEMB_DIR}/") for r in m.files):
+                load_dynamic(
+                    path, model, storage_options=storage_options, upsert=True, process_group=process_group
+                )

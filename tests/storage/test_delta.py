@@ -1,0 +1,189 @@
+"""Delta checkpoints on a plain model: a chain restores bitwise equal to a full checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import reckpt
+from reckpt.delta import save_delta
+from reckpt.errors import CheckpointNotFoundError, ConfigError, IntegrityError
+from reckpt.manifest import read_manifest
+from reckpt.optim import optimizer_state_dict
+from reckpt.row_tracker import RowTracker
+from reckpt.storage import Storage, storage_for
+from tests.helpers import TinyRec, state_dicts_equal, train
+
+TABLE = "emb.user.weight"
+
+
+def _opt(m: torch.nn.Module) -> torch.optim.Optimizer:
+    # Adagrad: a zero gradient leaves a row and its accumulator unchanged, so only looked-up
+    # rows change and a delta of them is lossless.
+    return torch.optim.Adagrad(m.parameters(), lr=0.1)
+
+
+def _flat(m: torch.nn.Module, o: torch.optim.Optimizer) -> dict[str, Any]:
+    out = {f"model/{k}": v for k, v in m.state_dict().items()}
+    for name, st in optimizer_state_dict(m, o)["state"].items():
+        out.update({f"optim/{name}/{k}": v for k, v in st.items()})
+    return out
+
+
+def _chain(root: str, encoding: str = "raw") -> tuple[dict[str, Any], str]:
+    """Full at step 3, deltas at 5 and 7; returns the state at step 7 and the newest delta."""
+    torch.manual_seed(0)
+    m = TinyRec(rows=50)
+    o = _opt(m)
+    tracker = RowTracker(m, tables=[TABLE])
+    train(m, o, steps=3, seed=1)
+    base = reckpt.save_model(Storage.join(root, "model.ckpt-3"), m, o)
+    tracker.clear()
+    train(m, o, steps=2, seed=2)
+    d5 = Storage.join(root, "model.delta-5")
+    rows = save_delta(d5, m, o, tracker, base)
+    assert 0 < rows[TABLE] < 50
+    tracker.clear()
+    train(m, o, steps=2, seed=3)
+    d7 = Storage.join(root, "model.delta-7")
+    save_delta(d7, m, o, tracker, d5, encoding=encoding)
+    return _flat(m, o), d7
+
+
+def _fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(123)
+    m = TinyRec(rows=50)
+    return m, _opt(m)
+
+
+def test_chain_restores_bitwise_equal_to_the_state_at_its_step(root: str) -> None:
+    want, d7 = _chain(root)
+    m, o = _fresh()
+    report = reckpt.restore_model(d7, m, o)
+    assert state_dicts_equal(_flat(m, o), want)
+    assert TABLE not in report.missing_keys
+    assert any("model.ckpt-3" in n and "model.delta-5" in n for n in report.notes)
+    manifest = read_manifest(storage_for(d7), d7)
+    assert manifest is not None and manifest.delta is not None
+    assert manifest.delta["chain"] == ["model.ckpt-3", "model.delta-5"]
+    assert reckpt.latest_checkpoint(root)[1] == 3  # TorchEasyRec's view: deltas are not checkpoints
+
+
+def test_delta_is_much_smaller_than_a_full_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    m = TinyRec(rows=20000, dim=16)
+    o = _opt(m)
+    tracker = RowTracker(m, tables=[TABLE])
+    base = reckpt.save_model(str(tmp_path / "model.ckpt-1"), m, o)
+    train(m, o, steps=1, seed=4)  # ids < 50: a handful of rows
+    save_delta(str(tmp_path / "model.delta-2"), m, o, tracker, base)
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())  # noqa: E731
+    assert size(tmp_path / "model.delta-2") * 20 < size(tmp_path / "model.ckpt-1")
+
+
+def test_missing_link_is_named_and_nothing_is_loaded(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    _, d7 = _chain(root)
+    storage_for(root).rm(str(tmp_path / "run" / "model.delta-5"), recursive=True)
+    m, o = _fresh()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(CheckpointNotFoundError, match=r"chain is broken: link .*model\.delta-5 does not exist"):
+        reckpt.restore_model(d7, m, o)
+    assert state_dicts_equal(m.state_dict(), before)
+
+
+def test_corrupt_link_is_named_and_nothing_is_loaded(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    _, d7 = _chain(str(root))
+    f = root / "model.delta-5" / "delta_rows" / "rank_0.bin"
+    raw = bytearray(f.read_bytes())
+    raw[3] ^= 0x10
+    f.write_bytes(bytes(raw))
+    m, o = _fresh()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(IntegrityError, match=r"model\.delta-5/delta_rows/rank_0\.bin: delta rows file is corrupted"):
+        reckpt.restore_model(d7, m, o)
+    assert state_dicts_equal(m.state_dict(), before)
+
+
+def test_lossy_delta_needs_consent_and_stays_within_the_int8_bound(tmp_path: Path) -> None:
+    want, d7 = _chain(str(tmp_path / "run"), encoding="int8")
+    m, o = _fresh()
+    with pytest.raises(ConfigError, match="lossy .*int8.* delta dump; pass allow_lossy=True"):
+        reckpt.restore_model(d7, m, o)
+    reckpt.restore_model(d7, m, o, allow_lossy=True)
+    got = m.state_dict()["emb.user.weight"]
+    exact = want["model/emb.user.weight"]
+    spread = (exact.max(dim=1).values - exact.min(dim=1).values).max()
+    assert float((got - exact).abs().max()) <= float(spread) / 255  # about half a step, plus fp16
+    assert not torch.equal(got, exact)
+
+
+def test_bad_delta_arguments(tmp_path: Path) -> None:
+    m, o = _fresh()
+    tracker = RowTracker(m, tables=[TABLE])
+    base = reckpt.save_model(str(tmp_path / "model.ckpt-1"), m, o)
+    with pytest.raises(ConfigError, match="must be named model.delta-<step>"):
+        save_delta(str(tmp_path / "model.ckpt-2"), m, o, tracker, base)
+    with pytest.raises(ConfigError, match="delta encoding must be one of"):
+        save_delta(str(tmp_path / "model.delta-2"), m, o, tracker, base, encoding="int4")
+    with pytest.raises(CheckpointNotFoundError, match="delta parent .* is not a committed"):
+        save_delta(str(tmp_path / "model.delta-2"), m, o, tracker, str(tmp_path / "model.ckpt-9"))
+    with pytest.raises(ConfigError, match="name no embedding table"):
+        RowTracker(m, tables=["nope.weight"])
+    assert not (tmp_path / "model.delta-2").exists()
+
+
+def test_manager_alternates_full_and_delta_and_retention_keeps_the_chain(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    policy = reckpt.IncrementalPolicy(full_every=2, tables=(TABLE,))
+    torch.manual_seed(0)
+    m = TinyRec(rows=5000)
+    o = _opt(m)
+    with reckpt.CheckpointManager(root, keep_checkpoint_max=2, incremental=policy) as mgr:
+        paths = []
+        for step in range(1, 7):
+            train(m, o, steps=1, seed=step)
+            paths.append(mgr.save(step, m, o))
+        mgr.prune()
+        mgr.wait()
+    names = [Path(p).name for p in paths]
+    assert names == [
+        "model.ckpt-1",
+        "model.delta-2",
+        "model.delta-3",
+        "model.ckpt-4",
+        "model.delta-5",
+        "model.delta-6",
+    ]
+    infos = reckpt.list_checkpoints(root)
+    assert [(c.step, c.kind, c.needs) for c in infos] == [(4, "full", ()), (5, "delta", (4,)), (6, "delta", (4, 5))]
+    want = _flat(m, o)
+
+    torch.manual_seed(9)
+    m2 = TinyRec(rows=5000)
+    o2 = _opt(m2)
+    with reckpt.CheckpointManager(root, keep_checkpoint_max=2, incremental=policy) as mgr:
+        path, step = mgr.latest_checkpoint()
+        assert (Path(path or "").name, step) == ("model.delta-6", 6)
+        info = mgr.restore(path or "", m2, o2)
+        assert info.step == 6
+        assert state_dicts_equal(_flat(m2, o2), want)
+        train(m2, o2, steps=1, seed=7)
+        assert Path(mgr.save(7, m2, o2)).name == "model.ckpt-7"  # two deltas on 4 already
+
+
+def test_next_save_kind_rules() -> None:
+    from reckpt.policy import IncrementalPolicy, next_save_kind
+
+    p = IncrementalPolicy(full_every=3, max_delta_fraction=0.2)
+    kw = {"delta_bytes": 10, "full_bytes": 100}
+    assert next_save_kind(p, has_parent=False, deltas_since_full=0, **kw)[0] == "full"
+    assert next_save_kind(p, has_parent=True, deltas_since_full=2, **kw)[0] == "delta"
+    assert next_save_kind(p, has_parent=True, deltas_since_full=3, **kw)[0] == "full"
+    assert next_save_kind(p, has_parent=True, deltas_since_full=0, delta_bytes=21, full_bytes=100)[0] == "full"
+    with pytest.raises(ValueError, match="full_every must be >= 1"):
+        IncrementalPolicy(full_every=0)
