@@ -26,6 +26,7 @@ from reckpt.dataloader_state import (
 )
 from reckpt.discovery import best_checkpoint, latest_checkpoint, list_checkpoints
 from reckpt.dist import Dist
+from reckpt.dynamic import dynamic_writer
 from reckpt.errors import ConfigError
 from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME, append_eval_result, write_checkpoint_metrics
 from reckpt.incremental import Incremental, latest_restorable
@@ -219,6 +220,9 @@ class CheckpointManager:
             "overwrite": overwrite,
             "storage_options": self.storage_options,
         }
+        dynamic = dynamic_writer(model)  # copies the dynamic tables now (async-safe)
+        if dynamic is not None:
+            kwargs["file_writers"] = [dynamic]
         if not (self._async if async_save is None else async_save):
             save_parts(path, parts, process_group=self._pg, **kwargs)
             self._after_commit(path, start, time.time() - start, False)

@@ -446,6 +446,17 @@ def restore_model(
         jobs.append(_Job(name, obj.state_dict, _applier(obj)))
 
     ld.check(jobs)
+    from reckpt.dynamic.load import restore_step  # imports reckpt.save
+
+    dynamic = restore_step(
+        ckpt,
+        model,
+        meta,
+        optimizer_restored=optimizer is not None and load_optimizer,
+        upsert=manifest is not None and manifest.delta is not None,  # a delta holds touched rows only
+        storage_options=storage_options,
+        process_group=process_group,
+    )
     for job in jobs:
         if (
             job.part == DENSE_EMA_DIR
@@ -457,5 +468,7 @@ def restore_model(
         ld.load(job)
     if dense_ema is not None and not ld.has(DENSE_EMA_DIR) and callable(getattr(dense_ema, "reset", None)):
         dense_ema.reset()
+    if dynamic is not None:
+        dynamic.apply(report)
     logger.info("%s", report.summary())
     return report
