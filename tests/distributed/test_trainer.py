@@ -64,6 +64,7 @@ embedding_dim = 8
 num_embeddings = 500
 bottom_mlp = [16, 8]
 top_mlp = [16, 1]
+{extra.get("model", "")}
 [train_config]
 num_steps = {STEPS}
 save_checkpoints_steps = {EVERY}
@@ -153,6 +154,48 @@ def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, worl
     with torch.no_grad():
         want = torch.cat([torch.sigmoid(plain(b.dense, b.sparse).squeeze(-1)) for b in reader.batches()])
     assert torch.allclose(scores, want.to(scores.dtype), rtol=0, atol=1e-6)
+
+
+DYNAMIC = """
+[model.dynamic_tables.s1]
+capacity = 150
+eviction = "lfu"
+[model.dynamic_tables.s2]
+admit_threshold = 2
+"""
+
+
+def dynamic_files(ckpt: Path) -> dict[str, bytes]:
+    root = ckpt / "dynamicemb"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_dynamic_features_train_and_resume_exactly(tmp_path: Path, data: Path) -> None:
+    """Two features on dynamic tables next to a TorchRec table, 2 processes, killed and resumed."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    proc = cli("train", write_config(tmp_path / "a.toml", data, straight, model=DYNAMIC), world=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = straight / f"model.ckpt-{STEPS - 1}"
+    files = dynamic_files(final)
+    assert "model.dynamic.s1/t_s1_emb_values.rank_1.world_size_2" in files
+    assert "model.dynamic.s2/t_s2_counter_keys.rank_0.world_size_2" in files
+    for rank in (0, 1):  # every rank holds only its keys; LFU eviction kept each under capacity
+        keys = torch.frombuffer(
+            bytearray(files[f"model.dynamic.s1/t_s1_emb_keys.rank_{rank}.world_size_2"]), dtype=torch.int64
+        )
+        assert 100 < len(keys) <= 150 and bool((keys % 2 == rank).all())
+    # Not part of the TorchRec model: no state dict key, no sharding plan entry.
+    assert not [k for k in final_state(straight) if "dynamic" in k]
+    assert "dynamic" not in (final / "plan").read_text()
+    assert reckpt.verify(str(final)).ok
+
+    cfg = write_config(tmp_path / "b.toml", data, resumed, model=DYNAMIC)
+    killed = cli("train", cfg, world=2, env={"RECKPT_TRAIN_KILL_AT_STEP": "45"})
+    assert killed.returncode != 0 and reckpt.latest_checkpoint(str(resumed))[1] == 40
+    proc = cli("train", cfg, "--continue-train", world=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_bitwise_equal(final_state(straight), final_state(resumed))
+    assert dynamic_files(resumed / f"model.ckpt-{STEPS - 1}") == files
 
 
 def test_fine_tune_with_param_map_and_eval(tmp_path: Path, data: Path) -> None:

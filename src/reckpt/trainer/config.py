@@ -14,7 +14,16 @@ from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from reckpt.errors import ConfigError
 
-__all__ = ["Config", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "ExportConfig", "load_config"]
+__all__ = [
+    "Config",
+    "DataConfig",
+    "DynamicTableConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "ExportConfig",
+    "load_config",
+]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -32,6 +41,20 @@ class DataConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class DynamicTableConfig:
+    """A sparse column served by a dynamic table (:class:`reckpt.dynamic.DynamicEmbedding`)."""
+
+    capacity: int = 0
+    """Most rows per process (0: unbounded); beyond it the rows of lowest score are evicted."""
+    eviction: str = "lru"
+    """Eviction score: ``"lru"`` (last step seen) or ``"lfu"`` (times seen)."""
+    admit_threshold: int = 0
+    """Times an id must be seen before it gets a row (0 or 1: at once)."""
+    learning_rate: float = 0.0
+    """Row-wise Adagrad learning rate (0: ``train_config.sparse_learning_rate``)."""
+
+
+@dataclass(kw_only=True, slots=True)
 class ModelConfig:
     """DLRM shape."""
 
@@ -40,6 +63,9 @@ class ModelConfig:
     """Rows per table; ids are taken modulo this."""
     table_sizes: dict[str, int] = field(default_factory=dict)
     """Per-feature row counts overriding ``num_embeddings``."""
+    dynamic_tables: dict[str, DynamicTableConfig] = field(default_factory=dict)
+    """Sparse columns whose ids are raw keys of a dynamic table (rows created on first sight,
+    sharded by ``id % world_size``, saved in ``dynamicemb/``), e.g. ``[model.dynamic_tables.s2]``."""
     bottom_mlp: list[int] = field(default_factory=lambda: [64, 16])
     """Dense arch layer sizes; the last must equal ``embedding_dim``."""
     top_mlp: list[int] = field(default_factory=lambda: [64, 1])
@@ -118,11 +144,36 @@ class Config:
         unknown_tables = sorted(set(m.table_sizes) - set(d.sparse_columns))
         if unknown_tables:
             raise ConfigError(f"{source}: model.table_sizes names unknown sparse columns {unknown_tables}")
+        self._validate_dynamic(source)
         if e.exporter_type not in ("latest", "best"):
             raise ConfigError(
                 f"{source}: export_config.exporter_type must be 'latest' or 'best', got {e.exporter_type!r}"
             )
         return self
+
+    def _validate_dynamic(self, source: str) -> None:
+        m, d = self.model, self.data
+        unknown = sorted(set(m.dynamic_tables) - set(d.sparse_columns))
+        if unknown:
+            raise ConfigError(f"{source}: model.dynamic_tables names unknown sparse columns {unknown}")
+        if m.dynamic_tables and set(m.dynamic_tables) == set(d.sparse_columns):
+            raise ConfigError(
+                f"{source}: model.dynamic_tables covers every sparse column; keep at least one in a"
+                " regular table (remove one of them from model.dynamic_tables)"
+            )
+        for name, t in m.dynamic_tables.items():
+            where = f"model.dynamic_tables.{name}"
+            if name in m.table_sizes:
+                raise ConfigError(
+                    f"{source}: {name} is in model.table_sizes and {where}; a dynamic table has no size"
+                )
+            if t.eviction not in ("lru", "lfu"):
+                raise ConfigError(f"{source}: {where}.eviction must be 'lru' or 'lfu', got {t.eviction!r}")
+            for key in ("capacity", "admit_threshold"):
+                if getattr(t, key) < 0:
+                    raise ConfigError(f"{source}: {where}.{key} must be >= 0")
+            if t.learning_rate < 0:
+                raise ConfigError(f"{source}: {where}.learning_rate must be >= 0")
 
 
 T = TypeVar("T")
@@ -145,6 +196,11 @@ def _build(cls: type[T], doc: Any, where: str, source: str) -> T:
         path = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, path, source)  # type: ignore[arg-type]
+        elif get_origin(hint) is dict and dataclasses.is_dataclass(get_args(hint)[1]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{path}] must be a table, got {type(value).__name__}")
+            item = get_args(hint)[1]
+            kwargs[key] = {k: _build(item, v, f"{path}.{k}", source) for k, v in value.items()}
         else:
             kwargs[key] = _check_type(value, hint, path, source)
     return cls(**kwargs)

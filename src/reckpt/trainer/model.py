@@ -14,7 +14,7 @@ from torch import nn
 
 from reckpt.trainer.config import Config
 
-__all__ = ["init_distributed", "table_rows", "build_model", "shard_model", "table_name"]
+__all__ = ["init_distributed", "table_rows", "build_model", "shard_model", "table_name", "DynamicDLRM"]
 
 
 def init_distributed() -> tuple[int, int]:
@@ -39,16 +39,30 @@ def table_name(feature: str) -> str:
     return f"t_{feature}"
 
 
+DYNAMIC_ROWS = 1 << 62
+"""``table_rows`` of a dynamic feature: ids are its keys, not reduced to a table size."""
+
+
 def table_rows(cfg: Config) -> dict[str, int]:
-    return {c: cfg.model.table_sizes.get(c, cfg.model.num_embeddings) for c in cfg.data.sparse_columns}
+    return {
+        c: DYNAMIC_ROWS
+        if c in cfg.model.dynamic_tables
+        else cfg.model.table_sizes.get(c, cfg.model.num_embeddings)
+        for c in cfg.data.sparse_columns
+    }
 
 
 def build_model(cfg: Config, device: str = "cpu") -> nn.Module:
-    """A plain (unsharded) TorchRec DLRM: one embedding-bag table per sparse feature."""
+    """A plain (unsharded) TorchRec DLRM: one embedding-bag table per sparse feature.
+
+    Features listed in ``model.dynamic_tables`` get a :class:`~reckpt.dynamic.DynamicEmbedding`
+    instead (a :class:`DynamicDLRM`).
+    """
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.models.dlrm import DLRM
 
     rows = table_rows(cfg)
+    static = [c for c in cfg.data.sparse_columns if c not in cfg.model.dynamic_tables]
     ebc = EmbeddingBagCollection(
         tables=[
             EmbeddingBagConfig(
@@ -57,18 +71,76 @@ def build_model(cfg: Config, device: str = "cpu") -> nn.Module:
                 num_embeddings=rows[c],
                 feature_names=[c],
             )
-            for c in cfg.data.sparse_columns
+            for c in static
         ],
         device=torch.device(device),
     )
-    model: nn.Module = DLRM(
-        embedding_bag_collection=ebc,
-        dense_in_features=len(cfg.data.dense_columns),
-        dense_arch_layer_sizes=list(cfg.model.bottom_mlp),
-        over_arch_layer_sizes=list(cfg.model.top_mlp),
-        dense_device=torch.device(device),
-    )
+    kwargs: dict[str, Any] = {
+        "embedding_bag_collection": ebc,
+        "dense_in_features": len(cfg.data.dense_columns),
+        "dense_arch_layer_sizes": list(cfg.model.bottom_mlp),
+        "over_arch_layer_sizes": list(cfg.model.top_mlp),
+        "dense_device": torch.device(device),
+    }
+    if cfg.model.dynamic_tables:
+        return DynamicDLRM(cfg, **kwargs)
+    model: nn.Module = DLRM(**kwargs)
     return model
+
+
+class DynamicDLRM(nn.Module):
+    """TorchRec's DLRM whose interaction also takes pooled rows of dynamic tables.
+
+    The TorchRec parts keep DLRM's names (``sparse_arch``, ``dense_arch``, ``inter_arch``,
+    ``over_arch``); the dynamic tables (``dynamic.<feature>``) have no parameters, so
+    DistributedModelParallel neither shards nor broadcasts them, and they are saved in the
+    checkpoint's ``dynamicemb/`` folder.
+    """
+
+    def __init__(self, cfg: Config, **dlrm_kwargs: Any) -> None:
+        super().__init__()
+        from torchrec.models.dlrm import DLRM, InteractionArch, OverArch
+
+        from reckpt.dynamic import DynamicEmbedding
+
+        base = DLRM(**dlrm_kwargs)
+        self.static_features: list[str] = list(base.sparse_arch.sparse_feature_names)
+        n = len(self.static_features) + len(cfg.model.dynamic_tables)
+        dim = cfg.model.embedding_dim
+        self.sparse_arch, self.dense_arch = base.sparse_arch, base.dense_arch
+        self.inter_arch = InteractionArch(num_sparse_features=n)
+        self.over_arch = OverArch(
+            in_features=dim + n * (n - 1) // 2 + n,
+            layer_sizes=list(cfg.model.top_mlp),
+            device=dlrm_kwargs["dense_device"],
+        )
+        lr = cfg.train_config.sparse_learning_rate
+        self.dynamic = nn.ModuleDict(
+            {
+                f: DynamicEmbedding(
+                    dim,
+                    name=table_name(f),
+                    capacity=t.capacity or None,
+                    eviction=t.eviction,
+                    admit_threshold=t.admit_threshold,
+                    lr=t.learning_rate or lr,
+                    seed=cfg.train_config.seed,
+                )
+                for f, t in cfg.model.dynamic_tables.items()
+            }
+        )
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: Any) -> torch.Tensor:
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        jts = sparse_features.to_dict()
+        static = KeyedJaggedTensor.from_jt_dict({f: jts[f] for f in self.static_features})
+        pooled = [self.sparse_arch(static), *(emb(jts[f]).unsqueeze(1) for f, emb in self.dynamic.items())]
+        inter = self.inter_arch(
+            dense_features=self.dense_arch(dense_features), sparse_features=torch.cat(pooled, 1)
+        )
+        out: torch.Tensor = self.over_arch(inter)
+        return out
 
 
 def shard_model(
