@@ -48,6 +48,7 @@ _EXPORTS = {
     "PinnedSteps": "reckpt.policy",
     "IncrementalPolicy": "reckpt.policy",
     "RowTracker": "reckpt.row_tracker",
+    "DynamicEmbedding": "reckpt.dynamic",
     "save_delta": "reckpt.delta",
 }
 
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
     from reckpt.discovery import (
         list_checkpoints as list_checkpoints,
     )
+    from reckpt.dynamic import DynamicEmbedding as DynamicEmbedding
     from reckpt.inspection import (
         CheckpointContents as CheckpointContents,
     )
