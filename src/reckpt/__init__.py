@@ -46,6 +46,9 @@ _EXPORTS = {
     "EveryNSteps": "reckpt.policy",
     "EveryNSeconds": "reckpt.policy",
     "PinnedSteps": "reckpt.policy",
+    "load_unsharded": "reckpt.unsharded",
+    "init_parameters": "reckpt.meta_init",
+    "plan_constraints": "reckpt.plan",
     "IncrementalPolicy": "reckpt.policy",
     "RowTracker": "reckpt.row_tracker",
     "DynamicEmbedding": "reckpt.dynamic",
@@ -101,6 +104,8 @@ if TYPE_CHECKING:
     )
     from reckpt.leases import lease as lease
     from reckpt.manager import CheckpointManager as CheckpointManager
+    from reckpt.meta_init import init_parameters as init_parameters
+    from reckpt.plan import plan_constraints as plan_constraints
     from reckpt.planner import PartialLoadPlanner as PartialLoadPlanner
     from reckpt.policy import (
         BestN as BestN,
@@ -127,5 +132,6 @@ if TYPE_CHECKING:
     from reckpt.resume import ResumeInfo as ResumeInfo
     from reckpt.row_tracker import RowTracker as RowTracker
     from reckpt.save import save_model as save_model
+    from reckpt.unsharded import load_unsharded as load_unsharded
     from reckpt.verification import VerifyReport as VerifyReport
     from reckpt.verification import verify as verify
