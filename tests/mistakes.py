@@ -116,6 +116,45 @@ def _config(d: Path, text: str) -> None:
     load_config(str(d / "c.toml")).validate(str(d / "c.toml"))
 
 
+def _dynamic_dump(d: Path, dim: int = 4) -> tuple[str, torch.nn.Module]:
+    """A checkpoint of a model with one dynamic table (``user``), and a fresh model of width ``dim``."""
+    from reckpt.dynamic import DynamicEmbedding
+
+    def model(width: int) -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.user = DynamicEmbedding(width, name="user")
+        return m
+
+    m = model(4)
+    emb = m.get_submodule("user")
+    torch.autograd.backward(emb(torch.tensor([3, 8, 11]), torch.tensor([0, 2, 3])).sum())
+    ck = str(d / "model.ckpt-1")
+    reckpt.save_model(ck, m)
+    return ck, model(dim)
+
+
+def _dynamic_shard(d: Path, edit: str) -> None:
+    from reckpt.dynamic import load_dynamic
+
+    ck, fresh = _dynamic_dump(d)
+    f = Path(ck) / "dynamicemb" / "model.user" / "user_emb_values.rank_0.world_size_1"
+    if edit == "truncate":
+        f.write_bytes(f.read_bytes()[:-16])
+    else:
+        f.unlink()
+    load_dynamic(ck, fresh)
+
+
+def _dynamic_dim(d: Path) -> None:
+    from reckpt.dynamic import load_dynamic
+
+    ck, fresh = _dynamic_dump(d, dim=8)
+    load_dynamic(ck, fresh)
+
+
+DYNAMIC_CONFIG = '[data]\nsparse_columns = ["a", "b"]\n[train_config]\nnum_steps = 5\n'
+
+
 SHAPE = (
     "<dir>/model.ckpt-1/model: 2 key(s) cannot be loaded because their shapes differ:\n"
     "  emb.user.weight: checkpoint 'emb.user.weight' has shape [50, 4], the current value [50, 6]\n"
@@ -372,6 +411,52 @@ MISTAKES: list[Mistake] = [
         lambda d: _config_missing(d),
         errors.ConfigError,
         "config file <dir>/missing.toml does not exist",
+    ),
+    Mistake(
+        "dynamic table: a shard file cut short",
+        lambda d: _dynamic_shard(d, "truncate"),
+        errors.IntegrityError,
+        "<dir>/model.ckpt-1/dynamicemb/model.user/user_emb_values.rank_0.world_size_1: 32 bytes, expected 48"
+        " (3 keys x 4 float32); the file is truncated or does not belong to this table",
+    ),
+    Mistake(
+        "dynamic table: a shard file missing",
+        lambda d: _dynamic_shard(d, "remove"),
+        errors.CheckpointNotFoundError,
+        "<dir>/model.ckpt-1/dynamicemb/model.user/user_emb_values.rank_0.world_size_1: shard file missing"
+        " (a dump of world size 1 needs all 1 shards); the checkpoint is incomplete",
+    ),
+    Mistake(
+        "dynamic table: restored into a table of another width",
+        _dynamic_dim,
+        errors.IntegrityError,
+        "<dir>/model.ckpt-1/dynamicemb/model.user/user_emb_values.rank_0.world_size_1: 48 bytes, expected 96"
+        " (3 keys x 8 float32); the file is truncated or does not belong to this table",
+    ),
+    Mistake(
+        "DynamicEmbedding: an unknown eviction policy",
+        lambda d: reckpt.DynamicEmbedding(4, eviction="fifo"),
+        errors.ConfigError,
+        "DynamicEmbedding: eviction must be one of ('lru', 'lfu'), got 'fifo'",
+    ),
+    Mistake(
+        "config: model.dynamic_tables names an unknown sparse column",
+        lambda d: _config(d, DYNAMIC_CONFIG + "[model.dynamic_tables.c]\n"),
+        errors.ConfigError,
+        "<dir>/c.toml: model.dynamic_tables names unknown sparse columns ['c']",
+    ),
+    Mistake(
+        "config: every sparse column on a dynamic table",
+        lambda d: _config(d, DYNAMIC_CONFIG + "[model.dynamic_tables.a]\n[model.dynamic_tables.b]\n"),
+        errors.ConfigError,
+        "<dir>/c.toml: model.dynamic_tables covers every sparse column; keep at least one in a regular"
+        " table (remove one of them from model.dynamic_tables)",
+    ),
+    Mistake(
+        "config: an unknown dynamic-table eviction",
+        lambda d: _config(d, DYNAMIC_CONFIG + '[model.dynamic_tables.a]\neviction = "fifo"\n'),
+        errors.ConfigError,
+        "<dir>/c.toml: model.dynamic_tables.a.eviction must be 'lru' or 'lfu', got 'fifo'",
     ),
 ]
 

@@ -246,6 +246,7 @@ class PendingDynamicLoad:
                 t.clock = args["clock"]
             elif len(st.scores) and t.eviction == "lru":  # a dump without our settings file
                 t.clock = max(t.clock, int(st.scores.max()))
+            t.clear_touched()  # the restored state is the baseline of the next incremental dump
             self.report.loaded[tid] = len(t)
         for tid in self.report.missing:
             logger.warning(

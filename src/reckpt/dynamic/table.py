@@ -204,14 +204,21 @@ class DynamicTable:
         return min(n, self.capacity - len(self.slot_of))
 
     def evict(self, n: int, protect: list[int] | None = None) -> list[int]:
-        """Remove the ``n`` rows of lowest score (ties: lowest key); returns their keys."""
-        used = torch.tensor(sorted(self.slot_of.values()), dtype=torch.int64)
+        """Remove the ``n`` rows of lowest score (ties: lowest key); returns their keys.
+
+        Ties go by key, never by slot, so that the choice does not depend on the order rows
+        were created or restored in.
+        """
+        used = torch.tensor(list(self.slot_of.values()), dtype=torch.int64)
         if protect:
             used = used[~torch.isin(used, torch.tensor(protect, dtype=torch.int64))]
-        if n <= 0 or len(used) == 0:
+        n = min(n, len(used))
+        if n <= 0:
             return []
-        order = np.lexsort((self.keys[used].numpy(), self.scores[used].numpy()))[:n]
-        victims = [int(k) for k in self.keys[used[torch.from_numpy(order)]].tolist()]
+        scores = self.scores[used]
+        cand = used[scores <= torch.kthvalue(scores, n).values]
+        order = np.lexsort((self.keys[cand].numpy(), self.scores[cand].numpy()))[:n]
+        victims = [int(k) for k in self.keys[cand[torch.from_numpy(order)]].tolist()]
         for k in victims:
             self._free.append(self.slot_of.pop(k))
             self.touched.discard(k)
