@@ -71,7 +71,13 @@ def inspect_checkpoint(
     storage = storage_for(checkpoint_dir, storage_options)
     manifest = read_manifest(storage, checkpoint_dir)
     if manifest is not None:
-        return CheckpointContents(checkpoint_dir, dict(manifest.entries))
+        from reckpt.dynamic.dump import table_entries
+
+        parts = dict(manifest.entries)
+        dynamic = table_entries(manifest.files)
+        if dynamic:
+            parts["dynamicemb"] = dynamic  # one entry per dynamic table (raw files, not DCP)
+        return CheckpointContents(checkpoint_dir, parts)
     parts = {}
     for name in storage.ls(checkpoint_dir):
         if storage.exists(Storage.join(checkpoint_dir, name, DCP_METADATA_FILE)):

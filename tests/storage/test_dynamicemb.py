@@ -99,6 +99,8 @@ def test_save_restore_roundtrip_on_every_backend(root: str) -> None:
     assert same(state(fresh.user), state(m.user)) and same(state(fresh.item), state(m.item))
     assert report.parts["dynamicemb"].loaded == ["model.item/item", "model.user/user"]
     assert reckpt.verify(ck).ok
+    entries = {e.name: e for e in reckpt.inspect_checkpoint(ck).parts["dynamicemb"]}
+    assert entries["model.user/user"].shape == [n, 4] and entries["model.item/item"].shape == [40, 4]
     # Both continue identically.
     train(m, 3, seed=2)
     train(fresh, 3, seed=2)
@@ -194,3 +196,42 @@ def test_a_model_without_dynamic_tables_has_no_writer_and_no_folder(tmp_path: Pa
     ck = tmp_path / "model.ckpt-1"
     reckpt.save_model(str(ck), nn.Linear(2, 2))
     assert not (ck / "dynamicemb").exists()
+
+
+def test_async_manager_save_holds_the_tables_as_they_were(tmp_path: Path) -> None:
+    """The manager copies the tables when the save starts; training on does not leak into it."""
+    m = trained()
+    want = (state(m.user), state(m.item))
+    mgr = reckpt.CheckpointManager(str(tmp_path / "run"), async_save=True)
+    path = mgr.save(6, m, sgd(m))
+    train(m, 4, seed=9)  # while the save may still be writing
+    mgr.close()
+    assert not same(state(m.user), want[0])
+    fresh = DynRec()
+    mgr2 = reckpt.CheckpointManager(str(tmp_path / "run"))
+    info = mgr2.restore(path, fresh, sgd(fresh))
+    mgr2.close()
+    assert info.step == 6 and same(state(fresh.user), want[0]) and same(state(fresh.item), want[1])
+
+
+def test_a_delta_chain_restores_the_dynamic_tables(tmp_path: Path) -> None:
+    """base + 2 deltas (touched rows, evictions) restores the tables exactly (reckpt.delta)."""
+    from reckpt.delta import save_delta
+
+    run = tmp_path / "run"
+    m = trained()
+    tracker = reckpt.RowTracker(m)
+    reckpt.save_model(str(run / "model.ckpt-6"), m, sgd(m))
+    tracker.clear()
+    parent = run / "model.ckpt-6"
+    for step, seed in ((9, 5), (12, 6)):
+        train(m, 3, seed=seed)
+        save_delta(str(run / f"model.delta-{step}"), m, sgd(m), tracker, parent=str(parent))
+        tracker.clear()
+        parent = run / f"model.delta-{step}"
+    assert (
+        run / "model.delta-12" / "dynamicemb" / "model.item" / "item_removed_keys.rank_0.world_size_1"
+    ).exists()
+    fresh = DynRec()
+    reckpt.restore_model(str(parent), fresh, sgd(fresh))
+    assert same(state(fresh.user), state(m.user)) and same(state(fresh.item), state(m.item))

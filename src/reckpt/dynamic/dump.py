@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -31,11 +32,21 @@ from reckpt.dynamic.module import DynamicEmbedding
 from reckpt.dynamic.table import TableState
 from reckpt.errors import ConfigError
 from reckpt.integrity import FileRecord
+from reckpt.manifest import TensorEntry
 from reckpt.naming import DYNAMICEMB_DIR
 from reckpt.save import FileWriter, write_record
 from reckpt.storage import Storage
 
-__all__ = ["dynamic_tables", "dynamic_writer", "shard_name", "KINDS", "REMOVED", "SHARD_RE"]
+__all__ = [
+    "dynamic_tables",
+    "dynamic_writer",
+    "table_entries",
+    "table_of",
+    "shard_name",
+    "KINDS",
+    "REMOVED",
+    "SHARD_RE",
+]
 
 _WRAPPERS = {"_dmp_wrapped_module", "_orig_mod"}
 _DDP_LIKE = {"DistributedDataParallel", "FullyShardedDataParallel", "DistributedModelParallel"}
@@ -74,6 +85,17 @@ def dynamic_tables(model: torch.nn.Module) -> dict[tuple[str, str], DynamicEmbed
 
 def shard_name(table: str, kind: str, rank: int, world: int) -> str:
     return f"{table}_{kind}.rank_{rank}.world_size_{world}"
+
+
+def table_of(fname: str) -> str | None:
+    """The table of a dump file (``user_emb_keys.rank_0.world_size_2`` -> ``"user"``), else ``None``."""
+    if fname.endswith("_opt_args.json"):
+        return fname[: -len("_opt_args.json")] or None
+    for kind in (*KINDS, REMOVED):
+        head, marker, tail = fname.rpartition(f"_{kind}.rank_")
+        if marker and head and SHARD_RE.fullmatch(f"{kind}.rank_{tail}"):
+            return head
+    return None
 
 
 def _opt_args(m: DynamicEmbedding) -> dict[str, Any]:
@@ -154,3 +176,40 @@ def dynamic_writer(
 def _encode(t: torch.Tensor) -> bytes:
     dtype = "<i8" if t.dtype == torch.int64 else "<f4"
     return np.ascontiguousarray(t.numpy(), dtype=dtype).tobytes()
+
+
+def table_entries(files: Mapping[str, FileRecord], subdir: str = DYNAMICEMB_DIR) -> list[TensorEntry]:
+    """One entry per dynamic table of a manifest's file records (for ``reckpt inspect``).
+
+    ``<path>/<t>``: shape ``[rows of all shards, dim]``, float32; bytes: all of the table's files.
+
+    Example:
+        >>> recs = {"dynamicemb/model.u/u_emb_keys.rank_0.world_size_1": FileRecord("", 16, ""),
+        ...         "dynamicemb/model.u/u_emb_values.rank_0.world_size_1": FileRecord("", 64, "")}
+        >>> table_entries(recs)
+        [TensorEntry(name='model.u/u', shape=[2, 8], dtype='float32', bytes=80)]
+    """
+    keys: dict[str, int] = {}
+    values: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for rel, rec in files.items():
+        head, sep, rest = rel.partition("/")
+        path, _, fname = rest.rpartition("/")
+        if head != subdir or not sep or not path:
+            continue
+        table = table_of(fname)
+        if table is None:
+            continue
+        kind = next((k for k in ("emb_keys", "emb_values") if fname.startswith(f"{table}_{k}.rank_")), None)
+        name = f"{path}/{table}"
+        total[name] = total.get(name, 0) + rec.size
+        if kind == "emb_keys":
+            keys[name] = keys.get(name, 0) + rec.size // 8
+        elif kind == "emb_values":
+            values[name] = values.get(name, 0) + rec.size // 4
+    out = []
+    for name in sorted(total):
+        rows = keys.get(name, 0)
+        shape = [rows, values.get(name, 0) // rows] if rows else None
+        out.append(TensorEntry(name, shape, "float32", total[name]))
+    return out

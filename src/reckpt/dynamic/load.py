@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from reckpt.dist import Dist
-from reckpt.dynamic.dump import KINDS, REMOVED, SHARD_RE, dynamic_tables, shard_name
+from reckpt.dynamic.dump import REMOVED, SHARD_RE, dynamic_tables, shard_name, table_of
 from reckpt.dynamic.module import DynamicEmbedding
 from reckpt.dynamic.table import TableState
 from reckpt.errors import CheckpointNotFoundError, IntegrityError
@@ -55,20 +55,10 @@ def _saved_tables(storage: Storage, root: str) -> dict[tuple[str, str], list[str
     found: dict[tuple[str, str], list[str]] = {}
     for path in storage.ls(root):
         for fname in storage.ls(Storage.join(root, path)):
-            table = _table_of(fname)
+            table = table_of(fname)
             if table is not None:
                 found.setdefault((path, table), []).append(fname)
     return found
-
-
-def _table_of(fname: str) -> str | None:
-    if fname.endswith("_opt_args.json"):
-        return fname[: -len("_opt_args.json")]
-    for kind in (*KINDS, REMOVED):
-        head, marker, tail = fname.rpartition(f"_{kind}.rank_")
-        if marker and head and SHARD_RE.fullmatch(f"{kind}.rank_{tail}"):
-            return head
-    return None
 
 
 class _Reader:
