@@ -23,7 +23,7 @@ from reckpt.errors import ConfigError
 
 __all__ = ["DynamicEmbedding"]
 
-_GROUPS: dict[int, Any] = {}
+_GROUP: list[tuple[Any, Any]] = []  # [(default group, the dedicated group made for it)]
 
 
 def _dedicated_group() -> Any:
@@ -31,11 +31,12 @@ def _dedicated_group() -> Any:
 
     The lookups and gradient exchanges run inside forward and backward; on their own group
     they can never interleave with the collectives of DDP or DistributedModelParallel.
+    A new default group (after ``destroy_process_group``) gets a new dedicated group.
     """
-    world = dist.get_world_size()
-    if world not in _GROUPS:
-        _GROUPS[world] = dist.new_group(backend="gloo")
-    return _GROUPS[world]
+    world = dist.GroupMember.WORLD
+    if not _GROUP or _GROUP[0][0] is not world:
+        _GROUP[:] = [(world, dist.new_group(backend="gloo"))]
+    return _GROUP[0][1]
 
 
 class DynamicEmbedding(nn.Module):

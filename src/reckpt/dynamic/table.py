@@ -151,49 +151,55 @@ class DynamicTable:
             train: create rows and update scores/counters; otherwise a pure read.
         """
         key_list = keys.tolist()
-        slots = [self.slot_of.get(k, -1) for k in key_list]
+        get = self.slot_of.get
+        slots = torch.tensor([get(k, -1) for k in key_list], dtype=torch.int64)
         if not train:
-            return torch.tensor(slots, dtype=torch.int64)
+            return slots
         self.clock += 1
-        count_list = counts.tolist() if counts is not None else [1] * len(key_list)
-        fresh: list[tuple[int, int, int]] = []  # (position, key, initial score)
-        for i, (k, s, c) in enumerate(zip(key_list, slots, count_list, strict=True)):
-            if s >= 0:
-                self.scores[s] = self.clock if self.eviction == "lru" else int(self.scores[s]) + c
-                self.touched.add(k)
-                continue
-            freq = self.counter.get(k, 0) + c
-            self.touched.add(k)
+        cnt = counts if counts is not None else torch.ones(len(key_list), dtype=torch.int64)
+        have = slots >= 0
+        if self.eviction == "lru":
+            self.scores[slots[have]] = self.clock
+        else:
+            self.scores[slots[have]] += cnt[have]
+        self.touched.update(key_list)
+        count_list = cnt.tolist()
+        fresh: list[tuple[int, int, int]] = []  # (position, key, counted frequency)
+        for i in (~have).nonzero().squeeze(1).tolist():
+            k = key_list[i]
+            freq = self.counter.get(k, 0) + count_list[i]
             if freq < self.admit_threshold:
                 self.counter[k] = freq
-                continue
-            self.counter.pop(k, None)
-            fresh.append((i, k, self.clock if self.eviction == "lru" else freq))
+            else:
+                self.counter.pop(k, None)
+                fresh.append((i, k, freq))
         if fresh:
-            room = self._make_room(len(fresh), protect=[s for s in slots if s >= 0])
-            for i, k, score in fresh[:room]:
-                slots[i] = self._insert(k, score)
-            for _, k, _ in fresh[room:]:  # no room even after eviction: stays out this step
-                self.touched.discard(k)
-            new_slots = torch.tensor([slots[i] for i, _, _ in fresh[:room]], dtype=torch.int64)
-            new_keys = torch.tensor([k for _, k, _ in fresh[:room]], dtype=torch.int64)
-            if len(new_keys):
-                self.values[new_slots] = init_rows(new_keys, self.dim, self.seed, self.init_bound)
-                self.opt[new_slots] = 0.0
-        return torch.tensor(slots, dtype=torch.int64)
+            room = self._make_room(len(fresh), protect=slots[have])
+            for _, k, freq in fresh[room:]:  # no room even after eviction: counted, no row yet
+                self.counter[k] = freq
+            self._insert(slots, fresh[:room])
+        return slots
 
-    def _insert(self, key: int, score: int) -> int:
-        if not self._free:
-            self._grow(1)
-        slot = self._free.pop()
-        self.slot_of[key] = slot
-        self.keys[slot] = key
-        self.scores[slot] = score
-        self.removed.discard(key)
-        self.touched.add(key)
-        return slot
+    def _insert(self, slots: torch.Tensor, fresh: list[tuple[int, int, int]]) -> None:
+        """New rows (initialised from their keys) for ``(position, key, frequency)``; fills ``slots``."""
+        if not fresh:
+            return
+        if len(self._free) < len(fresh):
+            self._grow(len(fresh) - len(self._free))
+        new_keys = [k for _, k, _ in fresh]
+        new_slots = [self._free.pop() for _ in fresh]
+        self.slot_of.update(zip(new_keys, new_slots, strict=True))
+        self.removed.difference_update(new_keys)
+        idx = torch.tensor(new_slots, dtype=torch.int64)
+        key_t = torch.tensor(new_keys, dtype=torch.int64)
+        slots[torch.tensor([i for i, _, _ in fresh], dtype=torch.int64)] = idx
+        self.keys[idx] = key_t
+        lfu = torch.tensor([f for _, _, f in fresh], dtype=torch.int64)
+        self.scores[idx] = lfu if self.eviction == "lfu" else torch.full_like(lfu, self.clock)
+        self.values[idx] = init_rows(key_t, self.dim, self.seed, self.init_bound)
+        self.opt[idx] = 0.0
 
-    def _make_room(self, n: int, protect: list[int]) -> int:
+    def _make_room(self, n: int, protect: torch.Tensor) -> int:
         """Evict lowest-score rows (not in ``protect``) so that ``n`` new rows fit; returns how many fit."""
         if self.capacity is None:
             return n
@@ -203,15 +209,15 @@ class DynamicTable:
         self.evict(excess, protect)
         return min(n, self.capacity - len(self.slot_of))
 
-    def evict(self, n: int, protect: list[int] | None = None) -> list[int]:
+    def evict(self, n: int, protect: torch.Tensor | None = None) -> list[int]:
         """Remove the ``n`` rows of lowest score (ties: lowest key); returns their keys.
 
         Ties go by key, never by slot, so that the choice does not depend on the order rows
         were created or restored in.
         """
         used = torch.tensor(list(self.slot_of.values()), dtype=torch.int64)
-        if protect:
-            used = used[~torch.isin(used, torch.tensor(protect, dtype=torch.int64))]
+        if protect is not None and len(protect):
+            used = used[~torch.isin(used, protect)]
         n = min(n, len(used))
         if n <= 0:
             return []
