@@ -235,3 +235,32 @@ def test_a_delta_chain_restores_the_dynamic_tables(tmp_path: Path) -> None:
     fresh = DynRec()
     reckpt.restore_model(str(parent), fresh, sgd(fresh))
     assert same(state(fresh.user), state(m.user)) and same(state(fresh.item), state(m.item))
+
+
+def test_a_dump_in_torcheasyrec_layout_loads(tmp_path: Path) -> None:
+    """Shards of 2 ranks as TorchEasyRec's tools write them: no scores, no optimizer rows, ``{}`` args."""
+    folder = tmp_path / "ck" / "dynamicemb" / "model.user"
+    folder.mkdir(parents=True)
+    keys = {0: [4, 10, -2], 1: [7]}
+    for rank, ks in keys.items():
+        vals = torch.arange(len(ks) * 4, dtype=torch.float32) + 100 * rank
+        (folder / f"user_emb_keys.rank_{rank}.world_size_2").write_bytes(torch.tensor(ks).numpy().tobytes())
+        (folder / f"user_emb_values.rank_{rank}.world_size_2").write_bytes(vals.numpy().tobytes())
+    (folder / "user_counter_keys.rank_0.world_size_2").write_bytes(b"")
+    (folder / "user_counter_frequencies.rank_0.world_size_2").write_bytes(b"")
+    (folder / "user_opt_args.json").write_text("{}")
+    model = DynRec()
+    report = load_dynamic(str(tmp_path / "ck"), model)
+    got = model.user.table.export()
+    assert got.keys.tolist() == [-2, 4, 7, 10] and report.source_world_size == {"model.user/user": 2}
+    assert got.values[2].tolist() == [100.0, 101.0, 102.0, 103.0] and got.values[0].tolist() == [
+        8.0,
+        9.0,
+        10.0,
+        11.0,
+    ]
+    assert report.missing == ["model.item/item"]
+    # Shards of two different world sizes side by side are refused.
+    (folder / "user_emb_keys.rank_0.world_size_3").write_bytes(b"")
+    with pytest.raises(IntegrityError, match=r"shard files of 2 world sizes \(\[2, 3\]\)"):
+        load_dynamic(str(tmp_path / "ck"), DynRec())
