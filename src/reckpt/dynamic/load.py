@@ -263,11 +263,13 @@ def prepare_dynamic(
     root = Storage.join(checkpoint_dir.rstrip("/"), subdir)
     storage = storage_for(root, storage_options)
     pending = PendingDynamicLoad(root, DynamicLoadReport(optimizer_loaded=load_optim))
+    tables = dynamic_tables(model)
+    for m in tables.values():  # may create the shard group: collective, so before anything can fail
+        m.shard()
     report = pending.report
     err: BaseException | None = None
     try:
         saved = _saved_tables(storage, root)
-        tables = dynamic_tables(model)
         report.unused = sorted(f"{p}/{t}" for p, t in saved if (p, t) not in tables)
         for (path, name), m in tables.items():
             tid = f"{path}/{name}"
