@@ -18,6 +18,7 @@ the table's shape.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,15 @@ from reckpt.dist import Dist
 from reckpt.errors import IntegrityError
 from reckpt.quant import decode_rows, encode_rows
 
-__all__ = ["RowPiece", "apply_pieces", "decode_index", "encode_pieces", "local_pieces", "select_rows"]
+__all__ = [
+    "RowPiece",
+    "apply_pieces",
+    "global_nbytes",
+    "decode_index",
+    "encode_pieces",
+    "local_pieces",
+    "select_rows",
+]
 
 _DTYPES = {
     str(t).removeprefix("torch."): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -48,6 +57,14 @@ class RowPiece:
     ids: torch.Tensor
     values: torch.Tensor
     encoding: str = "raw"
+
+
+def global_nbytes(t: Any) -> int:
+    """Bytes of a tensor's global shape (plain, ShardedTensor or DTensor); 0 for non-tensors."""
+    shape, dtype = getattr(t, "shape", None), getattr(t, "dtype", None)
+    if shape is None or not isinstance(dtype, torch.dtype):
+        return 0
+    return math.prod(int(s) for s in shape) * torch.empty((), dtype=dtype).element_size()
 
 
 def local_pieces(t: Any, d: Dist) -> list[tuple[int, int, torch.Tensor]]:

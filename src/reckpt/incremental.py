@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from reckpt.delta import save_delta
+from reckpt.delta_rows import global_nbytes
 from reckpt.discovery import scan
 from reckpt.manifest import chain_names, read_manifest
 from reckpt.naming import basename, delta_name
@@ -32,10 +33,6 @@ def latest_restorable(
     """``(path, step)`` of the newest committed full or delta checkpoint, ``(None, -1)`` if none."""
     infos = [c for c in scan(model_dir, storage_options, with_size=False)[0] if c.committed]
     return (infos[-1].path, infos[-1].step) if infos else (None, -1)
-
-
-def _bytes(t: Any) -> int:
-    return int(t.numel()) * int(t.element_size()) if isinstance(t, torch.Tensor) else 0
 
 
 class Incremental:
@@ -75,10 +72,10 @@ class Incremental:
         tracker = self.attach(model)
         touched = tracker.touched(self._pg)
         sd = model.state_dict()
-        full = sum(_bytes(v) for v in sd.values())
-        tracked = sum(_bytes(sd[k]) for k in tracker.tables if k in sd)
+        full = sum(global_nbytes(v) for v in sd.values())
+        tracked = sum(global_nbytes(sd[k]) for k in tracker.tables if k in sd)
         changed = sum(
-            _bytes(sd[k]) * int(touched[k].numel()) // max(t.num_rows, 1)
+            global_nbytes(sd[k]) * int(touched[k].numel()) // max(t.num_rows, 1)
             for k, t in tracker.tables.items()
             if k in sd
         )

@@ -31,3 +31,27 @@ def test_save_restore_benchmark_tiny(tmp_path) -> None:
         "reckpt restore (verified)",
     } <= set(saved["median_seconds"])
     assert (tmp_path / "save_restore.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_delta_benchmark_tiny(tmp_path) -> None:
+    from benchmarks import delta
+
+    doc = delta.main(
+        [
+            "--rows",
+            "4000",
+            "--dense-mb",
+            "0.05",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--workdir",
+            str(tmp_path),
+        ]
+    )
+    saved = json.loads((tmp_path / "delta.json").read_text())
+    assert [r["fraction"] for r in saved["rows"]] == [0.01, 0.05, 0.10, 0.25]
+    small, large = saved["rows"][0], saved["rows"][-1]
+    assert 0 < small["delta_bytes"] < large["delta_bytes"] < large["full_bytes"]
+    assert doc["targets_at_5pct"]["bytes_ratio"] > 1
