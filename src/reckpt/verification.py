@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from reckpt.commit import checkpoint_state
 from reckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError
 from reckpt.integrity import CHECKSUM_ALGORITHM, hash_stream
-from reckpt.manifest import Manifest, read_manifest
+from reckpt.manifest import Manifest, chain_names, read_manifest
 from reckpt.naming import IN_PROGRESS_MARKER, MANIFEST_FILE, OWNER_FILE, is_sidecar
 from reckpt.storage import Storage, storage_for
 
@@ -114,6 +114,8 @@ def verify(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None
         return report
     report.problems.extend(check_files(storage, checkpoint_dir, manifest, sorted(manifest.files)))
     report.checked = len(manifest.files)
+    if manifest.delta is not None:
+        report.checked += _check_chain(storage, checkpoint_dir, manifest, report.problems)
     ignore = {MANIFEST_FILE, OWNER_FILE, IN_PROGRESS_MARKER}
     report.unexpected = [
         rel
@@ -121,6 +123,31 @@ def verify(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None
         if rel not in manifest.files and rel not in ignore and not is_sidecar(rel)
     ]
     return report
+
+
+def _check_chain(storage: Storage, checkpoint_dir: str, manifest: Manifest, problems: list[str]) -> int:
+    """A delta's links (base and earlier deltas): present, committed, intact; returns files checked."""
+    root = Storage.parent(checkpoint_dir.rstrip("/"))
+    checked = 0
+    for name in chain_names(manifest, checkpoint_dir)[:-1]:
+        link = Storage.join(root, name)
+        state = checkpoint_state(storage, link)
+        if state in ("absent", "incomplete"):
+            what = "does not exist" if state == "absent" else "was never committed"
+            problems.append(f"{checkpoint_dir}: chain link {link} {what}")
+            continue
+        try:
+            link_manifest = read_manifest(storage, link)
+        except IntegrityError as e:
+            problems.append(f"chain link: {e}")
+            continue
+        if link_manifest is not None:
+            problems.extend(
+                f"chain link: {p}"
+                for p in check_files(storage, link, link_manifest, sorted(link_manifest.files))
+            )
+            checked += len(link_manifest.files)
+    return checked
 
 
 def require_committed(storage: Storage, checkpoint_dir: str) -> str:

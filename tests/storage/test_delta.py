@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,8 @@ def test_missing_link_is_named_and_nothing_is_loaded(tmp_path: Path) -> None:
     storage_for(root).rm(str(tmp_path / "run" / "model.delta-5"), recursive=True)
     m, o = _fresh()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(CheckpointNotFoundError, match=r"chain is broken: link .*model\.delta-5 does not exist"):
+    broken = r"chain is broken: link .*model\.delta-5 does not exist"
+    with pytest.raises(CheckpointNotFoundError, match=broken):
         reckpt.restore_model(d7, m, o)
     assert state_dicts_equal(m.state_dict(), before)
 
@@ -104,7 +106,8 @@ def test_corrupt_link_is_named_and_nothing_is_loaded(tmp_path: Path) -> None:
     f.write_bytes(bytes(raw))
     m, o = _fresh()
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(IntegrityError, match=r"model\.delta-5/delta_rows/rank_0\.bin: delta rows file is corrupted"):
+    corrupt = r"model\.delta-5/delta_rows/rank_0\.bin: delta rows file is corrupted"
+    with pytest.raises(IntegrityError, match=corrupt):
         reckpt.restore_model(d7, m, o)
     assert state_dicts_equal(m.state_dict(), before)
 
@@ -112,7 +115,7 @@ def test_corrupt_link_is_named_and_nothing_is_loaded(tmp_path: Path) -> None:
 def test_lossy_delta_needs_consent_and_stays_within_the_int8_bound(tmp_path: Path) -> None:
     want, d7 = _chain(str(tmp_path / "run"), encoding="int8")
     m, o = _fresh()
-    with pytest.raises(ConfigError, match="lossy .*int8.* delta dump; pass allow_lossy=True"):
+    with pytest.raises(ConfigError, match=r"lossy .*int8.* delta dump; pass allow_lossy=True"):
         reckpt.restore_model(d7, m, o)
     reckpt.restore_model(d7, m, o, allow_lossy=True)
     got = m.state_dict()["emb.user.weight"]
@@ -126,11 +129,11 @@ def test_bad_delta_arguments(tmp_path: Path) -> None:
     m, o = _fresh()
     tracker = RowTracker(m, tables=[TABLE])
     base = reckpt.save_model(str(tmp_path / "model.ckpt-1"), m, o)
-    with pytest.raises(ConfigError, match="must be named model.delta-<step>"):
+    with pytest.raises(ConfigError, match=r"must be named model\.delta-<step>"):
         save_delta(str(tmp_path / "model.ckpt-2"), m, o, tracker, base)
     with pytest.raises(ConfigError, match="delta encoding must be one of"):
         save_delta(str(tmp_path / "model.delta-2"), m, o, tracker, base, encoding="int4")
-    with pytest.raises(CheckpointNotFoundError, match="delta parent .* is not a committed"):
+    with pytest.raises(CheckpointNotFoundError, match=r"delta parent .* is not a committed"):
         save_delta(str(tmp_path / "model.delta-2"), m, o, tracker, str(tmp_path / "model.ckpt-9"))
     with pytest.raises(ConfigError, match="name no embedding table"):
         RowTracker(m, tables=["nope.weight"])
@@ -160,7 +163,8 @@ def test_manager_alternates_full_and_delta_and_retention_keeps_the_chain(tmp_pat
         "model.delta-6",
     ]
     infos = reckpt.list_checkpoints(root)
-    assert [(c.step, c.kind, c.needs) for c in infos] == [(4, "full", ()), (5, "delta", (4,)), (6, "delta", (4, 5))]
+    kinds = [(c.step, c.kind, c.needs) for c in infos]
+    assert kinds == [(4, "full", ()), (5, "delta", (4,)), (6, "delta", (4, 5))]
     want = _flat(m, o)
 
     torch.manual_seed(9)
@@ -184,6 +188,28 @@ def test_next_save_kind_rules() -> None:
     assert next_save_kind(p, has_parent=False, deltas_since_full=0, **kw)[0] == "full"
     assert next_save_kind(p, has_parent=True, deltas_since_full=2, **kw)[0] == "delta"
     assert next_save_kind(p, has_parent=True, deltas_since_full=3, **kw)[0] == "full"
-    assert next_save_kind(p, has_parent=True, deltas_since_full=0, delta_bytes=21, full_bytes=100)[0] == "full"
+    big = {"delta_bytes": 21, "full_bytes": 100}
+    assert next_save_kind(p, has_parent=True, deltas_since_full=0, **big)[0] == "full"
     with pytest.raises(ValueError, match="full_every must be >= 1"):
         IncrementalPolicy(full_every=0)
+
+
+def test_verify_and_the_cli_understand_deltas(tmp_path: Path) -> None:
+    from tests.storage.test_cli import reckpt_cli
+
+    root = tmp_path / "run"
+    _, d7 = _chain(str(root))
+    assert reckpt.verify(d7).ok
+    proc = reckpt_cli("ls", str(root), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["step"]: r for r in json.loads(proc.stdout)["checkpoints"]}
+    assert (rows[3]["kind"], rows[5]["kind"], rows[7]["needs"]) == ("full", "delta", [3, 5])
+    assert "delta(base 3)" in rows[7]["markers"]
+    assert reckpt_cli("verify", d7).returncode == 0
+    f = root / "model.ckpt-3" / "model" / "__0_0.distcp"
+    f.write_bytes(f.read_bytes()[:-4])
+    report = reckpt.verify(d7)
+    bad = "model.ckpt-3/model/__0_0.distcp"
+    assert any(p.startswith("chain link: ") and bad in p for p in report.problems)
+    proc = reckpt_cli("verify", d7)
+    assert proc.returncode != 0 and "chain link" in proc.stdout + proc.stderr

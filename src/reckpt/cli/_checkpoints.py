@@ -16,10 +16,10 @@ __all__ = ["register"]
 
 def _is_checkpoint(path: str) -> bool:
     from reckpt.commit import checkpoint_state
-    from reckpt.naming import parse_step
+    from reckpt.naming import parse_any_step
     from reckpt.storage import storage_for
 
-    return parse_step(path) is not None or checkpoint_state(storage_for(path), path) in (
+    return parse_any_step(path) is not None or checkpoint_state(storage_for(path), path) in (
         "committed",
         "legacy",
     )
@@ -49,6 +49,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 ("latest", c.path == latest),
                 ("best", c.path == best),
                 ("leased", c.step in leased),
+                (f"delta(base {c.needs[0]})" if c.needs else "delta", c.kind == "delta"),
             )
             if on
         ]
@@ -57,6 +58,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 "step": c.step,
                 "path": c.path,
                 "state": c.state,
+                "kind": c.kind,
+                "needs": list(c.needs),
                 "created_at": c.created_at,
                 "size_bytes": c.size,
                 "metrics": dict(c.metrics),
