@@ -20,10 +20,12 @@ from reckpt.fused_state import (
     RowwiseConversion,
     apply_conversions,
     dense_fused_rename_rule,
+    flat_state,
     plan_conversions,
     read_sources,
 )
 from reckpt.manifest import read_json_object, read_manifest
+from reckpt.mch import MchPlan, plan_mch
 from reckpt.naming import (
     DCP_METADATA_FILE,
     DENSE_EMA_DIR,
@@ -100,6 +102,7 @@ class _Loader:
     ) -> None:
         self.storage, self.ckpt, self.d, self.pg = storage, ckpt, d, pg
         self.param_map, self.rules, self.report = param_map, list(rules), report
+        self.mch: MchPlan | None = None
         self._metadata: dict[str, Metadata] = {}
 
     def has(self, part: str) -> bool:
@@ -226,6 +229,7 @@ class _OptimizerJob:
         # Saved parameter lists are replaced by the current ones on purpose: not "unused".
         pr.unused = [k for k in pr.unused if not _GROUP_PARAMS.fullmatch(k)]
         self._convert(sd, pr)
+        self._move_mch_rows(sd)
         load_optimizer_state_dict(self.model, self.optimizer, sd)
         if self.keyed or not self.created:
             return
@@ -239,6 +243,22 @@ class _OptimizerJob:
             if id(p) in created_ids and keys and all(k in missing for k in keys):
                 self.optimizer.state.pop(p, None)
                 pr.reinitialized.append(f"state.{name}")
+
+    def _move_mch_rows(self, sd: dict[str, Any]) -> None:
+        """Collective: optimizer rows of redistributed managed-collision tables follow their ids."""
+        plan = self.ld.mch
+        if plan is None or not plan.moves:
+            return
+        md = self.ld.metadata(OPTIMIZER_DIR)
+        saved = md.state_dict_metadata
+        wanted = {}
+        for key, shape in plan.optimizer_keys(saved).items():
+            entry = saved[key]
+            if isinstance(entry, TensorStorageMetadata):
+                wanted[key] = (shape, entry.properties.dtype)
+        dcp_dir = Storage.join(self.ld.ckpt, OPTIMIZER_DIR)
+        full = read_sources(wanted, self.ld.storage, dcp_dir, md, self.ld.d, self.ld.pg)
+        plan.apply_optimizer({key: value for key, _, _, value in flat_state(sd)}, full)
 
     def _convert(self, sd: dict[str, Any], pr: PartReport) -> None:
         """Collective: fill the plan-dependent keys (see :mod:`reckpt.fused_state`)."""
@@ -267,6 +287,31 @@ class _OptimizerJob:
             self.ld.report.notes.append(f"optimizer: {why}")
         pr.loaded.sort()
         pr.reinitialized.sort()
+
+
+def _managed_collision(ld: _Loader, model: torch.nn.Module, jobs: list[_Job]) -> None:
+    """Collective: fit managed-collision state to this world size (see :mod:`reckpt.mch`)."""
+    job = next((j for j in jobs if j.part == MODEL_DIR), None)
+    if job is None or not any(type(m).__name__ == "MCHManagedCollisionModule" for m in model.modules()):
+        return
+    md = ld.metadata(MODEL_DIR)
+    dcp_dir = Storage.join(ld.ckpt, MODEL_DIR)
+
+    def read_full(wanted: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return read_sources(wanted, ld.storage, dcp_dir, md, ld.d, ld.pg)
+
+    plan = plan_mch(model, model.state_dict(), md, read_full, ld.d.rank, ld.d.world_size)
+    if not plan.moves:
+        return
+    ld.mch = plan
+    job.exclude_keys = [*job.exclude_keys, *plan.exclude]
+
+    def finish(sd: dict[str, Any], pr: PartReport) -> None:
+        plan.apply_model(sd)
+        model.load_state_dict(sd)
+
+    job.finish = finish
+    ld.report.notes.extend(plan.notes)
 
 
 def restore_model(
@@ -445,6 +490,7 @@ def restore_model(
             continue
         jobs.append(_Job(name, obj.state_dict, _applier(obj)))
 
+    _managed_collision(ld, model, jobs)
     ld.check(jobs)
     from reckpt.dynamic.load import restore_step  # imports reckpt.save
 

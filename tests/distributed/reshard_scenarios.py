@@ -135,7 +135,7 @@ def gather_all(items: dict[str, Any]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for per_rank in _all_gather(local):
         for key, (shape, pieces) in per_rank.items():
-            full = out.setdefault(key, torch.zeros(shape))
+            full = out.setdefault(key, torch.zeros(shape, dtype=pieces[0][1].dtype if pieces else None))
             for off, t in pieces:
                 full[tuple(slice(o, o + n) for o, n in zip(off, t.shape, strict=True))] = t
     return out
