@@ -102,18 +102,19 @@ def plan_constraints(
     out: dict[str, Any] = dict(constraints or {})
     if plan is None:
         return out
-    pinned: dict[str, str] = {}
+    pinned: dict[str, tuple[str, str]] = {}
     for module_path, tables in plan_to_json(plan).items():
         for table, entry in tables.items():
             st = entry["sharding_type"]
-            if table in pinned and pinned[table] != st:
-                raise ConfigError(
-                    f"plan: table {table!r} is {pinned[table]!r} in one module and {st!r} in"
-                    f" {module_path!r}; planner constraints are per table name: pass constraints"
-                    " for it explicitly"
-                )
             if table in (constraints or {}) or not (pin_all or st == "data_parallel"):
                 continue
-            pinned[table] = st
+            if table in pinned and pinned[table][0] != st:
+                first_type, first_module = pinned[table]
+                raise ConfigError(
+                    f"plan: table {table!r} is {first_type!r} in module {first_module!r} and {st!r} in"
+                    f" {module_path!r}; planner constraints are per table name: pass a constraint for"
+                    f" {table!r} yourself (it is then not pinned)"
+                )
+            pinned[table] = (st, module_path)
             out[table] = ParameterConstraints(sharding_types=[st])
     return out

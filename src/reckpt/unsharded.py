@@ -135,6 +135,7 @@ def load_unsharded(
         raise ShapeMismatchError(
             f"{dcp_dir}: {len(lines)} key(s) cannot be loaded because their shapes differ:\n"
             + "\n".join(lines)
+            + "\nBuild the module with the checkpoint's sizes, or map the key elsewhere with param_map."
         )
     if strict and res.missing:
         raise KeyMismatchError(

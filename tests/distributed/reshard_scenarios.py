@@ -62,8 +62,14 @@ def row_sharder() -> Any:
     return RowWiseOnCpu()
 
 
-def build(plan: dict[str, str], seed: int) -> tuple[Any, Any]:
-    """A sharded EmbeddingBagCollection; fused row-wise Adagrad, dense RowWiseAdagrad for DP tables."""
+OPTIMIZERS = ("rowwise", "adagrad")
+"""Row-wise Adagrad (one state value per row) and Adagrad (one per element)."""
+
+
+def build(plan: dict[str, str], seed: int, optim: str = "rowwise") -> tuple[Any, Any]:
+    """A sharded EmbeddingBagCollection: the fused optimizer for sharded tables, the same
+    optimizer as a dense one (TorchRec's ``RowWiseAdagrad`` / ``torch.optim.Adagrad``) for
+    data-parallel tables."""
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
@@ -91,7 +97,8 @@ def build(plan: dict[str, str], seed: int) -> tuple[Any, Any]:
             return self.ebc(kjt).values()
 
     model = Wrap()
-    apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": 0.1})
+    opt_class: Any = RowWiseAdagrad if optim == "rowwise" else torch.optim.Adagrad
+    apply_optimizer_in_backward(opt_class, model.ebc.parameters(), {"lr": 0.1})
     constraints = {
         t: ParameterConstraints(sharding_types=[st], min_partition=DIM // 2) for t, st in plan.items()
     }
@@ -104,7 +111,7 @@ def build(plan: dict[str, str], seed: int) -> tuple[Any, Any]:
     optims: list[Any] = [dmp.fused_optimizer]
     dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     if dense:
-        optims.append(KeyedOptimizerWrapper(dense, lambda ps: RowWiseAdagrad(ps, lr=0.1)))
+        optims.append(KeyedOptimizerWrapper(dense, lambda ps: opt_class(ps, lr=0.1)))
     return dmp, CombinedOptimizer(optims)
 
 
@@ -155,14 +162,16 @@ def snapshot(dmp: Any, opt: Any) -> dict[str, torch.Tensor]:
 
 
 def momentum(snap: dict[str, torch.Tensor], t: str, sharding: str) -> torch.Tensor:
-    """A table's row-wise Adagrad state, as saved: ``[rows * column shards]``."""
+    """A table's Adagrad state, flat (row-wise: ``[rows * column shards]``)."""
     if sharding == "data_parallel":
         return snap[f"state.{weight_key(t)}.sum"].reshape(-1)
-    return snap[f"state.{weight_key(t)}.{t}.momentum1"]
+    return snap[f"state.{weight_key(t)}.{t}.momentum1"].reshape(-1)
 
 
-def expected_momentum(saved: torch.Tensor, old: str, new: str) -> torch.Tensor | None:
+def expected_momentum(saved: torch.Tensor, old: str, new: str, optim: str) -> torch.Tensor | None:
     """What the conversion table promises (``None``: re-initialised)."""
+    if optim == "adagrad":
+        return saved  # one value per element: only renamed and resharded
     old_cw, new_cw = old == "column_wise", new == "column_wise"
     if old_cw == new_cw:
         return saved
@@ -173,15 +182,16 @@ def expected_momentum(saved: torch.Tensor, old: str, new: str) -> torch.Tensor |
 
 
 def save_world(root: str, world: int) -> None:
-    for name, plan in PLANS.items():
-        dmp, opt = build(plan, seed=world * 10 + ord(name))
-        train(dmp, opt)
-        ckpt = f"{root}/w{world}{name}/model.ckpt-1"
-        reckpt.save_model(ckpt, dmp, opt)
-        snap = snapshot(dmp, opt)
-        if dist.get_rank() == 0:
-            torch.save(snap, f"{root}/w{world}{name}/expected.pt")
-        dist.barrier()
+    for optim in OPTIMIZERS:
+        for name, plan in PLANS.items():
+            dmp, opt = build(plan, seed=world * 10 + ord(name), optim=optim)
+            train(dmp, opt)
+            ckpt = f"{root}/{optim}-w{world}{name}/model.ckpt-1"
+            reckpt.save_model(ckpt, dmp, opt)
+            snap = snapshot(dmp, opt)
+            if dist.get_rank() == 0:
+                torch.save(snap, f"{root}/{optim}-w{world}{name}/expected.pt")
+            dist.barrier()
 
 
 def load_world(root: str, world: int) -> None:
@@ -190,8 +200,9 @@ def load_world(root: str, world: int) -> None:
     for src in saved:
         want = torch.load(f"{root}/{src}/expected.pt")
         old_plan = PLANS[src[-1]]
+        optim = src.split("-")[0]
         for name, plan in PLANS.items():
-            dmp, opt = build(plan, seed=99)
+            dmp, opt = build(plan, seed=99, optim=optim)
             fresh = snapshot(dmp, opt)
             report = reckpt.restore_model(f"{root}/{src}/model.ckpt-1", dmp, opt)
             got = snapshot(dmp, opt)
@@ -199,7 +210,7 @@ def load_world(root: str, world: int) -> None:
             opt_report = report.part("optimizer")
             for t in TABLES:
                 assert torch.equal(got[weight_key(t)], want[weight_key(t)]), f"{where}: {t} weight"
-                expect = expected_momentum(momentum(want, t, old_plan[t]), old_plan[t], plan[t])
+                expect = expected_momentum(momentum(want, t, old_plan[t]), old_plan[t], plan[t], optim)
                 value = momentum(got, t, plan[t])
                 key = f"state.{weight_key(t)}." + ("sum" if plan[t] == "data_parallel" else f"{t}.momentum1")
                 holds = key in {k for k, _, _, _ in flat_state(opt.state_dict())}
