@@ -165,6 +165,28 @@ SHAPE = (
 
 MISTAKES: list[Mistake] = [
     Mistake(
+        "unsharded load: a model built on the meta device, not materialised",
+        lambda d: _unsharded_meta(d),
+        errors.ConfigError,
+        "load_unsharded: 5 tensor(s) of the module are on the meta device (emb.user.weight, tower.0.bias,"
+        " tower.0.weight, tower.2.bias, tower.2.weight); call reckpt.init_parameters(module, 'cpu') first",
+    ),
+    Mistake(
+        "unsharded load: a table of another size",
+        lambda d: reckpt.load_unsharded(_saved(d), fresh(rows=40)[0]),
+        errors.ShapeMismatchError,
+        "<dir>/model.ckpt-1/model: 1 key(s) cannot be loaded because their shapes differ:\n"
+        "  emb.user.weight: checkpoint [50, 4], module [40, 4]\n"
+        "Build the module with the checkpoint's sizes, or map the key elsewhere with param_map.",
+    ),
+    Mistake(
+        "plan reuse: one table name with two sharding types in the saved plan",
+        lambda d: _two_types_plan(),
+        errors.ConfigError,
+        "plan: table 't' is 'table_wise' in module 'a.ebc' and 'row_wise' in 'b.ebc'; planner constraints"
+        " are per table name: pass a constraint for 't' yourself (it is then not pinned)",
+    ),
+    Mistake(
         "parameter map: a line with one name",
         lambda d: _restore_with_map(d, "a.weight b.weight\nlonely\n"),
         errors.ParamMapError,
@@ -459,6 +481,22 @@ MISTAKES: list[Mistake] = [
         "<dir>/c.toml: model.dynamic_tables.a.eviction must be 'lru' or 'lfu', got 'fifo'",
     ),
 ]
+
+
+def _unsharded_meta(d: Path) -> None:
+    ck = _saved(d)
+    with torch.device("meta"):
+        model = fresh()[0]
+    reckpt.load_unsharded(ck, model)
+
+
+def _two_types_plan() -> None:
+    entry = {"compute_kernel": "fused", "ranks": [0]}
+    plan = {
+        "a.ebc": {"t": {"sharding_type": "table_wise", **entry}},
+        "b.ebc": {"t": {"sharding_type": "row_wise", **entry}},
+    }
+    reckpt.plan_constraints(plan, pin_all=True)
 
 
 def _config_missing(d: Path) -> None:
