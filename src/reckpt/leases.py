@@ -21,7 +21,7 @@ from typing import Any
 
 from reckpt.commit import checkpoint_state, heartbeat, new_token
 from reckpt.errors import CheckpointNotFoundError, ConfigError
-from reckpt.naming import checkpoint_name, parse_step
+from reckpt.naming import parse_any_step
 from reckpt.storage import Storage, storage_for
 
 __all__ = ["LEASE_DIR", "LeaseRecord", "lease", "active_leases", "remove_expired_leases"]
@@ -51,7 +51,7 @@ class LeaseRecord:
 
 def _split(checkpoint_dir: str) -> tuple[str, int]:
     path = checkpoint_dir.rstrip("/")
-    step = parse_step(path)
+    step = parse_any_step(path)
     if step is None:
         raise ConfigError(f"{checkpoint_dir}: a lease needs a checkpoint path named model.ckpt-<step>")
     return Storage.parent(path), step
@@ -87,7 +87,7 @@ def lease(
         try:
             # Checked after the record exists: a pruner that has not deleted the checkpoint
             # by now will see the lease before it does.
-            if checkpoint_state(storage, Storage.join(model_dir, checkpoint_name(step))) not in (
+            if checkpoint_state(storage, checkpoint_dir.rstrip("/")) not in (
                 "committed",
                 "legacy",
             ):

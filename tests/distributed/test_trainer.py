@@ -279,3 +279,66 @@ def test_train_into_s3_model_dir(tmp_path: Path, data: Path, s3_root: str) -> No
     proc = cli("train", cfg, "--continue-train")  # nothing left to do: no new checkpoint
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert reckpt.latest_checkpoint(f"{s3_root}/run")[1] == 59
+
+
+def plain_restored(cfg: str, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint (a delta's whole chain) restored into a plain model: weights and dynamic rows."""
+    from reckpt.dynamic import DynamicEmbedding
+    from reckpt.trainer.config import load_config
+    from reckpt.trainer.model import build_model
+
+    plain = build_model(load_config(cfg))
+    reckpt.restore_model(str(checkpoint), plain)
+    out = dict(plain.state_dict())
+    for name, m in plain.named_modules():
+        if isinstance(m, DynamicEmbedding):
+            st = m.table.export()  # every row, sorted by key
+            fields = ("keys", "values", "opt_values", "scores", "counter_keys", "counter_freqs")
+            out.update({f"{name}/{f}": getattr(st, f) for f in fields})
+    return out
+
+
+def test_incremental_checkpoints_resume_exactly_and_export_quantized(tmp_path: Path, data: Path) -> None:
+    """Delta checkpoints in the trainer: full at 20, deltas at 40 and 59; a kill at 45 resumes from
+    the delta chain bitwise; the final delta exports (int8) and predicts."""
+    train = "incremental_full_every = 2\nincremental_max_delta_fraction = 1.0"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cfg_a = write_config(tmp_path / "a.toml", data, straight, model=DYNAMIC, train=train)
+    proc = cli("train", cfg_a)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    infos = reckpt.list_checkpoints(str(straight))
+    assert [(c.step, c.kind) for c in infos] == [(20, "full"), (40, "delta"), (59, "delta")]
+    last = straight / f"model.delta-{STEPS - 1}"
+    assert reckpt.verify(str(last)).ok
+
+    cfg_b = write_config(tmp_path / "b.toml", data, resumed, model=DYNAMIC, train=train)
+    killed = cli("train", cfg_b, env={"RECKPT_TRAIN_KILL_AT_STEP": "45"})
+    assert killed.returncode != 0
+    proc = cli("train", cfg_b, "--continue-train")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = plain_restored(cfg_a, last), plain_restored(cfg_b, resumed / f"model.delta-{STEPS - 1}")
+    assert_bitwise_equal(want, got)
+
+    for quantize in ("raw", "int8"):
+        export = tmp_path / f"export-{quantize}"
+        ex = cli(
+            "export",
+            cfg_a,
+            "--export-dir",
+            str(export),
+            "--checkpoint-path",
+            str(last),
+            "--quantize",
+            quantize,
+        )
+        assert ex.returncode == 0, ex.stderr[-3000:]
+        out = tmp_path / f"scores-{quantize}.parquet"
+        pr = cli("predict", "--export-dir", str(export), "--input", str(data / "eval"), "--output", str(out))
+        assert pr.returncode == 0, pr.stderr[-3000:]
+    import pyarrow.parquet as pq
+
+    raw = torch.from_numpy(pq.read_table(tmp_path / "scores-raw.parquet").column("score").to_numpy())
+    q = torch.from_numpy(pq.read_table(tmp_path / "scores-int8.parquet").column("score").to_numpy())
+    assert 0 < float((raw - q).abs().max()) < 0.05  # lossy, close
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "export-int8") < size(tmp_path / "export-raw")

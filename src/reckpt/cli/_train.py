@@ -51,6 +51,12 @@ def register(sub: Any) -> None:
     flag(ex, "model-dir")
     flag(ex, "export-dir", required=True)
     flag(ex, "checkpoint-path")
+    ex.add_argument(
+        "--quantize",
+        choices=["raw", "int8", "fp16"],
+        default="raw",
+        help="embedding tables: raw (lossless), int8 (row-wise, fp16 scale+offset) or fp16",
+    )
     ex.set_defaults(func=_run)
 
     pr = sub.add_parser(
@@ -149,6 +155,6 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from reckpt.trainer.serve import export_model
 
-        src = export_model(cfg, args.export_dir, args.checkpoint_path)
+        src = export_model(cfg, args.export_dir, args.checkpoint_path, args.quantize)
         print(f"exported {src} to {args.export_dir}")
     return 0

@@ -88,6 +88,11 @@ class TrainConfig:
     """Row-wise Adagrad learning rate of the (fused) embedding tables."""
     seed: int = 0
     async_save: bool = False
+    incremental_full_every: int = 0
+    """Delta checkpoints (touched embedding rows + the dense part) between full ones: a full
+    checkpoint after this many deltas; 0 (default) writes full checkpoints only."""
+    incremental_max_delta_fraction: float = 0.5
+    """A full checkpoint instead when a delta would exceed this fraction of a full one."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -119,6 +124,8 @@ class Config:
             raise ConfigError(
                 f"{source}: set exactly one of train_config.num_steps and train_config.num_epochs"
             )
+        if not 0 < t.incremental_max_delta_fraction <= 1:
+            raise ConfigError(f"{source}: train_config.incremental_max_delta_fraction must be in (0, 1]")
         if t.save_checkpoints_epochs > 0 and t.num_epochs == 0:
             raise ConfigError(f"{source}: train_config.save_checkpoints_epochs needs train_config.num_epochs")
         for name in (
@@ -127,6 +134,7 @@ class Config:
             "save_checkpoints_steps",
             "save_checkpoints_epochs",
             "keep_checkpoint_max",
+            "incremental_full_every",
         ):
             if getattr(t, name) < 0:
                 raise ConfigError(f"{source}: train_config.{name} must be >= 0")
@@ -204,6 +212,11 @@ def _build(cls: type[T], doc: Any, where: str, source: str) -> T:
         else:
             kwargs[key] = _check_type(value, hint, path, source)
     return cls(**kwargs)
+
+
+def build_section(cls: type[T], doc: Any, where: str, source: str) -> T:
+    """A config dataclass from a parsed table (TOML, or an export's JSON), checked like the file."""
+    return _build(cls, doc, where, source)
 
 
 def _check_type(value: Any, hint: Any, path: str, source: str) -> Any:

@@ -15,14 +15,19 @@ import os
 import torch
 
 import reckpt
+from reckpt.dynamic import dynamic_writer, load_dynamic
 from reckpt.errors import CheckpointNotFoundError, ConfigError
 from reckpt.eval_results import EVAL_RESULT_FILENAME, append_eval_result
 from reckpt.inspection import read_part
+from reckpt.manifest import read_manifest
+from reckpt.naming import DYNAMICEMB_DIR, parse_delta_step
+from reckpt.quant import ENCODINGS, decode_rows, encode_rows
 from reckpt.storage import storage_for
-from reckpt.trainer.config import Config, DataConfig, ModelConfig
+from reckpt.trainer.config import Config, DataConfig, ModelConfig, build_section
 from reckpt.trainer.data import ParquetReader, input_files
 from reckpt.trainer.model import build_model, init_distributed, shard_model, table_rows
 from reckpt.trainer.train import evaluate
+from reckpt.verification import require_committed
 
 __all__ = ["eval_checkpoint", "export_model", "predict", "load_exported"]
 
@@ -36,6 +41,9 @@ def _pick(
     cfg: Config, checkpoint_path: str | None, *, per_export_config: bool = True
 ) -> tuple[str, int | None]:
     """The explicit checkpoint, else the best (``exporter_type = "best"``) or latest in model_dir."""
+    if checkpoint_path and parse_delta_step(checkpoint_path) is not None:
+        require_committed(storage_for(checkpoint_path), checkpoint_path.rstrip("/"))
+        return checkpoint_path.rstrip("/"), parse_delta_step(checkpoint_path)
     if checkpoint_path:
         path, step = reckpt.latest_checkpoint(checkpoint_path)
         if path is None:
@@ -72,27 +80,69 @@ def eval_checkpoint(cfg: Config, checkpoint_path: str | None = None) -> dict[str
     return metrics
 
 
-def export_model(cfg: Config, export_dir: str, checkpoint_path: str | None = None) -> str:
-    """Write the serving artifact of the best or latest checkpoint (per ``export_config``)."""
+def _checkpoint_weights(cfg: Config, path: str) -> tuple[dict[str, torch.Tensor], torch.nn.Module | None]:
+    """The unsharded weights of a checkpoint, and the restored plain model when one was needed.
+
+    A full checkpoint without dynamic tables streams its ``model/`` part; a delta (its chain)
+    or a checkpoint with dynamic tables is restored into a plain single-process model.
+    """
+    storage = storage_for(path)
+    manifest = read_manifest(storage, path)
+    dynamic = manifest is not None and any(f.startswith(f"{DYNAMICEMB_DIR}/") for f in manifest.files)
+    if parse_delta_step(path) is None and not dynamic:
+        return read_part(path, "model"), None
+    model = build_model(cfg)
+    reckpt.restore_model(path, model)
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}, model
+
+
+def _table_keys(weights: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k for k in weights if ".embedding_bags." in k and weights[k].dim() == 2)
+
+
+def export_model(
+    cfg: Config, export_dir: str, checkpoint_path: str | None = None, quantize: str = "raw"
+) -> str:
+    """Write the serving artifact of the best or latest checkpoint (per ``export_config``).
+
+    Args:
+        quantize: embedding tables as ``"raw"`` (default, lossless), ``"int8"`` (row-wise
+            uint8 + fp16 scale and offset, TorchEasyRec's ``QUint8RowwiseF16``) or ``"fp16"``.
+    """
     from safetensors.torch import save_file
 
+    if quantize not in ENCODINGS:
+        raise ConfigError(f"--quantize must be one of {list(ENCODINGS)}, got {quantize!r}")
     path, step = _pick(cfg, checkpoint_path)
     with reckpt.lease(path, holder="reckpt export"):
-        weights = read_part(path, "model")
+        weights, restored = _checkpoint_weights(cfg, path)
     expected = set(build_model(cfg, device="meta").state_dict())
     if set(weights) != expected:
         raise ConfigError(
             f"{path}: the checkpoint's model does not match the config's model (missing"
             f" {sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]})"
         )
+    tables = _table_keys(weights) if quantize != "raw" else []
+    for key in tables:
+        w = weights[key]
+        raw = encode_rows(w, quantize, key)
+        weights[key] = torch.frombuffer(
+            bytearray(raw), dtype=torch.uint8 if quantize == "int8" else torch.float16
+        )
+        weights[key] = weights[key].reshape(w.shape[0], -1)
     os.makedirs(export_dir, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(export_dir, WEIGHTS))
+    writer = dynamic_writer(restored) if restored is not None else None
+    if writer is not None:  # dynamic tables: their rows in the checkpoint layout, one shard
+        writer(storage_for(export_dir), export_dir)
     doc = {
         "model": dataclasses.asdict(cfg.model),
         "data": dataclasses.asdict(cfg.data),
         "checkpoint": path,
         "step": step,
         "format": "reckpt-dlrm-v1",
+        "quantization": {"encoding": quantize, "tables": tables},
+        "dynamic_tables": writer is not None,
     }
     with open(os.path.join(export_dir, MODEL_CONFIG), "w") as f:
         json.dump(doc, f, indent=2)
@@ -110,9 +160,21 @@ def load_exported(export_dir: str) -> tuple[torch.nn.Module, Config]:
         )
     with open(cfg_path) as f:
         doc = json.load(f)
-    cfg = Config(model=ModelConfig(**doc["model"]), data=DataConfig(**doc["data"]))
+    cfg = Config(
+        model=build_section(ModelConfig, doc["model"], "model", cfg_path),
+        data=build_section(DataConfig, doc["data"], "data", cfg_path),
+    )
     model = build_model(cfg)
-    model.load_state_dict(load_file(os.path.join(export_dir, WEIGHTS)))
+    weights = load_file(os.path.join(export_dir, WEIGHTS))
+    quant = doc.get("quantization") or {"encoding": "raw", "tables": []}
+    current = model.state_dict()
+    for key in quant["tables"]:
+        shape = tuple(current[key].shape)
+        raw = weights[key].contiguous().numpy().tobytes()
+        weights[key] = decode_rows(raw, quant["encoding"], shape, current[key].dtype)
+    model.load_state_dict(weights)
+    if doc.get("dynamic_tables"):
+        load_dynamic(export_dir, model)
     model.eval()
     return model, cfg
 

@@ -21,7 +21,9 @@ import torch.distributed as dist
 
 import reckpt
 from reckpt.errors import ConfigError
+from reckpt.incremental import latest_restorable
 from reckpt.plan import FORCE_LOAD_SHARDING_PLAN, plan_constraints, read_plan
+from reckpt.policy import IncrementalPolicy
 from reckpt.trainer.config import Config
 from reckpt.trainer.data import EPOCHS_KEY, ParquetReader, input_files
 from reckpt.trainer.metrics import auc, logloss
@@ -54,7 +56,7 @@ def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool
                 if path is None:
                     raise ConfigError(f"fine_tune_checkpoint {ft}: no committed checkpoint there")
                 out = (path, True)
-            latest, _ = reckpt.latest_checkpoint(cfg.model_dir)
+            latest, _ = latest_restorable(cfg.model_dir)  # a delta checkpoint too
             if latest is not None:
                 if not continue_train:
                     raise ConfigError(
@@ -120,6 +122,11 @@ def train_and_evaluate(
         save_steps=0 if t.save_checkpoints_epochs > 0 else t.save_checkpoints_steps,
         save_epochs=t.save_checkpoints_epochs,
         async_save=t.async_save,
+        incremental=(
+            IncrementalPolicy(t.incremental_full_every, t.incremental_max_delta_fraction)
+            if t.incremental_full_every > 0
+            else None
+        ),
     )
     position: dict[str, Any] = {EPOCHS_KEY: 0}
     step = -1
