@@ -58,14 +58,23 @@ def _clean(name: str) -> str:
 
 
 def mch_modules(model: torch.nn.Module) -> dict[str, Any]:
-    """State-dict path -> ``MCHManagedCollisionModule`` (local, possibly a shard) in ``model``."""
-    from torchrec.modules.mc_modules import MCHManagedCollisionModule
+    """State-dict path -> managed-collision module (local, possibly a shard) in ``model``."""
+    from torchrec.modules.mc_modules import ManagedCollisionModule
 
     out: dict[str, Any] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, MCHManagedCollisionModule):
+        if isinstance(mod, ManagedCollisionModule):
             out.setdefault(_clean(name), mod)
     return out
+
+
+def _nests(saved_md: Metadata, key: str, current: Any) -> bool:
+    """Whether every saved shard of ``key`` lies inside one current shard (positional load works)."""
+    entry = saved_md.state_dict_metadata.get(key)
+    if not isinstance(entry, TensorStorageMetadata) or len(entry.size) != 1:
+        return True
+    cur = _current_shards(current, int(entry.size[0]))
+    return all(any(a <= c and d <= b for a, b in cur) for c, d in _chunks(saved_md, key))
 
 
 def _chunks(md: Metadata, key: str) -> list[tuple[int, int]]:
@@ -191,8 +200,19 @@ def plan_mch(
             message names it); raised on every rank, before anything is loaded.
     """
     saved = saved_md.state_dict_metadata
+    from torchrec.modules.mc_modules import MCHManagedCollisionModule
+
     needs: dict[str, Any] = {}
     for path, mod in sorted(mch_modules(model).items()):
+        if not isinstance(mod, MCHManagedCollisionModule):
+            moved = [k for k in model_sd if k.startswith(path + ".") and not _nests(saved_md, k, model_sd[k])]
+            if moved:
+                raise ManagedCollisionReshardError(
+                    f"managed-collision module {path} ({type(mod).__name__}): its saved {moved[0]}"
+                    f" is sharded for another world size, and reckpt redistributes only"
+                    f" MCHManagedCollisionModule state; restore at the saved world size"
+                )
+            continue
         raw_key = f"{path}.{_RAW}"
         if raw_key not in saved or raw_key not in model_sd:
             continue
