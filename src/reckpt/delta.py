@@ -41,6 +41,7 @@ from reckpt.naming import (
 from reckpt.optim import load_optimizer_state_dict, optimizer_state_dict
 from reckpt.plan import model_plan
 from reckpt.quant import ENCODINGS
+from reckpt.remap import SKIP
 from reckpt.report import LoadReport
 from reckpt.row_tracker import RowTracker
 from reckpt.save import FileWriter, collect_parts, save_parts, write_record
@@ -291,10 +292,13 @@ def restore_chain(
         load_optimizer_state_dict(model, optimizer, osd)
     # the last link's dynamic rows come with its own restore below (an upsert, like these)
     _load_dynamic_links(model, links[1:-1], storage_options, process_group)
-    final_kwargs = {**restore_kwargs, "error_on_missing_keys": False}
+    # The rows of the tracked tables are in place: the delta's own model/ lacks them on purpose.
+    keep = dict.fromkeys(chained, SKIP)
+    final_kwargs = {**restore_kwargs, "error_on_missing_keys": False, "param_map": keep}
     report: LoadReport = restore(ckpt, model, optimizer, follow_delta_chain=False, **final_kwargs)
     mp = report.part(MODEL_DIR)
     mp.missing = [k for k in mp.missing if k not in chained]
+    mp.reinitialized = [k for k in mp.reinitialized if k not in chained]
     mp.loaded = sorted({*mp.loaded, *chained})
     report.verified = report.verified and base_report.verified
     report.notes.append(
