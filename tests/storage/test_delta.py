@@ -206,6 +206,10 @@ def test_verify_and_the_cli_understand_deltas(tmp_path: Path) -> None:
     assert (rows[3]["kind"], rows[5]["kind"], rows[7]["needs"]) == ("full", "delta", [3, 5])
     assert "delta(base 3)" in rows[7]["markers"]
     assert reckpt_cli("verify", d7).returncode == 0
+    proc = reckpt_cli("inspect", d7, "--json")
+    assert proc.returncode == 0, proc.stderr
+    link = json.loads(proc.stdout)["delta"]
+    assert link["chain"] == ["model.ckpt-3", "model.delta-5"] and 0 < link["rows"][TABLE] < 50
     f = root / "model.ckpt-3" / "model" / "__0_0.distcp"
     f.write_bytes(f.read_bytes()[:-4])
     report = reckpt.verify(d7)

@@ -91,6 +91,15 @@ def _sharding(checkpoint: str) -> dict[str, str]:
     return out
 
 
+def _delta_link(checkpoint: str) -> dict[str, Any] | None:
+    """A delta checkpoint's link record (base, chain, rows per table), else ``None``."""
+    from reckpt.manifest import read_manifest
+    from reckpt.storage import storage_for
+
+    manifest = read_manifest(storage_for(checkpoint), checkpoint.rstrip("/"))
+    return None if manifest is None else manifest.delta
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from reckpt.inspection import inspect_checkpoint
 
@@ -116,6 +125,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             shape = "x".join(map(str, e.shape)) if e.shape is not None else "(object)"
             shard = f"  {sharding[e.name]}" if e.name in sharding else ""
             lines.append(f"  {e.name:<60} {shape:<14} {e.dtype or '-':<9} {_size(e.bytes):>9}{shard}")
+    link = _delta_link(args.checkpoint)
+    if link is not None:
+        doc["delta"] = link
+        lines.append(f"[delta] chain {' -> '.join(link['chain'])} -> this ({link['encoding']})")
+        lines += [f"  {key:<60} {n} rows" for key, n in sorted(link.get("rows", {}).items())]
     _emit(args, doc, lines)
     return 0
 
