@@ -28,8 +28,6 @@ from reckpt.errors import ConfigError
 
 __all__ = ["RowTracker", "TrackedTable"]
 
-_WRAPPER_PREFIXES = ("_dmp_wrapped_module.", "module.")
-
 
 @dataclass(slots=True)
 class TrackedTable:
@@ -45,17 +43,20 @@ class TrackedTable:
         self.bitmap[ids] = True
 
 
-def _state_prefix(path: str) -> str:
-    """The state-dict prefix of a module path (wrapper prefixes stripped)."""
-    changed = True
-    while changed:
-        changed = False
-        for p in _WRAPPER_PREFIXES:
-            if path.startswith(p):
-                path, changed = path[len(p) :], True
-        if path in ("_dmp_wrapped_module", "module"):
-            path = ""
-    return f"{path}." if path else ""
+def _state_key(path: str, suffix: str, keys: set[str]) -> str:
+    """The model's state-dict key of ``suffix`` under module ``path``.
+
+    DistributedModelParallel drops its ``_dmp_wrapped_module`` segment from state-dict keys
+    (DDP keeps ``module``); the first candidate the state dict holds wins.
+    """
+    parts = path.split(".") if path else []
+    candidates = [
+        [p for p in parts if p != "_dmp_wrapped_module"],
+        [p for p in parts if p not in ("_dmp_wrapped_module", "module", "_orig_mod")],
+        parts,
+    ]
+    names = [".".join([*c, suffix]) for c in candidates]
+    return next((n for n in names if n in keys), names[0])
 
 
 def _collection_tables(module: Any) -> list[tuple[str, int, list[str]]] | None:
@@ -101,10 +102,10 @@ class RowTracker:
         self.tables: dict[str, TrackedTable] = {}
         self._handles: list[Any] = []
         self._model = model
+        sd_keys = set(model.state_dict().keys())
         for path, module in model.named_modules():
-            prefix = _state_prefix(path)
             if isinstance(module, torch.nn.Embedding | torch.nn.EmbeddingBag):
-                key = f"{prefix}weight"
+                key = _state_key(path, "weight", sd_keys)
                 if wanted is not None and key in wanted:
                     self._hook_plain(module, self._add(key, module.num_embeddings))
                 continue
@@ -113,7 +114,7 @@ class RowTracker:
                 continue
             by_feature: dict[str, list[TrackedTable]] = {}
             for suffix, rows, features in found:
-                key = f"{prefix}{suffix}"
+                key = _state_key(path, suffix, sd_keys)
                 if wanted is not None and key not in wanted:
                     continue
                 table = self._add(key, rows)
