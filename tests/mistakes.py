@@ -17,7 +17,8 @@ import torch
 
 import reckpt
 from reckpt import errors
-from reckpt.storage import storage_for
+from reckpt.faults import Fault, disk_full, read_only
+from reckpt.storage import StorageError, storage_for
 from tests.helpers import fresh, trained
 
 
@@ -162,6 +163,43 @@ SHAPE = (
     "A table whose row count changed loads its overlapping rows with allow_row_resize=True;"
     " otherwise map the key elsewhere or drop it."
 )
+
+
+def _faulty_save(d: Path, faults: list[Fault]) -> None:
+    m, o = trained()
+    reckpt.save_model(f"faulty://{d}/run/model.ckpt-1", m, o, storage_options={"faults": faults})
+
+
+def _faulty_manager_save(d: Path, faults: list[Fault]) -> None:
+    m, o = trained()
+    with reckpt.CheckpointManager(f"faulty://{d}/run", storage_options={"faults": faults}) as mgr:
+        mgr.save(1, m, o)
+
+
+def _faulty_verify(d: Path) -> None:
+    _saved(d)
+    faults = [Fault("read", "EIO", "*.distcp")]
+    reckpt.verify(f"faulty://{d}/model.ckpt-1", storage_options={"faults": faults})
+
+
+def _edited_manifest(d: Path) -> None:
+    ck = Path(_saved(d))
+    manifest = ck / "reckpt.json"
+    manifest.write_text(manifest.read_text().replace('"world_size": 1', '"world_size": 2'))
+    reckpt.restore_model(str(ck), fresh()[0])
+
+
+def _terabyte_entry(d: Path) -> None:
+    import dataclasses
+
+    ck = Path(_saved(d))
+    (ck / "reckpt.json").unlink()  # a legacy checkpoint: no checksums in the way
+    md_path = ck / "model" / ".metadata"
+    md = pickle.loads(md_path.read_bytes())  # our own, known-good file
+    md.storage_data = {k: dataclasses.replace(v, length=1 << 40) for k, v in md.storage_data.items()}
+    md_path.write_bytes(pickle.dumps(md))
+    reckpt.restore_model(str(ck), fresh()[0])
+
 
 MISTAKES: list[Mistake] = [
     Mistake(
@@ -479,6 +517,51 @@ MISTAKES: list[Mistake] = [
         lambda d: _config(d, DYNAMIC_CONFIG + '[model.dynamic_tables.a]\neviction = "fifo"\n'),
         errors.ConfigError,
         "<dir>/c.toml: model.dynamic_tables.a.eviction must be 'lru' or 'lfu', got 'fifo'",
+    ),
+    # Storage that fails, simulated with the fault-injecting filesystem (reckpt.faults): as
+    # root, chmod does not make a directory read-only.
+    Mistake(
+        "save: a read-only model_dir (EROFS)",
+        lambda d: _faulty_save(d, read_only()),
+        StorageError,
+        "faulty://<dir>/run: mkdir failed (EROFS: Read-only file system); the location is read-only;"
+        " choose a writable model_dir",
+    ),
+    Mistake(
+        "manager: a full disk (ENOSPC)",
+        lambda d: _faulty_manager_save(d, disk_full()),
+        StorageError,
+        "faulty://<dir>/run/.reckpt-lock.json: write failed (ENOSPC: No space left on device); the storage"
+        " is full; free space or choose another model_dir",
+    ),
+    Mistake(
+        "save: the disk fills up while writing data (ENOSPC)",
+        lambda d: _faulty_save(d, disk_full(path="*.distcp")),
+        StorageError,
+        "faulty://<dir>/run/.reckpt-staging.<xxh3>/model/__0_0.distcp: write failed (ENOSPC: No space left"
+        " on device); the storage is full; free space or choose another model_dir",
+    ),
+    Mistake(
+        "verify: the disk keeps returning I/O errors (EIO)",
+        _faulty_verify,
+        StorageError,
+        "faulty://<dir>/model.ckpt-1/model/__0_0.distcp: read failed (EIO: Input/output error); gave up"
+        " after 4 attempt(s); check the storage and retry",
+    ),
+    Mistake(
+        "restore: a manifest edited by hand",
+        _edited_manifest,
+        errors.IntegrityError,
+        "<dir>/model.ckpt-1/reckpt.json: the manifest's own checksum does not match its content (corrupted);"
+        " restore from another checkpoint",
+    ),
+    Mistake(
+        "restore: metadata claiming more bytes than its file",
+        _terabyte_entry,
+        errors.UnsafeCheckpointError,
+        "<dir>/model.ckpt-1/model/.metadata: entry 'emb.user.weight' claims bytes up to 1099511627776 of"
+        " __0_0.distcp, which holds 8781; the metadata does not match the data (corrupted or crafted);"
+        " refusing to read it",
     ),
 ]
 

@@ -23,7 +23,9 @@ Deleting a checkpoint on an object store writes the deletion marker first, then 
 manifest, the other files, and the marker last.
 
 Stale staging left by a crash is removed by a later save, but only when its owner
-record shows a dead process (same host) or a heartbeat older than ``stale_after_s``.
+record shows a dead process (same host) or a heartbeat older than ``stale_after_s``, or
+when it has no owner record and no file (or, on local disk, only files older than
+``stale_after_s``). Temporary files of atomic replaces whose writer pid is dead go too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -270,8 +273,11 @@ def cleanup_stale(
             continue
         owner = _read_owner(storage, record)
         if owner is None:
-            # No readable record: the writer died before writing it, or it is being written
-            # right now; only a directory whose contents are all old is removed.
+            # No readable record: the writer died before writing it, or is writing it right
+            # now. Only an empty staging area, or one whose files are all old, is removed.
+            if is_staging(name) and _ownerless_is_debris(storage, path, now, stale_after_s):
+                storage.rm(path, recursive=True)
+                removed.append(path)
             continue
         if is_stale(owner, now=now, host=host, pid_alive=pid_alive, stale_after_s=stale_after_s):
             if is_staging(name):
@@ -279,6 +285,39 @@ def cleanup_stale(
             else:
                 remove_checkpoint_dir(storage, path)
             removed.append(path)
+    if storage.local:
+        removed += _remove_dead_temp_files(storage, model_dir, host)
+    return removed
+
+
+_TEMP_RE = re.compile(r".+\.tmp-([0-9]+)-[0-9a-f]+")
+
+
+def _ownerless_is_debris(storage: Storage, path: str, now: float, stale_after_s: float) -> bool:
+    files = storage.walk_files(path)
+    if not files:
+        return True
+    if not storage.local:
+        return False
+    newest = max(os.path.getmtime(storage._local(Storage.join(path, rel))) for rel in files)
+    return now - newest > stale_after_s
+
+
+def _remove_dead_temp_files(storage: Storage, model_dir: str, host: str) -> list[str]:
+    """Temporary files of atomic replaces (``<name>.tmp-<pid>-<hex>``) whose writer is dead.
+
+    Only on local disk, where the pid names a process of this host.
+    """
+    removed = []
+    for name in storage.ls(model_dir):
+        if parse_any_step(name) is None:
+            continue
+        ckpt = Storage.join(model_dir, name)
+        for entry in storage.ls(ckpt):
+            m = _TEMP_RE.fullmatch(entry)
+            if m and not pid_alive(int(m.group(1))):
+                storage.rm(Storage.join(ckpt, entry))
+                removed.append(Storage.join(ckpt, entry))
     return removed
 
 

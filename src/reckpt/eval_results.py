@@ -28,6 +28,7 @@ __all__ = [
     "read_eval_results",
     "read_checkpoint_metrics",
     "write_checkpoint_metrics",
+    "cross_check_eval_results",
 ]
 
 logger = logging.getLogger(__name__)
@@ -115,3 +116,48 @@ def read_checkpoint_metrics(storage: Storage, checkpoint_dir: str) -> dict[str, 
     payload = read_sidecar(storage, checkpoint_dir, METRICS_SIDECAR) or {}
     ev = payload.get("eval") or {}
     return {k: float(v) for k, v in ev.items() if isinstance(v, int | float) and math.isfinite(float(v))}
+
+
+def cross_check_eval_results(
+    storage: Storage, model_dir: str, filename: str = TRAIN_EVAL_RESULT_FILENAME
+) -> list[str]:
+    """Problems of a results file, found by checking it against the checkpoints' metrics sidecars.
+
+    The results file is appended to, so it carries no checksum; each committed checkpoint's
+    metrics sidecar (checksummed) holds the same numbers. Reported: garbled lines (file and
+    line), steps a sidecar records but the file lacks (a truncated file), and values that
+    differ (a flipped digit). Sidecars that are themselves damaged are reported too.
+
+    Example:
+        >>> # for p in cross_check_eval_results(storage_for("run"), "run"): print(p)
+    """
+    from reckpt.commit import checkpoint_state
+    from reckpt.errors import IntegrityError
+    from reckpt.naming import parse_step
+
+    path = Storage.join(model_dir, filename)
+    parsed = read_eval_results(storage, path)
+    problems = list(parsed.problems)
+    for name in storage.ls(model_dir):
+        step = parse_step(name)
+        ckpt = Storage.join(model_dir, name)
+        if step is None or checkpoint_state(storage, ckpt) != "committed":
+            continue
+        try:
+            side = read_checkpoint_metrics(storage, ckpt)
+        except IntegrityError as e:
+            problems.append(str(e))
+            continue
+        if not side:
+            continue
+        line = parsed.by_step.get(step)
+        if line is None:
+            problems.append(
+                f"{path}: no result for step {step}, but {name}'s metrics sidecar records {side}"
+                " (lines lost or truncated)"
+            )
+        elif any(line.get(k) != v for k, v in side.items()):
+            problems.append(
+                f"{path}: step {step} says {line}, but {name}'s metrics sidecar says {side} (altered)"
+            )
+    return problems

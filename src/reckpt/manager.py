@@ -27,7 +27,7 @@ from reckpt.dataloader_state import (
 from reckpt.discovery import best_checkpoint, latest_checkpoint, list_checkpoints
 from reckpt.dist import Dist
 from reckpt.dynamic import dynamic_writer
-from reckpt.errors import ConfigError
+from reckpt.errors import ConfigError, IntegrityError, UnsafeCheckpointError
 from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME, append_eval_result, write_checkpoint_metrics
 from reckpt.incremental import Incremental, latest_restorable
 from reckpt.leases import lease
@@ -356,6 +356,28 @@ class CheckpointManager:
             self._incremental.restored(path, model)
         dl_state = restore_dataloader_state(path, self.storage_options)
         return ResumeInfo(path, step, train_state.epoch if has_state else 0, dl_state, report)
+
+    def restore_latest(self, model: Any, optimizer: Any = None, **kwargs: Any) -> ResumeInfo | None:
+        """Collective: resume from the newest checkpoint that verifies; ``None`` when there is none.
+
+        A damaged checkpoint (a file fails its checksum, metadata is refused) is skipped with
+        a warning naming the file and the reason, and the next older one is tried; nothing of
+        a skipped checkpoint is loaded (restore checks every part before loading any). Keyword
+        arguments go to :meth:`restore`.
+
+        Raises:
+            IntegrityError: no checkpoint verifies (the newest one's error).
+        """
+        first: Exception | None = None
+        for info in reversed([c for c in self.list_checkpoints() if c.committed]):
+            try:
+                return self.restore(info.path, model, optimizer, **kwargs)
+            except (IntegrityError, UnsafeCheckpointError) as e:
+                logger.warning("resume: skipping %s, it does not verify: %s", info.path, e)
+                first = first or e
+        if first is not None:
+            raise first
+        return None
 
     def latest_checkpoint(self) -> tuple[str | None, int]:
         """The newest committed checkpoint (a delta too, in incremental mode)."""

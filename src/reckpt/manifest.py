@@ -113,22 +113,29 @@ class Manifest:
         }
         if self.delta is not None:
             doc["delta"] = self.delta
+        doc["manifest_checksum"] = _self_checksum(doc)  # a flipped bit anywhere is caught
         return json.dumps(doc, indent=1, sort_keys=False).encode("utf-8")
 
     @classmethod
-    def from_json(cls, data: bytes, source: str) -> Manifest:
-        """Parse and validate a manifest.
+    def from_json(cls, data: bytes, source: str, *, check: bool = True) -> Manifest:
+        """Parse and validate a manifest (``check=False`` skips its own checksum: salvage only).
 
         Raises:
             IntegrityError: the file is not valid JSON or does not follow the schema.
         """
         try:
             doc = json.loads(data.decode("utf-8"))
+            recorded = doc.pop("manifest_checksum", None)  # absent in older manifests: accepted unchecked
             version = doc["format_version"]
             if not isinstance(version, int) or version > FORMAT_VERSION:
                 raise IntegrityError(
                     f"{source}: format_version {version!r} is newer than this reckpt understands"
                     f" ({FORMAT_VERSION}); upgrade reckpt"
+                )
+            if check and recorded is not None and recorded != _self_checksum(doc):
+                raise IntegrityError(
+                    f"{source}: the manifest's own checksum does not match its content (corrupted);"
+                    " restore from another checkpoint"
                 )
             files = {}
             for path, rec in doc["files"].items():
@@ -157,6 +164,11 @@ class Manifest:
             raise IntegrityError(f"{source}: not a valid reckpt manifest ({type(e).__name__}: {e})") from e
 
 
+def _self_checksum(doc: dict[str, Any]) -> str:
+    """Checksum of a manifest document in canonical form (sorted keys, no spaces)."""
+    return checksum_bytes(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+
+
 def read_json_object(storage: Storage, path: str) -> dict[str, Any] | None:
     """A small JSON-object file of a checkpoint (``plan``, ``meta`` ...), ``None`` when absent.
 
@@ -182,12 +194,15 @@ def chain_names(manifest: Manifest | None, path: str) -> list[str]:
     return [*(str(n) for n in manifest.delta["chain"]), name]
 
 
-def read_manifest(storage: Storage, checkpoint_dir: str) -> Manifest | None:
-    """The checkpoint's manifest, or ``None`` when it has none (legacy or incomplete)."""
+def read_manifest(storage: Storage, checkpoint_dir: str, *, check: bool = True) -> Manifest | None:
+    """The checkpoint's manifest, or ``None`` when it has none (legacy or incomplete).
+
+    ``check=False`` skips the manifest's own checksum (``restore_model(verify=False)``).
+    """
     path = Storage.join(checkpoint_dir, MANIFEST_FILE)
     if not storage.exists(path):
         return None
-    return Manifest.from_json(storage.read_bytes(path), path)
+    return Manifest.from_json(storage.read_bytes(path), path, check=check)
 
 
 def write_sidecar(storage: Storage, checkpoint_dir: str, kind: str, payload: dict[str, Any]) -> None:

@@ -52,7 +52,7 @@ from reckpt.remap import (
 )
 from reckpt.report import LoadReport, PartReport, ShapeMismatch
 from reckpt.storage import Storage, storage_for
-from reckpt.verification import require_committed, verify_collective
+from reckpt.verification import check_storage_bounds, require_committed, verify_collective
 
 __all__ = ["restore_model", "read_meta"]
 
@@ -110,7 +110,9 @@ class _Loader:
 
     def metadata(self, part: str) -> Metadata:
         if part not in self._metadata:
-            self._metadata[part] = read_dcp_metadata(self.storage, Storage.join(self.ckpt, part))
+            md = read_dcp_metadata(self.storage, Storage.join(self.ckpt, part))
+            check_storage_bounds(self.storage, Storage.join(self.ckpt, part), md)
+            self._metadata[part] = md
         return self._metadata[part]
 
     def _planner(self, job: _Job, state_dict: dict[str, Any]) -> PartialLoadPlanner:
@@ -384,7 +386,7 @@ def restore_model(
     storage = storage_for(ckpt, storage_options)
     state = require_committed(storage, ckpt)
     report = LoadReport(ckpt, legacy=state == "legacy")
-    manifest = read_manifest(storage, ckpt)
+    manifest = read_manifest(storage, ckpt, check=verify)
     if follow_delta_chain and manifest is not None and manifest.delta is not None:
         from reckpt.delta import restore_chain
 

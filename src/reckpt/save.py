@@ -123,7 +123,10 @@ def _commit(storage: Storage, target: str, work: str, manifest: Manifest, token:
             storage.rename(target, trash)
         storage.rename(work, target)
         storage.fsync_dir(parent)
-        storage.rm(Storage.join(target, OWNER_FILE))  # not part of the manifest's file set
+        # Committed: the owner record is not part of the manifest's file set, and failing to
+        # remove it must not turn a committed save into an error.
+        with contextlib.suppress(OSError):
+            storage.rm(Storage.join(target, OWNER_FILE))
         if trash is not None:
             storage.rm(trash, recursive=True)
     else:

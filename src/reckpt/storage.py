@@ -10,24 +10,127 @@ Storage options (endpoint, credentials) are passed explicitly or, for S3, taken
 from the standard environment variables (``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``) by botocore
 itself. Nothing is monkey-patched.
+
+**Failures.** Whole-file operations (reads, listings, ``write_bytes``, deletes, mkdir,
+opening a file) are retried on transient errors (:func:`is_transient`) under
+:data:`RETRY`: at most 4 attempts, backoff 50 ms doubling to 1 s, about 0.35 s in all.
+A write into an open stream is retried only on ``EAGAIN`` (nothing was written); any other
+failure of a half-written stream fails its save, which is rolled back. An
+error that persists (or is not transient: a full disk, a read-only location, a denied
+permission) is raised as :class:`StorageError`, which names the path, the operation and
+what to do. Every mutating operation is counted by :func:`reckpt.knobs.storage_op` (the
+crash-injection knob).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import time
 import uuid
-from collections.abc import Mapping
-from typing import IO, Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from reckpt.errors import CheckpointNotFoundError, ConfigError
+from reckpt.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from reckpt.knobs import storage_op
 
-__all__ = ["Storage", "storage_for"]
+__all__ = ["Storage", "StorageError", "RetryPolicy", "RETRY", "is_transient", "storage_for"]
 
 _LOCAL_PROTOCOLS = {"file", "local"}
+_UNCACHED_PROTOCOLS = {"file", "local", "memory", "faulty"}  # no listings cache to turn off
+_T = TypeVar("_T")
+
+#: errno values worth another attempt (network filesystems and object stores recover).
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        getattr(errno, "EREMOTEIO", errno.EIO),  # s3fs: a 5xx answer
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+    }
+)
+_HINTS = {
+    errno.ENOSPC: "the storage is full; free space or choose another model_dir",
+    errno.EDQUOT: "the storage quota is exhausted; free space or choose another model_dir",
+    errno.EROFS: "the location is read-only; choose a writable model_dir",
+    errno.EACCES: "permission denied; choose a model_dir this user may write",
+    errno.EPERM: "operation not permitted; choose a model_dir this user may write",
+}
+
+
+class StorageError(CheckpointError, OSError):
+    """A storage operation failed for good (after retries, or with a non-transient error).
+
+    ``errno`` is the underlying error's; the message names the path, the operation and
+    what to do. Checkpoints committed before the failure are untouched.
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded exponential backoff for transient storage errors.
+
+    Example:
+        >>> RetryPolicy().delays()
+        [0.05, 0.1, 0.2]
+    """
+
+    attempts: int = 4
+    first_delay_s: float = 0.05
+    max_delay_s: float = 1.0
+
+    def delays(self) -> list[float]:
+        """Sleeps between attempts (``attempts - 1`` of them)."""
+        return [min(self.first_delay_s * 2**i, self.max_delay_s) for i in range(self.attempts - 1)]
+
+
+RETRY = RetryPolicy()
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether another attempt may succeed (timeouts, dropped connections, EIO, EAGAIN ...)."""
+    if isinstance(error, CheckpointError | FileNotFoundError | FileExistsError | IsADirectoryError):
+        return False
+    if isinstance(error, ConnectionError | TimeoutError):
+        return True
+    if isinstance(error, OSError):
+        return error.errno in TRANSIENT_ERRNOS
+    name = type(error).__name__
+    module = type(error).__module__
+    return module.startswith(("botocore", "aiobotocore", "aiohttp")) and (
+        "Connection" in name or "Timeout" in name or name == "HTTPClientError"
+    )
+
+
+def _storage_error(error: BaseException, op: str, path: str, attempts: int) -> BaseException:
+    """``error`` as a :class:`StorageError` when it is a storage failure worth explaining."""
+    if isinstance(error, CheckpointError | FileNotFoundError | FileExistsError):
+        return error
+    code = getattr(error, "errno", None)
+    if code in _HINTS:
+        hint = _HINTS[code]
+    elif is_transient(error):
+        hint = f"gave up after {attempts} attempt(s); check the storage and retry"
+    else:
+        return error
+    if isinstance(code, int):
+        what = f"{errno.errorcode.get(code, code)}: {os.strerror(code)}"
+    else:
+        what = f"{type(error).__name__}: {error}"
+    return StorageError(f"{path}: {op} failed ({what}); {hint}", code if isinstance(code, int) else None)
 
 
 class Storage:
@@ -36,6 +139,7 @@ class Storage:
     Args:
         fs: the fsspec filesystem.
         local: whether the filesystem is the POSIX local one (fsync and atomic rename).
+        retry: the retry policy of transient errors.
 
     Example:
         >>> st = storage_for("memory://demo")
@@ -44,14 +148,43 @@ class Storage:
         b'hi'
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, local: bool) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, local: bool, retry: RetryPolicy = RETRY) -> None:
         self.fs = fs
         self.local = local
+        self.retry = retry
 
     @property
     def atomic_rename(self) -> bool:
         """Whether renaming a directory is atomic (POSIX local filesystem only)."""
         return self.local
+
+    # -- failure handling --------------------------------------------------------------
+    def _call(
+        self, op: str, path: str, fn: Callable[[], _T], *, retry: bool = True, inject: str | None = None
+    ) -> _T:
+        """Run one operation, retrying transient errors; persistent ones become StorageError.
+
+        ``inject`` names the operation kind a fault-injecting filesystem is asked about first
+        (for operations done with ``os`` directly, which bypass the filesystem object).
+        """
+        delays = self.retry.delays() if retry else []
+        for attempt in range(len(delays) + 1):
+            try:
+                if inject is not None:
+                    self._inject(inject, path)
+                return fn()
+            except Exception as e:
+                if attempt < len(delays) and is_transient(e):
+                    time.sleep(delays[attempt])
+                    continue
+                raise _storage_error(e, op, path, attempt + 1) from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _inject(self, op: str, path: str) -> None:
+        """A fault-injecting filesystem's verdict on an operation done with ``os`` directly."""
+        inject = getattr(self.fs, "inject", None)
+        if inject is not None:
+            inject(op, self._local(path))
 
     # -- paths -------------------------------------------------------------------------
     @staticmethod
@@ -75,21 +208,21 @@ class Storage:
 
     # -- queries -----------------------------------------------------------------------
     def exists(self, path: str) -> bool:
-        return bool(self.fs.exists(path))
+        return self._call("exists", path, lambda: bool(self.fs.exists(path)))
 
     def isdir(self, path: str) -> bool:
-        return bool(self.fs.isdir(path))
+        return self._call("isdir", path, lambda: bool(self.fs.isdir(path)))
 
     def isfile(self, path: str) -> bool:
-        return bool(self.fs.isfile(path))
+        return self._call("isfile", path, lambda: bool(self.fs.isfile(path)))
 
     def size(self, path: str) -> int:
-        return int(self.fs.size(path))
+        return self._call("size", path, lambda: int(self.fs.size(path)))
 
     def ls(self, path: str) -> list[str]:
         """Sorted basenames of the entries of a directory ([] when it does not exist)."""
         try:
-            entries = self.fs.ls(path, detail=False)
+            entries = self._call("list", path, lambda: self.fs.ls(path, detail=False))
         except FileNotFoundError:
             return []
         names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
@@ -103,7 +236,7 @@ class Storage:
         """Every file below ``path``, as ``/``-separated paths relative to it, sorted."""
         root = self.fs._strip_protocol(path).rstrip("/")
         out = []
-        for full in self.fs.find(path):
+        for full in self._call("list", path, lambda: self.fs.find(path)):
             full = str(full)
             rel = full[len(root) :].lstrip("/") if full.startswith(root) else full
             out.append(rel)
@@ -111,13 +244,17 @@ class Storage:
 
     # -- reads ---------------------------------------------------------------------------
     def open(self, path: str, mode: str = "rb") -> IO[Any]:
-        if "w" in mode:
+        """Open a file; a stream opened for writing reports failures as :class:`StorageError`."""
+        if "w" in mode or "a" in mode:
+            storage_op("write", path)
             self._ensure_parent(path)
-        return self.fs.open(path, mode)  # type: ignore[no-any-return]
+            raw = self._call("write", path, lambda: self.fs.open(path, mode))
+            return _GuardedFile(raw, path)  # type: ignore[return-value]
+        return self._call("read", path, lambda: self.fs.open(path, mode))
 
     def read_bytes(self, path: str) -> bytes:
         try:
-            return bytes(self.fs.cat_file(path))
+            return self._call("read", path, lambda: bytes(self.fs.cat_file(path)))
         except FileNotFoundError as e:
             raise CheckpointNotFoundError(f"{path}: file does not exist") from e
 
@@ -126,30 +263,42 @@ class Storage:
 
     # -- writes --------------------------------------------------------------------------
     def makedirs(self, path: str) -> None:
-        self.fs.makedirs(path, exist_ok=True)
+        storage_op("mkdir", path)
+        self._call("mkdir", path, lambda: self.fs.makedirs(path, exist_ok=True), inject="mkdir")
 
     def write_bytes(self, path: str, data: bytes, *, fsync: bool = True) -> None:
         """Write a whole file, creating parents (on local disk fsynced; one PUT on object stores)."""
+        storage_op("write", path)
         self._ensure_parent(path)
-        with self.fs.open(path, "wb") as f:
-            f.write(data)
-            if fsync and self.local:
-                f.flush()
-                os.fsync(f.fileno())
+
+        def write() -> None:
+            with self.fs.open(path, "wb") as f:
+                f.write(data)
+                if fsync and self.local:
+                    f.flush()
+                    storage_op("fsync", path)
+                    self._inject("fsync", path)  # inside the retried write
+                    os.fsync(f.fileno())
+
+        self._call("write", path, write)
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Replace a file so that readers see the old or the new content, never a mix.
 
         On POSIX: write a temporary sibling, fsync, rename over, fsync the directory.
-        On object stores a single PUT is already atomic.
+        On object stores a single PUT is already atomic. The temporary name carries the
+        writer's pid (``<name>.tmp-<pid>-<hex>``) so that a later cleanup can tell a dead
+        writer's leftover from a live one's.
         """
         if not self.local:
             self.write_bytes(path, data)
             return
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}{TMP_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.write_bytes(tmp, data)
-            os.replace(self._local(tmp), self._local(path))
+            storage_op("rename", f"{tmp} -> {path}")
+            replace = lambda: os.replace(self._local(tmp), self._local(path))  # noqa: E731
+            self._call("rename", path, replace, inject="rename")  # a failed rename(2) did nothing
         except BaseException:
             with contextlib.suppress(OSError):
                 self.fs.rm_file(tmp)
@@ -158,23 +307,27 @@ class Storage:
 
     def rename(self, src: str, dst: str) -> None:
         """Rename a file or directory (atomic only where :attr:`atomic_rename`)."""
+        storage_op("rename", f"{src} -> {dst}")
         if self.local:
-            os.rename(self._local(src), self._local(dst))
+            move = lambda: os.rename(self._local(src), self._local(dst))  # noqa: E731
+            self._call("rename", src, move, inject="rename")  # a failed rename(2) did nothing
         elif self.isdir(src):
             # Object stores: copy every object, then delete the originals (not atomic).
             for rel in self.walk_files(src):
-                self.fs.copy(self.join(src, rel), self.join(dst, rel))
+                s, d = self.join(src, rel), self.join(dst, rel)
+                self._call("copy", s, lambda s=s, d=d: self.fs.copy(s, d))  # type: ignore[misc]
             self.rm(src, recursive=True)
         else:
-            self.fs.mv(src, dst)
+            self._call("rename", src, lambda: self.fs.mv(src, dst), retry=False)
 
     def rm(self, path: str, recursive: bool = False) -> None:
         """Remove a file or (with ``recursive``) a tree; a missing path is not an error."""
+        storage_op("delete", path)
         try:
             if recursive:
-                self.fs.rm(path, recursive=True)
+                self._call("delete", path, lambda: self.fs.rm(path, recursive=True))
             else:
-                self.fs.rm_file(path)
+                self._call("delete", path, lambda: self.fs.rm_file(path))
         except FileNotFoundError:
             pass
 
@@ -182,19 +335,80 @@ class Storage:
         """Make a directory's entries (a rename, a new file) durable; no-op off POSIX."""
         if not self.local:
             return
-        fd = os.open(self._local(path), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        storage_op("fsync", path)
+
+        def sync() -> None:
+            fd = os.open(self._local(path), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        self._call("fsync", path, sync, inject="fsync")
 
     def _ensure_parent(self, path: str) -> None:
         # Object stores have no directories; local files need theirs.
         if self.local:
-            os.makedirs(os.path.dirname(self._local(path)), exist_ok=True)
+            parent = os.path.dirname(self._local(path))
+            if not os.path.isdir(parent):
+                self._call("mkdir", parent, lambda: os.makedirs(parent, exist_ok=True), inject="mkdir")
 
     def _local(self, path: str) -> str:
         return str(self.fs._strip_protocol(path))
+
+
+TMP_INFIX = ".tmp-"
+
+
+class _GuardedFile:
+    """A writable file whose failures (a full disk mid-write) read as :class:`StorageError`."""
+
+    def __init__(self, raw: IO[bytes], path: str) -> None:
+        self._raw = raw
+        self._path = path
+
+    def _guard(self, op: str, fn: Callable[[], _T]) -> _T:
+        try:
+            return fn()
+        except Exception as e:
+            raise _storage_error(e, op, self._path, 1) from e
+
+    def write(self, data: Any) -> int:
+        # Only EAGAIN is retried mid-stream: it guarantees nothing was written, so the
+        # bytes on disk stay exactly the bytes hashed. Anything else fails the save.
+        for delay in [*RETRY.delays(), None]:
+            try:
+                return int(self._raw.write(data))
+            except OSError as e:
+                if delay is None or e.errno != errno.EAGAIN or int(getattr(e, "characters_written", 0) or 0):
+                    raise _storage_error(e, "write", self._path, 1) from e
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def flush(self) -> None:
+        self._guard("write", self._raw.flush)
+
+    def close(self) -> None:
+        self._guard("write", self._raw.close)
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._raw.closed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+    def __enter__(self) -> _GuardedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def storage_for(path: str, storage_options: Mapping[str, Any] | None = None) -> Storage:
@@ -210,12 +424,23 @@ def storage_for(path: str, storage_options: Mapping[str, Any] | None = None) -> 
     """
     if not isinstance(path, str) or not path:
         raise ConfigError(f"checkpoint path must be a non-empty str, got {path!r}")
+    if path.startswith("faulty://"):
+        import reckpt.faults  # noqa: F401 - registers the fault-injecting protocol
+    options = dict(storage_options or {})
+    scheme = path.split("://", 1)[0] if "://" in path else "file"
+    if scheme not in _UNCACHED_PROTOCOLS:
+        # Another process (the writer, the pruner) changes the store under us: a cached
+        # listing would show deleted checkpoints as present and new ones as absent.
+        options.setdefault("use_listings_cache", False)
     try:
-        fs, _ = url_to_fs(path, **dict(storage_options or {}))
+        fs, _ = url_to_fs(path, **options)
     except (ValueError, ImportError) as e:
         raise ConfigError(
             f"cannot open storage for {path!r}: {e}. Use a local path or a URL whose fsspec"
             " backend is installed (e.g. 's3://' needs the 's3fs' package)."
         ) from e
-    protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
-    return Storage(fs, local=bool(set(protocols) & _LOCAL_PROTOCOLS))
+    local = getattr(fs, "target_is_local", None)  # a fault-injecting wrapper says what it wraps
+    if local is None:
+        protocols = fs.protocol if isinstance(fs.protocol, tuple | list) else (fs.protocol,)
+        local = bool(set(protocols) & _LOCAL_PROTOCOLS)
+    return Storage(fs, local=bool(local))

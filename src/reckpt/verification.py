@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from reckpt.commit import checkpoint_state
-from reckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError
+from reckpt.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    IncompleteCheckpointError,
+    IntegrityError,
+    UnsafeCheckpointError,
+)
 from reckpt.integrity import CHECKSUM_ALGORITHM, hash_stream
-from reckpt.manifest import Manifest, chain_names, read_manifest
-from reckpt.naming import IN_PROGRESS_MARKER, MANIFEST_FILE, OWNER_FILE, is_sidecar
+from reckpt.manifest import Manifest, chain_names, read_manifest, read_sidecar
+from reckpt.naming import (
+    DCP_METADATA_FILE,
+    IN_PROGRESS_MARKER,
+    MANIFEST_FILE,
+    OWNER_FILE,
+    SIDECAR_PREFIX,
+    SIDECAR_SUFFIX,
+    is_sidecar,
+)
 from reckpt.storage import Storage, storage_for
 
 if TYPE_CHECKING:
     from reckpt.dist import Dist
 
-__all__ = ["VerifyReport", "verify", "check_files"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["VerifyReport", "verify", "check_files", "check_sidecars", "check_storage_bounds"]
 
 
 @dataclass(slots=True)
@@ -76,6 +93,10 @@ def verify_collective(storage: Storage, checkpoint_dir: str, manifest: Manifest,
     err: BaseException | None = None
     try:
         problems = check_files(storage, checkpoint_dir, manifest, files[d.rank :: d.world_size])
+        if d.is_coordinator:
+            for bad in check_sidecars(storage, checkpoint_dir):
+                # Metrics and timings: worth a warning, not worth refusing the weights.
+                logger.warning("%s (restoring the checkpoint's files anyway)", bad)
         if problems:
             err = IntegrityError(
                 f"{checkpoint_dir}: integrity check failed ({len(problems)} file(s)):\n  "
@@ -117,10 +138,10 @@ def verify(checkpoint_dir: str, storage_options: Mapping[str, Any] | None = None
     if manifest.delta is not None:
         report.checked += _check_chain(storage, checkpoint_dir, manifest, report.problems)
     ignore = {MANIFEST_FILE, OWNER_FILE, IN_PROGRESS_MARKER}
+    present = storage.walk_files(checkpoint_dir)
+    report.problems.extend(check_sidecars(storage, checkpoint_dir, present))
     report.unexpected = [
-        rel
-        for rel in storage.walk_files(checkpoint_dir)
-        if rel not in manifest.files and rel not in ignore and not is_sidecar(rel)
+        rel for rel in present if rel not in manifest.files and rel not in ignore and not is_sidecar(rel)
     ]
     return report
 
@@ -148,6 +169,51 @@ def _check_chain(storage: Storage, checkpoint_dir: str, manifest: Manifest, prob
             )
             checked += len(link_manifest.files)
     return checked
+
+
+def check_sidecars(storage: Storage, checkpoint_dir: str, names: list[str] | None = None) -> list[str]:
+    """Check every sidecar's own checksum; returns one message per bad sidecar.
+
+    Sidecars are outside the manifest (they change after the commit) and carry the checksum
+    of their payload instead.
+    """
+    names = storage.ls(checkpoint_dir) if names is None else names
+    problems = []
+    for rel in names:
+        if "/" in rel or not is_sidecar(rel):
+            continue
+        kind = rel[len(SIDECAR_PREFIX) : -len(SIDECAR_SUFFIX)]
+        try:
+            read_sidecar(storage, checkpoint_dir, kind)
+        except (IntegrityError, ConfigError) as e:
+            problems.append(str(e))
+    return problems
+
+
+def check_storage_bounds(
+    storage: Storage, dcp_dir: str, md: Any, sizes: Mapping[str, int] | None = None
+) -> None:
+    """Refuse DCP entries whose byte ranges lie beyond their files (a header claiming a terabyte).
+
+    Runs before anything is read or allocated. ``sizes`` maps a file name inside ``dcp_dir``
+    to its size (from the manifest); files it lacks are asked of the storage.
+
+    Raises:
+        UnsafeCheckpointError: an entry's ``offset + length`` is beyond its file's size.
+    """
+    known = dict(sizes or {})
+    for index, info in (getattr(md, "storage_data", None) or {}).items():
+        rel = str(getattr(info, "relative_path", ""))
+        if rel not in known:
+            path = Storage.join(dcp_dir, rel)
+            known[rel] = storage.size(path) if storage.exists(path) else 0
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        if end > known[rel]:
+            raise UnsafeCheckpointError(
+                f"{Storage.join(dcp_dir, DCP_METADATA_FILE)}: entry {getattr(index, 'fqn', index)!r}"
+                f" claims bytes up to {end} of {rel}, which holds {known[rel]}; the metadata does not"
+                " match the data (corrupted or crafted); refusing to read it"
+            )
 
 
 def require_committed(storage: Storage, checkpoint_dir: str) -> str:
