@@ -158,7 +158,7 @@ def storage_faults_s3(upstream_port: int, bucket: str, seed: int) -> dict[str, A
     return tally
 
 
-def _flip(path: str) -> None:
+def flip_bit(path: str) -> None:
     with open(path, "r+b") as f:
         size = f.seek(0, 2)
         f.seek(size // 2)
@@ -167,11 +167,11 @@ def _flip(path: str) -> None:
         f.write(bytes([b[0] ^ 0x10]))
 
 
-def _truncate(path: str) -> None:
+def truncate_half(path: str) -> None:
     os.truncate(path, os.path.getsize(path) // 2)
 
 
-class _Records(logging.Handler):
+class WarningRecords(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
@@ -208,11 +208,11 @@ def corruption(workdir: str) -> dict[str, Any]:
     pristine = os.path.join(workdir, "pristine")
     ckpt = pristine_checkpoint(pristine, 7)
     files = [os.path.relpath(os.path.join(d, f), ckpt) for d, _, fs in os.walk(ckpt) for f in fs]
-    handler = _Records()
+    handler = WarningRecords()
     logging.getLogger("reckpt").addHandler(handler)
     try:
         for rel in [*sorted(files), f"../{TRAIN_EVAL_RESULT_FILENAME}"]:
-            for damage, fn in (("flip", _flip), ("truncate", _truncate)):
+            for damage, fn in (("flip", flip_bit), ("truncate", truncate_half)):
                 root = os.path.join(workdir, "corrupt", f"{len(tally['by_file'])}-{damage}")
                 shutil.copytree(pristine, root)
                 target = os.path.normpath(os.path.join(root, "model.ckpt-7", rel))
@@ -220,7 +220,7 @@ def corruption(workdir: str) -> dict[str, Any]:
                 name = os.path.basename(target)
                 tally["trials"] += 1
                 tally["injected"] += 1
-                found = _detect(root, name, handler)
+                found = detect(root, name, handler)
                 tally["by_file"][f"{rel} ({damage})"] = found
                 if found:
                     tally["detected"] += 1
@@ -231,7 +231,7 @@ def corruption(workdir: str) -> dict[str, Any]:
     return tally
 
 
-def _detect(root: str, name: str, handler: _Records) -> str:
+def detect(root: str, name: str, handler: WarningRecords) -> str:
     """How a damaged file was caught (``""``: it was not); both verify and restore must name it."""
     ckpt = f"{root}/model.ckpt-7"
     if name == TRAIN_EVAL_RESULT_FILENAME:
@@ -258,9 +258,9 @@ def fallback(workdir: str) -> dict[str, Any]:
     root = os.path.join(workdir, "fallback")
     pristine_checkpoint(root, 1)
     pristine_checkpoint(root, 2)
-    _flip(os.path.join(root, "model.ckpt-2", "model", "__0_0.distcp"))
+    flip_bit(os.path.join(root, "model.ckpt-2", "model", "__0_0.distcp"))
     tally["trials"] = tally["injected"] = 1
-    handler = _Records()
+    handler = WarningRecords()
     logging.getLogger("reckpt").addHandler(handler)
     try:
         m = Tiny()
