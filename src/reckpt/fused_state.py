@@ -23,14 +23,18 @@ the collective that reads the checkpoint's state and writes the converted values
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+import logging
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from reckpt.report import PartReport, ShapeMismatch
+
 __all__ = [
+    "fill_conversions",
     "Splits",
     "RowwiseConversion",
     "column_splits",
@@ -39,6 +43,8 @@ __all__ = [
     "plan_conversions",
     "flat_state",
 ]
+
+logger = logging.getLogger(__name__)
 
 Splits = tuple[tuple[int, int], ...]
 """Column ranges ``(start, end)`` of a table's shards, in column order."""
@@ -314,3 +320,47 @@ def apply_conversions(
         write_local(values[key], full)
         done.append(conv)
     return done, lossy
+
+
+def fill_conversions(
+    conversions: Mapping[str, RowwiseConversion],
+    optim_sd: Mapping[str, Any],
+    pr: PartReport,
+    saved: Mapping[str, Any],
+    read: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
+    notes: list[str],
+    where: str,
+) -> None:
+    """Collective: read the sources, write the converted state, report each key.
+
+    Converted keys are ``loaded`` (and ``remapped`` when renamed); the others are
+    ``reinitialized`` and ``shape_mismatched``, logged and noted.
+
+    Args:
+        conversions: this rank's keys (may be empty; every rank must call).
+        optim_sd: the optimizer state dict being loaded (written in place).
+        pr: the optimizer part's report.
+        saved: the checkpoint's ``optimizer/`` metadata entries (``state_dict_metadata``).
+        read: collective reader of whole saved tensors (``{key: (shape, dtype)} -> tensors``).
+        notes: the load report's notes.
+        where: the optimizer directory, for messages.
+    """
+    wanted: dict[str, Any] = {}
+    for c in conversions.values():
+        entry = saved[c.source]
+        dtype = entry.properties.dtype if isinstance(entry, TensorStorageMetadata) else torch.float32
+        wanted[c.source] = (c.source_shape, dtype)
+    done, lossy = apply_conversions(conversions, optim_sd, read(wanted))
+    for c in done:
+        pr.loaded.append(c.key)
+        if c.source != c.key:
+            pr.remapped[c.key] = c.source
+        notes.append(f"optimizer: converted {c.describe()}")
+    for c in lossy:
+        pr.reinitialized.append(c.key)
+        pr.shape_mismatched.append(ShapeMismatch(c.key, c.source, c.source_shape, None))
+        why = f"{c.describe()} cannot be converted exactly; re-initialised"
+        logger.warning("%s: %s", where, why)
+        notes.append(f"optimizer: {why}")
+    pr.loaded.sort()
+    pr.reinitialized.sort()

@@ -21,7 +21,7 @@ naming the module) before anything is loaded; :class:`MchPlan` applies it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 
 from reckpt.errors import CheckpointError
 
-__all__ = ["ManagedCollisionReshardError", "MchPlan", "plan_mch", "mch_modules"]
+__all__ = ["ManagedCollisionReshardError", "MchPlan", "plan_mch", "mch_modules", "has_managed_collision"]
 
 _EMPTY = torch.iinfo(torch.int64).max
 _RAW, _MAP, _SEGMENTS, _ITER = (
@@ -66,6 +66,11 @@ def mch_modules(model: torch.nn.Module) -> dict[str, Any]:
         if isinstance(mod, ManagedCollisionModule):
             out.setdefault(_clean(name), mod)
     return out
+
+
+def has_managed_collision(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds a TorchRec managed-collision module (without importing TorchRec)."""
+    return any(any(c.__name__ == "ManagedCollisionModule" for c in type(m).__mro__) for m in model.modules())
 
 
 def _nests(saved_md: Metadata, key: str, current: Any) -> bool:
@@ -149,6 +154,32 @@ class MchPlan:
                 if key.startswith(f"state.{move.weight}.") and shape and shape[0] == move.rows:
                     out[key] = shape
         return out
+
+    def move_optimizer_rows(
+        self,
+        optim_sd: Mapping[str, Any],
+        saved: Mapping[str, Any],
+        read: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
+    ) -> list[str]:
+        """Collective: read the saved optimizer rows of the moved tables and move them.
+
+        Args:
+            optim_sd: the optimizer state dict being loaded (written in place).
+            saved: the checkpoint's ``optimizer/`` metadata entries.
+            read: collective reader of whole saved tensors.
+        """
+        wanted = {}
+        for key, shape in self.optimizer_keys(saved).items():
+            entry = saved[key]
+            if isinstance(entry, TensorStorageMetadata):
+                wanted[key] = (shape, entry.properties.dtype)
+        full = read(wanted)
+        flat = {
+            f"state.{fqn}.{name}": v
+            for fqn, st in (optim_sd.get("state") or {}).items()
+            for name, v in st.items()
+        }
+        return self.apply_optimizer(flat, full)
 
     def apply_optimizer(self, optim_flat: Mapping[str, Any], saved: Mapping[str, torch.Tensor]) -> list[str]:
         """Move the optimizer-state rows of the redistributed tables; returns the keys moved."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from reckpt.dcp_io import SafeReader, dcp_call, read_dcp_metadata
@@ -18,14 +18,13 @@ from reckpt.dist import Dist
 from reckpt.errors import CheckpointNotFoundError, KeyMismatchError
 from reckpt.fused_state import (
     RowwiseConversion,
-    apply_conversions,
     dense_fused_rename_rule,
-    flat_state,
+    fill_conversions,
     plan_conversions,
     read_sources,
 )
 from reckpt.manifest import read_json_object, read_manifest
-from reckpt.mch import MchPlan, plan_mch
+from reckpt.mch import MchPlan, has_managed_collision, plan_mch
 from reckpt.naming import (
     DCP_METADATA_FILE,
     DENSE_EMA_DIR,
@@ -50,7 +49,7 @@ from reckpt.remap import (
     input_tile_rule,
     parse_param_map,
 )
-from reckpt.report import LoadReport, PartReport, ShapeMismatch
+from reckpt.report import LoadReport, PartReport
 from reckpt.storage import Storage, storage_for
 from reckpt.verification import check_storage_bounds, require_committed, verify_collective
 
@@ -104,6 +103,11 @@ class _Loader:
         self.param_map, self.rules, self.report = param_map, list(rules), report
         self.mch: MchPlan | None = None
         self._metadata: dict[str, Metadata] = {}
+
+    def reader(self, part: str) -> Callable[[dict[str, Any]], dict[str, torch.Tensor]]:
+        """Collective reader of whole saved tensors of ``part`` (see ``fused_state.read_sources``)."""
+        md, dcp_dir = self.metadata(part), Storage.join(self.ckpt, part)
+        return lambda wanted: read_sources(wanted, self.storage, dcp_dir, md, self.d, self.pg)
 
     def has(self, part: str) -> bool:
         return self.storage.exists(Storage.join(self.ckpt, part, DCP_METADATA_FILE))
@@ -248,61 +252,27 @@ class _OptimizerJob:
 
     def _move_mch_rows(self, sd: dict[str, Any]) -> None:
         """Collective: optimizer rows of redistributed managed-collision tables follow their ids."""
-        plan = self.ld.mch
-        if plan is None or not plan.moves:
-            return
-        md = self.ld.metadata(OPTIMIZER_DIR)
-        saved = md.state_dict_metadata
-        wanted = {}
-        for key, shape in plan.optimizer_keys(saved).items():
-            entry = saved[key]
-            if isinstance(entry, TensorStorageMetadata):
-                wanted[key] = (shape, entry.properties.dtype)
-        dcp_dir = Storage.join(self.ld.ckpt, OPTIMIZER_DIR)
-        full = read_sources(wanted, self.ld.storage, dcp_dir, md, self.ld.d, self.ld.pg)
-        plan.apply_optimizer({key: value for key, _, _, value in flat_state(sd)}, full)
+        if self.ld.mch is not None and self.ld.mch.moves:
+            md = self.ld.metadata(OPTIMIZER_DIR).state_dict_metadata
+            self.ld.mch.move_optimizer_rows(sd, md, self.ld.reader(OPTIMIZER_DIR))
 
     def _convert(self, sd: dict[str, Any], pr: PartReport) -> None:
         """Collective: fill the plan-dependent keys (see :mod:`reckpt.fused_state`)."""
         conversions = self.conversions or {}
-        if not any(self.ld.d.all_gather(bool(conversions))):
-            return
-        md = self.ld.metadata(OPTIMIZER_DIR)
-        wanted = {}
-        for c in conversions.values():
-            entry = md.state_dict_metadata[c.source]
-            dtype = entry.properties.dtype if isinstance(entry, TensorStorageMetadata) else torch.float32
-            wanted[c.source] = (c.source_shape, dtype)
-        dcp_dir = Storage.join(self.ld.ckpt, OPTIMIZER_DIR)
-        sources = read_sources(wanted, self.ld.storage, dcp_dir, md, self.ld.d, self.ld.pg)
-        done, lossy = apply_conversions(conversions, sd, sources)
-        for c in done:
-            pr.loaded.append(c.key)
-            if c.source != c.key:
-                pr.remapped[c.key] = c.source
-            self.ld.report.notes.append(f"optimizer: converted {c.describe()}")
-        for c in lossy:
-            pr.reinitialized.append(c.key)
-            pr.shape_mismatched.append(ShapeMismatch(c.key, c.source, c.source_shape, None))
-            why = f"{c.describe()} cannot be converted exactly; re-initialised"
-            logger.warning("%s: %s", dcp_dir, why)
-            self.ld.report.notes.append(f"optimizer: {why}")
-        pr.loaded.sort()
-        pr.reinitialized.sort()
+        if any(self.ld.d.all_gather(bool(conversions))):
+            md = self.ld.metadata(OPTIMIZER_DIR).state_dict_metadata
+            where = Storage.join(self.ld.ckpt, OPTIMIZER_DIR)
+            read = self.ld.reader(OPTIMIZER_DIR)
+            fill_conversions(conversions, sd, pr, md, read, self.ld.report.notes, where)
 
 
 def _managed_collision(ld: _Loader, model: torch.nn.Module, jobs: list[_Job]) -> None:
     """Collective: fit managed-collision state to this world size (see :mod:`reckpt.mch`)."""
     job = next((j for j in jobs if j.part == MODEL_DIR), None)
-    if job is None or not any(type(m).__name__ == "MCHManagedCollisionModule" for m in model.modules()):
+    if job is None or not has_managed_collision(model):
         return
     md = ld.metadata(MODEL_DIR)
-    dcp_dir = Storage.join(ld.ckpt, MODEL_DIR)
-
-    def read_full(wanted: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return read_sources(wanted, ld.storage, dcp_dir, md, ld.d, ld.pg)
-
-    plan = plan_mch(model, model.state_dict(), md, read_full, ld.d.rank, ld.d.world_size)
+    plan = plan_mch(model, model.state_dict(), md, ld.reader(MODEL_DIR), ld.d.rank, ld.d.world_size)
     if not plan.moves:
         return
     ld.mch = plan
