@@ -43,7 +43,7 @@ class _Net(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
 
 
-def test_plain_checkpoint_roundtrip_column_slices_and_errors(tmp_path: Path) -> None:
+def test_plain_checkpoint_roundtrip_meta_module_and_errors(tmp_path: Path) -> None:
     src = _Net()
     src.count += 7
     reckpt.save_model(str(tmp_path / "model.ckpt-1"), src)
