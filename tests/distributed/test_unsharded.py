@@ -22,7 +22,7 @@ def test_unsharded_load_is_exact_and_streams_one_table_at_a_time(tmp_path: Path)
     """
     doc = unsharded_load.main(
         [
-            *("--tables", "4", "--table-mb", "48", "--dense-mb", "4"),
+            *("--tables", "4", "--table-mb", "64", "--dense-mb", "4"),
             *("--methods", "load_unsharded,dcp_load", "--out", str(tmp_path)),
         ]
     )
