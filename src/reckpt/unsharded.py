@@ -170,10 +170,31 @@ def load_unsharded(
         extra = {k: v for k, v in sub.items() if not isinstance(target[k], torch.Tensor)}
         if extra:
             module.load_state_dict(extra, strict=False)
+    _settle_managed_collision(module, dcp_dir)
     report.parts[MODEL_DIR] = res
     for key in res.missing:
         logger.warning("Skip restore state [%s]: not in checkpoint %s", key, dcp_dir)
     return report
+
+
+def _settle_managed_collision(module: torch.nn.Module, dcp_dir: str) -> None:
+    """What ``load_state_dict`` would run for managed-collision modules: check and re-sort.
+
+    Shards saved by several processes arrive one after another; TorchRec's post-load hook
+    (``validate_state``) checks the saved slot ranges cover the module's and re-sorts its ids.
+    """
+    from reckpt.mch import ManagedCollisionReshardError, has_managed_collision, mch_modules
+
+    if not has_managed_collision(module):
+        return
+    for path, mod in mch_modules(module).items():
+        try:
+            mod.validate_state()
+        except AssertionError as e:
+            raise ManagedCollisionReshardError(
+                f"{dcp_dir}: managed-collision module {path}: the saved slot ranges do not cover this"
+                f" module's ({e}); load it into a model with the saved slot count"
+            ) from e
 
 
 def _stream_tensor(storage: Storage, dcp_dir: str, md: Metadata, ckpt_key: str, dest: torch.Tensor) -> bool:

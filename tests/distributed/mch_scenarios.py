@@ -23,25 +23,15 @@ MC = "mc_ebc._managed_collision_collection._managed_collision_modules.t"
 MOMENTUM = "mc_ebc._embedding_module.embedding_bags.t.weight.t.momentum1"
 
 
-def build(seed: int, adagrad: bool = True) -> Any:
-    """The sharded model; ``adagrad``: fused row-wise Adagrad (else TorchRec's default SGD)."""
+def plain(seed: int) -> nn.Module:
+    """The unsharded model: one table of ``ZCH`` rows behind an ``MCHManagedCollisionModule``."""
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
     from torchrec.modules.mc_modules import (
         DistanceLFU_EvictionPolicy,
         ManagedCollisionCollection,
         MCHManagedCollisionModule,
     )
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-
-    class RowWiseOnCpu(EmbeddingBagCollectionSharder):
-        def sharding_types(self, compute_device_type: str) -> list[str]:
-            return [*super().sharding_types(compute_device_type), "row_wise"]
 
     torch.manual_seed(seed)
     ebc = EmbeddingBagCollection(
@@ -66,7 +56,23 @@ def build(seed: int, adagrad: bool = True) -> Any:
         def forward(self, kjt: Any) -> Any:
             return self.mc_ebc(kjt)
 
-    model = Wrap()
+    return Wrap()
+
+
+def build(seed: int, adagrad: bool = True) -> Any:
+    """The sharded model; ``adagrad``: fused row-wise Adagrad (else TorchRec's default SGD)."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    class RowWiseOnCpu(EmbeddingBagCollectionSharder):
+        def sharding_types(self, compute_device_type: str) -> list[str]:
+            return [*super().sharding_types(compute_device_type), "row_wise"]
+
+    model = plain(seed)
     if adagrad:
         apply_optimizer_in_backward(RowWiseAdagrad, model.parameters(), {"lr": 0.1})
     world = dist.get_world_size()
@@ -180,3 +186,19 @@ def steps(rank: int, world: int, root: str, todo: list[tuple[Any, ...]]) -> None
     for name, *args in todo:
         globals()[name](rank, world, root, *args)
         dist.barrier()
+
+
+def check_unsharded(root: str, src: str) -> None:
+    """In this (plain) process: ``load_unsharded`` into the unsharded model looks every id up exactly."""
+    from torchrec import KeyedJaggedTensor
+
+    want = torch.load(f"{root}/{src}/expected.pt")
+    model = plain(seed=5)
+    reckpt.load_unsharded(f"{root}/{src}/model.ckpt-1", model)
+    model.eval()
+    values = ids()
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["f"], values=values, lengths=torch.ones(len(values), dtype=torch.int64)
+    )
+    pooled, _ = model(kjt)
+    assert torch.equal(pooled.values(), want["rows"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.distributed import mch_scenarios
 from tests.distributed.launcher import run_world
 
 TARGET = "tests.distributed.mch_scenarios.steps"
@@ -29,3 +30,4 @@ def test_managed_collision_state_same_shrink_grow_and_refusal(tmp_path: Path) ->
         timeout_s=300,
     )
     run_world(4, TARGET, root, [("restore_exact", "w2")], timeout_s=300)
+    mch_scenarios.check_unsharded(root, "w2")  # 2 -> a plain module, no process group
