@@ -18,6 +18,7 @@ from torch import nn
 
 import reckpt
 from reckpt.fused_state import flat_state
+from reckpt.plan import plan_to_json, read_plan
 
 ROWS, DIM = 12, 8
 PLANS: dict[str, dict[str, str]] = {
@@ -188,6 +189,9 @@ def save_world(root: str, world: int) -> None:
             train(dmp, opt)
             ckpt = f"{root}/{optim}-w{world}{name}/model.ckpt-1"
             reckpt.save_model(ckpt, dmp, opt)
+            saved_plan = read_plan(ckpt)
+            assert saved_plan is not None and saved_plan == plan_to_json(dmp.plan)
+            assert {t: e["sharding_type"] for t, e in saved_plan["ebc"].items()} == plan
             snap = snapshot(dmp, opt)
             if dist.get_rank() == 0:
                 torch.save(snap, f"{root}/{optim}-w{world}{name}/expected.pt")
