@@ -130,20 +130,20 @@ class MchPlan:
         moves: the modules redistributed on this rank.
         exclude: model keys not loaded positionally (rebuilt instead).
         notes: one line per redistributed module, for the load report.
-        saved_weights: the redistributed tables' saved weights (whole).
+        saved_rows: per redistributed table, the saved rows this rank's ids bring along.
     """
 
     moves: list[_Move] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    saved_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    saved_rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def apply_model(self, sd: Mapping[str, Any]) -> None:
         """Write the rebuilt buffers and moved embedding rows into ``sd`` (before ``load_state_dict``)."""
         for move in self.moves:
             for name, local in move.buffers.items():
                 _write_rows(sd[f"{move.path}.{name}"], None, local)
-            _write_rows(sd[move.weight], move.new_rows, self.saved_weights[move.weight][move.old_slots])
+            _write_rows(sd[move.weight], move.new_rows, self.saved_rows[move.weight])
 
     def optimizer_keys(self, saved: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
         """Saved optimizer keys holding rows of a redistributed table -> their shapes."""
@@ -212,7 +212,8 @@ def plan_mch(
     model: torch.nn.Module,
     model_sd: Mapping[str, Any],
     saved_md: Metadata,
-    read_full: Any,
+    read_full: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
+    read_rows: Callable[[str, torch.Tensor], torch.Tensor | None],
     rank: int,
     world: int,
 ) -> MchPlan:
@@ -223,7 +224,9 @@ def plan_mch(
         model_sd: its state dict (the current layout of each buffer).
         saved_md: the checkpoint's ``model/`` metadata.
         read_full: ``read_full({key: (shape, dtype)}) -> {key: tensor}``, a collective that
-            reads whole saved tensors (called once, on every rank).
+            reads whole saved tensors (called once, on every rank): the modules' buffers.
+        read_rows: ``read_rows(key, rows) -> tensor``, this rank's reader of some rows of a
+            saved table (``None``: cannot), for the rows its ids bring along.
         rank: this process's rank; ``world``: the world size.
 
     Raises:
@@ -276,9 +279,6 @@ def plan_mch(
         for name, buf in mod.state_dict().items():
             if name.startswith("_mch_"):
                 wanted[f"{path}.{name}"] = ((total,), buf.dtype)
-        w_entry = saved[weight]
-        if isinstance(w_entry, TensorStorageMetadata):
-            wanted[weight] = (tuple(w_entry.size), w_entry.properties.dtype)
     full = read_full(wanted)
 
     plan = MchPlan()
@@ -317,7 +317,14 @@ def plan_mch(
             f"managed-collision module {path}: {int(valid.sum())} admitted ids redistributed to"
             f" {world} processes by raw id, with their embedding rows"
         )
-    plan.saved_weights = {m.weight: full[m.weight] for m in plan.moves}
+    for move in plan.moves:
+        picked = read_rows(move.weight, move.old_slots)
+        if picked is None:
+            raise ManagedCollisionReshardError(
+                f"managed-collision module {move.path}: the saved rows of {move.weight} are not"
+                " stored as plain DCP records; restore at the saved world size"
+            )
+        plan.saved_rows[move.weight] = picked
     return plan
 
 

@@ -51,6 +51,7 @@ from reckpt.remap import (
 )
 from reckpt.report import LoadReport, PartReport
 from reckpt.storage import Storage, storage_for
+from reckpt.unsharded import read_rows
 from reckpt.verification import check_storage_bounds, require_committed, verify_collective
 
 __all__ = ["restore_model", "read_meta"]
@@ -272,7 +273,12 @@ def _managed_collision(ld: _Loader, model: torch.nn.Module, jobs: list[_Job]) ->
     if job is None or not has_managed_collision(model):
         return
     md = ld.metadata(MODEL_DIR)
-    plan = plan_mch(model, model.state_dict(), md, ld.reader(MODEL_DIR), ld.d.rank, ld.d.world_size)
+    dcp_dir = Storage.join(ld.ckpt, MODEL_DIR)
+
+    def rows(key: str, which: torch.Tensor) -> torch.Tensor | None:
+        return read_rows(ld.storage, dcp_dir, md, key, which)
+
+    plan = plan_mch(model, model.state_dict(), md, ld.reader(MODEL_DIR), rows, ld.d.rank, ld.d.world_size)
     if not plan.moves:
         return
     ld.mch = plan

@@ -31,7 +31,7 @@ from reckpt.report import LoadReport
 from reckpt.storage import Storage, storage_for
 from reckpt.verification import require_committed, verify_collective
 
-__all__ = ["load_unsharded", "DEFAULT_BATCH_BYTES"]
+__all__ = ["load_unsharded", "read_rows", "DEFAULT_BATCH_BYTES"]
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +248,50 @@ def _stream_tensor(storage: Storage, dcp_dir: str, md: Metadata, ckpt_key: str, 
                     block = torch.frombuffer(buf, dtype=dest.dtype).view(n, *shape[1:])
                     flat[start : start + n].copy_(block)
     return True
+
+
+def read_rows(
+    storage: Storage, dcp_dir: str, md: Metadata, key: str, rows: torch.Tensor
+) -> torch.Tensor | None:
+    """Rows ``rows`` (global indices) of a saved 2-D tensor, each saved chunk streamed once.
+
+    Only the chunks holding a wanted row are read, in ``_BLOCK_BYTES`` pieces; memory is the
+    result plus one block. ``None`` when the checkpoint's records are not plain ``torch.save``
+    archives (never the case for DCP-written ones).
+    """
+    entry = md.state_dict_metadata.get(key)
+    storage_data = md.storage_data or {}
+    if not isinstance(entry, TensorStorageMetadata) or len(entry.size) != 2:
+        return None
+    dtype = entry.properties.dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    out = torch.zeros(len(rows), entry.size[1], dtype=dtype)
+    for chunk in entry.chunks:
+        (r0, c0), (n, m) = chunk.offsets, chunk.sizes
+        wanted = ((rows >= r0) & (rows < r0 + n)).nonzero().flatten()
+        if len(wanted) == 0:
+            continue
+        info = storage_data.get(MetadataIndex(key, chunk.offsets))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        path = Storage.join(dcp_dir, info.relative_path)
+        with storage.open(path) as f, zipfile.ZipFile(_Window(f, info.offset, info.length)) as zf:
+            member = _storage_member(zf, n * m * itemsize)
+            if member is None:
+                return None
+            local = rows[wanted] - r0
+            step = max(1, _BLOCK_BYTES // max(m * itemsize, 1))
+            with zf.open(member) as src:
+                for start in range(0, n, step):
+                    k = min(step, n - start)
+                    buf = bytearray(k * m * itemsize)
+                    if _read_full(src, buf) != len(buf):
+                        raise UnsafeCheckpointError(f"{path}: [{key}] ends early; run reckpt verify")
+                    hit = (local >= start) & (local < start + k)
+                    if bool(hit.any()):
+                        block = torch.frombuffer(buf, dtype=dtype).view(k, m)
+                        out[wanted[hit], c0 : c0 + m] = block[local[hit] - start]
+    return out
 
 
 def _storage_member(zf: zipfile.ZipFile, nbytes: int) -> str | None:

@@ -11,7 +11,10 @@ from benchmarks import unsharded_load
 from torch import nn
 
 import reckpt
+from reckpt.dcp_io import read_dcp_metadata
 from reckpt.errors import ConfigError, ShapeMismatchError
+from reckpt.storage import storage_for
+from reckpt.unsharded import read_rows
 
 
 def test_unsharded_load_is_exact_and_streams_one_table_at_a_time(tmp_path: Path) -> None:
@@ -52,6 +55,12 @@ def test_plain_checkpoint_roundtrip_meta_module_and_errors(tmp_path: Path) -> No
     for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert report.verified and sorted(report.part("model").loaded) == sorted(src.state_dict())
+    rows = torch.tensor([5, 0, 3, 5])
+    md = read_dcp_metadata(storage_for(str(tmp_path)), str(tmp_path / "model.ckpt-1" / "model"))
+    picked = read_rows(
+        storage_for(str(tmp_path)), str(tmp_path / "model.ckpt-1" / "model"), md, "table", rows
+    )
+    assert picked is not None and torch.equal(picked, src.table.detach()[rows])
 
     with pytest.raises(ShapeMismatchError, match="table: checkpoint \\[6, 5\\], module \\[4, 5\\]"):
         reckpt.load_unsharded(str(tmp_path / "model.ckpt-1"), _Net(rows=4))
