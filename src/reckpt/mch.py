@@ -233,9 +233,9 @@ def plan_mch(
         ManagedCollisionReshardError: a module cannot be laid out for this world size (the
             message names it); raised on every rank, before anything is loaded.
     """
-    saved = saved_md.state_dict_metadata
     from torchrec.modules.mc_modules import MCHManagedCollisionModule
 
+    saved = saved_md.state_dict_metadata
     needs: dict[str, Any] = {}
     for path, mod in sorted(mch_modules(model).items()):
         if not isinstance(mod, MCHManagedCollisionModule):
