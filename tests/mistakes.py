@@ -19,7 +19,7 @@ import reckpt
 from reckpt import errors
 from reckpt.faults import Fault, disk_full, read_only
 from reckpt.storage import StorageError, storage_for
-from tests.helpers import fresh, trained
+from tests.helpers import fresh, train, trained
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,54 @@ def _terabyte_entry(d: Path) -> None:
     md.storage_data = {k: dataclasses.replace(v, length=1 << 40) for k, v in md.storage_data.items()}
     md_path.write_bytes(pickle.dumps(md))
     reckpt.restore_model(str(ck), fresh()[0])
+
+
+def _delta_chain(d: Path, encoding: str = "raw") -> str:
+    """A full checkpoint at step 1 and a delta at step 2 on top of it; returns the delta."""
+    from reckpt.delta import save_delta
+    from reckpt.row_tracker import RowTracker
+
+    m, o = trained()
+    tracker = RowTracker(m, tables=["emb.user.weight"])
+    base = reckpt.save_model(str(d / "model.ckpt-1"), m, o)
+    tracker.clear()
+    train(m, o, steps=1, seed=5)
+    save_delta(str(d / "model.delta-2"), m, o, tracker, base, encoding=encoding)
+    return str(d / "model.delta-2")
+
+
+def _delta_missing_base(d: Path) -> None:
+    delta = _delta_chain(d)
+    storage_for(str(d)).rm(str(d / "model.ckpt-1"), recursive=True)
+    reckpt.restore_model(delta, fresh()[0])
+
+
+def _delta_lossy(d: Path) -> None:
+    reckpt.restore_model(_delta_chain(d, encoding="int8"), fresh()[0])
+
+
+def _delta_param_map(d: Path) -> None:
+    reckpt.restore_model(_delta_chain(d), fresh()[0], param_map={"tower.0.weight": "tower.0.weight"})
+
+
+def _delta_misnamed(d: Path) -> None:
+    from reckpt.delta import save_delta
+    from reckpt.row_tracker import RowTracker
+
+    m, o = trained()
+    tracker = RowTracker(m, tables=["emb.user.weight"])
+    base = reckpt.save_model(str(d / "model.ckpt-1"), m, o)
+    save_delta(str(d / "model.ckpt-2"), m, o, tracker, base)
+
+
+def _tracker_unknown_table(d: Path) -> None:
+    from reckpt.row_tracker import RowTracker
+
+    RowTracker(trained()[0], tables=["emb.item.weight"])
+
+
+def _incremental_zero(d: Path) -> None:
+    reckpt.CheckpointManager(str(d), incremental=reckpt.IncrementalPolicy(full_every=0))
 
 
 MISTAKES: list[Mistake] = [
@@ -433,8 +481,8 @@ MISTAKES: list[Mistake] = [
         "config: an unknown key",
         lambda d: _config(d, "[model]\nembeding_dim = 4\n"),
         errors.ConfigError,
-        "<dir>/c.toml: unknown key(s) 'embeding_dim' in [model]; known keys: bottom_mlp, embedding_dim,"
-        " num_embeddings, table_sizes, top_mlp",
+        "<dir>/c.toml: unknown key(s) 'embeding_dim' in [model]; known keys: bottom_mlp, dynamic_tables,"
+        " embedding_dim, num_embeddings, table_sizes, top_mlp",
     ),
     Mistake(
         "config: a value of the wrong type",
@@ -562,6 +610,44 @@ MISTAKES: list[Mistake] = [
         "<dir>/model.ckpt-1/model/.metadata: entry 'emb.user.weight' claims bytes up to 1099511627776 of"
         " __0_0.distcp, which holds 8781; the metadata does not match the data (corrupted or crafted);"
         " refusing to read it",
+    ),
+    Mistake(
+        "delta: restoring a delta whose base was deleted",
+        _delta_missing_base,
+        errors.CheckpointNotFoundError,
+        "<dir>/model.delta-2: its chain is broken: link <dir>/model.ckpt-1 does not exist",
+    ),
+    Mistake(
+        "delta: restoring an int8 delta dump without allow_lossy",
+        _delta_lossy,
+        errors.ConfigError,
+        "<dir>/model.delta-2 is a lossy (int8) delta dump; pass allow_lossy=True to restore it",
+    ),
+    Mistake(
+        "delta: a parameter map with a delta checkpoint",
+        _delta_param_map,
+        errors.ConfigError,
+        "param_map is not supported when restoring a delta checkpoint (<dir>/model.delta-2); restore it"
+        " and save a full checkpoint first",
+    ),
+    Mistake(
+        "delta: saving a delta under a model.ckpt- name",
+        _delta_misnamed,
+        errors.ConfigError,
+        "<dir>/model.ckpt-2: a delta checkpoint must be named model.delta-<step>",
+    ),
+    Mistake(
+        "RowTracker: a table the model does not have",
+        _tracker_unknown_table,
+        errors.ConfigError,
+        "RowTracker tables ['emb.item.weight'] name no embedding table of the model; trackable keys look"
+        " like 'ebc.embedding_bags.<table>.weight' or '<module>.weight'",
+    ),
+    Mistake(
+        "manager: incremental checkpoints with full_every 0",
+        _incremental_zero,
+        errors.ConfigError,
+        "IncrementalPolicy.full_every must be >= 1, got 0",
     ),
 ]
 
