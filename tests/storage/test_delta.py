@@ -217,3 +217,17 @@ def test_verify_and_the_cli_understand_deltas(tmp_path: Path) -> None:
     assert any(p.startswith("chain link: ") and bad in p for p in report.problems)
     proc = reckpt_cli("verify", d7)
     assert proc.returncode != 0 and "chain link" in proc.stdout + proc.stderr
+
+
+def test_corrupt_dense_part_of_the_delta_is_found_before_the_base_is_loaded(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    _, d7 = _chain(str(root))
+    f = root / "model.delta-7" / "model" / "__0_0.distcp"
+    raw = bytearray(f.read_bytes())
+    raw[-9] ^= 0x01
+    f.write_bytes(bytes(raw))
+    m, o = _fresh()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(IntegrityError, match=r"model\.delta-7: integrity check failed"):
+        reckpt.restore_model(d7, m, o)
+    assert state_dicts_equal(m.state_dict(), before)
