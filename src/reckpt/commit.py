@@ -286,7 +286,7 @@ def cleanup_stale(
                 remove_checkpoint_dir(storage, path)
             removed.append(path)
     if storage.local:
-        removed += _remove_dead_temp_files(storage, model_dir, host)
+        removed += _remove_dead_temp_files(storage, model_dir)
     return removed
 
 
@@ -303,7 +303,7 @@ def _ownerless_is_debris(storage: Storage, path: str, now: float, stale_after_s:
     return now - newest > stale_after_s
 
 
-def _remove_dead_temp_files(storage: Storage, model_dir: str, host: str) -> list[str]:
+def _remove_dead_temp_files(storage: Storage, model_dir: str) -> list[str]:
     """Temporary files of atomic replaces (``<name>.tmp-<pid>-<hex>``) whose writer is dead.
 
     Only on local disk, where the pid names a process of this host.
