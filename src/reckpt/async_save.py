@@ -89,12 +89,38 @@ def stage_state_dict(state_dict: dict[str, Any], previous: dict[str, Any] | None
 
 
 class AsyncSaver:
-    """Runs one background save at a time and remembers its failure."""
+    """Runs one background save at a time and remembers its failure.
+
+    It also owns what background saves reuse: the host copy of the state (one per part,
+    refilled in place by :meth:`stage`) and the dedicated gloo group they communicate on.
+    """
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.in_flight_step: int | None = None
+        self._staged: dict[str, dict[str, Any]] = {}
+        self._group: Any = None
+
+    def stage(self, parts: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+        """Host copies of ``parts``, reusing the previous save's buffers (call after :meth:`wait`)."""
+        staged = [(name, stage_state_dict(sd, self._staged.get(name))) for name, sd in parts]
+        self._staged = dict(staged)
+        return staged
+
+    def group(self, active: bool) -> Any:
+        """Collective at first use: the gloo group of background saves (never the training group)."""
+        if not active:
+            return None
+        if self._group is None:
+            import torch.distributed as torch_dist
+
+            self._group = torch_dist.new_group(ranks=None, backend="gloo")
+        return self._group
+
+    def release(self) -> None:
+        """Drop the host copy (after the last save)."""
+        self._staged = {}
 
     def wait(self) -> None:
         """Block until the save in flight (if any) has finished; re-raise its failure."""

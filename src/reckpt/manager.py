@@ -16,9 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch.distributed as torch_dist
-
-from reckpt.async_save import AsyncSaver, stage_state_dict
+from reckpt.async_save import AsyncSaver
 from reckpt.dataloader_state import (
     DATALOADER_STATE_SIDECAR,
     merge_dataloader_states,
@@ -114,9 +112,7 @@ class CheckpointManager:
         self._best_protected |= any(isinstance(p, BestN) for p in self._policies)
         self.set_save_policy(save_steps, save_epochs, save_interval_s=save_interval_s)
         self._async = async_save
-        self._saver = AsyncSaver()
-        self._async_pg: Any = None
-        self._staged: dict[str, dict[str, Any]] = {}  # the one host copy, reused between saves
+        self._saver = AsyncSaver()  # also holds the host copy reused between async saves
         self._lock: contextlib.ExitStack | None = None
         self._pruner: Pruner | None = None
         self._sidecar_lock = threading.Lock()
@@ -158,14 +154,6 @@ class CheckpointManager:
 
     def checkpoint_dir(self, step: int) -> str:
         return Storage.join(self.model_dir, checkpoint_name(step))
-
-    def _background_group(self) -> Any:
-        """Collective at first use: the gloo group of background saves (never the training group)."""
-        if not Dist(self._pg).active:
-            return None
-        if self._async_pg is None:
-            self._async_pg = torch_dist.new_group(ranks=None, backend="gloo")
-        return self._async_pg
 
     def save(
         self,
@@ -227,10 +215,8 @@ class CheckpointManager:
             save_parts(path, parts, process_group=self._pg, **kwargs)
             self._after_commit(path, start, time.time() - start, False)
         else:
-            group = self._background_group()
-            # The previous save is finished (waited for above): its host copy is reused.
-            staged = [(name, stage_state_dict(sd, self._staged.get(name))) for name, sd in parts]
-            self._staged = dict(staged)
+            group = self._saver.group(Dist(self._pg).active)
+            staged = self._saver.stage(parts)  # the previous save finished (waited for above)
             del parts
             stall = time.time() - start
 
@@ -406,7 +392,12 @@ class CheckpointManager:
         append_eval_result(storage, Storage.join(self.model_dir, self.eval_result_filename), step, metrics)
         if self._saver.in_flight_step == step:
             self._saver.wait()
-        ckpt = self.checkpoint_dir(step)
+        # the checkpoint of this step: a full one, or the delta the last save wrote
+        ckpt = (
+            self._last_ckpt_dir
+            if self._last_ckpt_step == step and self._last_ckpt_dir
+            else self.checkpoint_dir(step)
+        )
         if storage.exists(Storage.join(ckpt, "reckpt.json")):
             with self._sidecar_lock:
                 write_checkpoint_metrics(storage, ckpt, "eval", dict(metrics))
@@ -461,7 +452,7 @@ class CheckpointManager:
             if self._lock is not None:
                 self._lock.close()
                 self._lock = None
-            self._staged = {}
+            self._saver.release()
 
     def __enter__(self) -> CheckpointManager:
         return self

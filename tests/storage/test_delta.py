@@ -231,3 +231,19 @@ def test_corrupt_dense_part_of_the_delta_is_found_before_the_base_is_loaded(tmp_
     with pytest.raises(IntegrityError, match=r"model\.delta-7: integrity check failed"):
         reckpt.restore_model(d7, m, o)
     assert state_dicts_equal(m.state_dict(), before)
+
+
+def test_eval_metrics_of_a_delta_go_to_its_sidecar_and_best_can_pick_it(tmp_path: Path) -> None:
+    root = str(tmp_path / "run")
+    torch.manual_seed(0)
+    m = TinyRec(rows=5000)
+    o = _opt(m)
+    with reckpt.CheckpointManager(root, incremental=reckpt.IncrementalPolicy(tables=(TABLE,))) as mgr:
+        for step, auc in ((1, 0.6), (2, 0.9), (3, 0.7)):
+            train(m, o, steps=1, seed=step)
+            mgr.save(step, m, o)
+            mgr.record_eval(step, {"auc": auc})
+    best, step = reckpt.best_checkpoint(root)
+    assert (Path(best or "").name, step) == ("model.delta-2", 2)
+    sidecar = Path(root) / "model.delta-2" / "reckpt.metrics.sidecar.json"
+    assert sidecar.exists() and "0.9" in sidecar.read_text()

@@ -235,9 +235,9 @@ def test_async_reuses_host_copy_without_mixing_saves(tmp_path) -> None:
         with torch.no_grad():
             for p in m.parameters():
                 p.mul_(1.5)
-    first_buffer = mgr._staged["model"]["tower.0.weight"]
+    first_buffer = mgr._saver._staged["model"]["tower.0.weight"]
     mgr.save(4, m, o)
-    assert mgr._staged["model"]["tower.0.weight"] is first_buffer  # reused, not reallocated
+    assert mgr._saver._staged["model"]["tower.0.weight"] is first_buffer  # reused, not reallocated
     mgr.close()
     for step, want in snapshots.items():
         m2, _ = fresh()
