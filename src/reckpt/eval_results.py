@@ -133,13 +133,13 @@ def cross_check_eval_results(
     """
     from reckpt.commit import checkpoint_state
     from reckpt.errors import IntegrityError
-    from reckpt.naming import parse_step
+    from reckpt.naming import parse_any_step
 
     path = Storage.join(model_dir, filename)
     parsed = read_eval_results(storage, path)
     problems = list(parsed.problems)
     for name in storage.ls(model_dir):
-        step = parse_step(name)
+        step = parse_any_step(name)
         ckpt = Storage.join(model_dir, name)
         if step is None or checkpoint_state(storage, ckpt) != "committed":
             continue

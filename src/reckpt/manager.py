@@ -121,6 +121,7 @@ class CheckpointManager:
         self._last_ckpt_dir: str | None = None
         self._last_save_time: float | None = None
         self._started = time.time()
+        self._damaged: set[str] = set()  # skipped by restore_latest: a new save replaces them
         self._incremental = (
             None
             if incremental is None
@@ -201,6 +202,7 @@ class CheckpointManager:
                 return delta
         parts = collect_parts(model, optimizer, dense_ema, extras, "name")
         path = self.checkpoint_dir(step)
+        overwrite = overwrite or path in self._damaged
         kwargs: dict[str, Any] = {
             "plan": model_plan(model),
             "dataloader_state": dataloader_state,
@@ -347,9 +349,9 @@ class CheckpointManager:
         """Collective: resume from the newest checkpoint that verifies; ``None`` when there is none.
 
         A damaged checkpoint (a file fails its checksum, metadata is refused) is skipped with
-        a warning naming the file and the reason, and the next older one is tried; nothing of
-        a skipped checkpoint is loaded (restore checks every part before loading any). Keyword
-        arguments go to :meth:`restore`.
+        a warning naming the file and the reason (a later save of its step replaces it), and
+        the next older one is tried; nothing of a skipped checkpoint is loaded (restore checks
+        every part before loading any). Keyword arguments go to :meth:`restore`.
 
         Raises:
             IntegrityError: no checkpoint verifies (the newest one's error).
@@ -360,6 +362,7 @@ class CheckpointManager:
                 return self.restore(info.path, model, optimizer, **kwargs)
             except (IntegrityError, UnsafeCheckpointError) as e:
                 logger.warning("resume: skipping %s, it does not verify: %s", info.path, e)
+                self._damaged.add(info.path)
                 first = first or e
         if first is not None:
             raise first

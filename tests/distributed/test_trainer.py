@@ -342,3 +342,23 @@ def test_incremental_checkpoints_resume_exactly_and_export_quantized(tmp_path: P
     assert 0 < float((raw - q).abs().max()) < 0.05  # lossy, close
     size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
     assert size(tmp_path / "export-int8") < size(tmp_path / "export-raw")
+
+
+def test_continue_train_skips_a_damaged_newest_checkpoint(tmp_path: Path, data: Path) -> None:
+    """--continue-train resumes from the newest checkpoint that verifies and redoes the rest."""
+    import shutil
+
+    straight = tmp_path / "straight"
+    proc = cli("train", write_config(tmp_path / "a.toml", data, straight))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(straight, damaged)
+    shard = next((damaged / f"model.ckpt-{STEPS - 1}" / "model").glob("*.distcp"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    proc = cli("train", write_config(tmp_path / "b.toml", data, damaged), "--continue-train")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipping {damaged}/model.ckpt-{STEPS - 1}" in proc.stderr
+    assert reckpt.verify(str(damaged / f"model.ckpt-{STEPS - 1}")).ok  # replaced by the redone save
+    assert_bitwise_equal(final_state(straight), final_state(damaged))

@@ -208,3 +208,19 @@ def test_urls_work_like_paths(s3_root: str) -> None:
     assert json.loads(reckpt_cli("verify", s3_root, "--json").stdout)["ok"] is True
     inspected = json.loads(reckpt_cli("inspect", f"{s3_root}/model.ckpt-5", "--json").stdout)
     assert "model" in inspected["parts"]
+
+
+def test_verify_model_dir_cross_checks_the_eval_results(tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    m, o = trained()
+    with reckpt.CheckpointManager(str(root)) as mgr:
+        for step, auc in ((1, 0.61), (2, 0.72)):
+            mgr.save(step, m, o)
+            mgr.record_eval(step, {"auc": auc})
+    proc = reckpt_cli("verify", str(root), "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["eval_results"] == {"ok": True, "problems": []}
+    results = root / "train_eval_result_v2.txt"
+    results.write_text(results.read_text().replace("0.72", "0.92"))  # a flipped digit
+    proc = reckpt_cli("verify", str(root))
+    assert proc.returncode == 1 and "FAIL eval results" in proc.stdout and "0.92" in proc.stdout

@@ -162,8 +162,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
         lines.append(f"{'OK  ' if r.ok else 'FAIL'} {path} ({r.state}, {r.checked} files)")
         lines.extend(f"     {p}" for p in r.problems)
-    _emit(args, {"results": results, "ok": all(r["ok"] for r in results)}, lines)
-    return 0 if all(r["ok"] for r in results) else 1
+    doc: dict[str, Any] = {"results": results, "ok": all(r["ok"] for r in results)}
+    if not _is_checkpoint(args.path):
+        # The results file is appended to and carries no checksum: cross-check it instead.
+        from reckpt.eval_results import cross_check_eval_results
+        from reckpt.storage import storage_for
+
+        eval_problems = cross_check_eval_results(storage_for(args.path), args.path)
+        doc["eval_results"] = {"ok": not eval_problems, "problems": eval_problems}
+        doc["ok"] = doc["ok"] and not eval_problems
+        mark = "OK  " if not eval_problems else "FAIL"
+        lines.append(f"{mark} eval results (cross-checked with the metrics sidecars)")
+        lines.extend(f"     {p}" for p in eval_problems)
+    _emit(args, doc, lines)
+    return 0 if doc["ok"] else 1
 
 
 def cmd_latest(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import reckpt
-from reckpt.errors import ConfigError
+from reckpt.errors import CheckpointNotFoundError, ConfigError
 from reckpt.incremental import latest_restorable
 from reckpt.plan import FORCE_LOAD_SHARDING_PLAN, plan_constraints, read_plan
 from reckpt.policy import IncrementalPolicy
@@ -133,9 +133,14 @@ def train_and_evaluate(
     restore_opt = None if ignore_restore_optimizer else optimizer
     param_map = t.fine_tune_ckpt_param_map or None
     if ckpt is not None and not fine_tune:
-        info = mgr.restore(ckpt, model, restore_opt, ckpt_param_map_path=param_map)
-        position, step = dict(info.dataloader_state or {EPOCHS_KEY: 0}), info.step
-        logger.info("resumed from %s at step %d", ckpt, step)
+        # The newest checkpoint that verifies: a damaged one is skipped (and logged).
+        resumed = mgr.restore_latest(model, restore_opt, ckpt_param_map_path=param_map)
+        if resumed is None:
+            raise CheckpointNotFoundError(
+                f"model_dir {cfg.model_dir}: no committed checkpoint to resume from"
+            )
+        position, step = dict(resumed.dataloader_state or {EPOCHS_KEY: 0}), resumed.step
+        logger.info("resumed from %s at step %d", resumed.path, step)
     elif ckpt is not None:
         report = reckpt.restore_model(ckpt, model, restore_opt, param_map)
         if rank == 0:
