@@ -43,8 +43,12 @@ def _tally(**kw: Any) -> dict[str, Any]:
 
 
 def _intact(root: str, step: int) -> bool:
+    """Whether ``model.ckpt-<step>`` exists, verifies and restores bit-exact (never raises)."""
     ckpt = f"{root}/model.ckpt-{step}"
-    return reckpt.verify(ckpt).ok and restores_bit_exact(ckpt, step)
+    try:
+        return reckpt.verify(ckpt).ok and restores_bit_exact(ckpt, step)
+    except (reckpt.errors.CheckpointError, OSError):
+        return False
 
 
 def _nothing_half_visible(root: str) -> bool:
