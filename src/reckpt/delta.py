@@ -25,7 +25,13 @@ import torch
 from reckpt.commit import checkpoint_state
 from reckpt.delta_rows import RowPiece, apply_pieces, decode_index, encode_pieces, select_rows
 from reckpt.dist import Dist
-from reckpt.errors import CheckpointNotFoundError, ConfigError, IntegrityError, StepAlreadyExistsError
+from reckpt.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    IntegrityError,
+    ShapeMismatchError,
+    StepAlreadyExistsError,
+)
 from reckpt.integrity import FileRecord, checksum_bytes
 from reckpt.manifest import Manifest, chain_names, read_manifest
 from reckpt.naming import (
@@ -38,7 +44,7 @@ from reckpt.naming import (
     parse_delta_step,
     parse_step,
 )
-from reckpt.optim import load_optimizer_state_dict, optimizer_state_dict
+from reckpt.optim import init_optimizer_state, load_optimizer_state_dict, optimizer_state_dict
 from reckpt.plan import model_plan
 from reckpt.quant import ENCODINGS
 from reckpt.remap import SKIP
@@ -265,20 +271,19 @@ def restore_chain(
     rows = [(path, _read_link_rows(storage, path, m)) for path, m in links[1:] if m is not None]
     if restore_kwargs.get("verify", True):  # the delta's own files, before the base is loaded
         verify_collective(storage, ckpt, manifest, d)
-    base_report: LoadReport = restore(links[0][0], model, optimizer, **restore_kwargs)
-    sd = model.state_dict()
     with_optim = optimizer is not None and restore_kwargs.get("load_optimizer", True)
-    osd = optimizer_state_dict(model, optimizer, "name") if with_optim else None
-    flat_optim = {
-        f"state.{k}.{leaf}": v for k, st in (osd or {}).get("state", {}).items() for leaf, v in st.items()
-    }
+    if with_optim:
+        init_optimizer_state(optimizer)  # its shapes are checked below; restore would do it anyway
+    _check_shapes(rows, _targets(model, optimizer if with_optim else None)[2])
+    base_report: LoadReport = restore(links[0][0], model, optimizer, **restore_kwargs)
+    sd, osd, targets = _targets(model, optimizer if with_optim else None)
     chained: set[str] = set()
     for path, pieces in rows:
         by_key: dict[tuple[str, str], list[RowPiece]] = {}
         for p in pieces:
             by_key.setdefault((p.part, p.key), []).append(p)
         for (part, key), group in by_key.items():
-            target = sd.get(key) if part == MODEL_DIR else flat_optim.get(key) if with_optim else None
+            target = targets.get((part, key))
             if target is None:
                 if part == MODEL_DIR or with_optim:
                     logger.warning(
@@ -308,6 +313,37 @@ def restore_chain(
         f"restored the chain {[basename(p) for p, _ in links]} ({len(chained)} tables by rows)"
     )
     return report
+
+
+def _targets(
+    model: torch.nn.Module, optimizer: Any
+) -> tuple[dict[str, Any], dict[str, Any] | None, dict[tuple[str, str], Any]]:
+    """Model and optimizer state dicts, and (part, flattened key) -> the tensor rows go into."""
+    sd = model.state_dict()
+    osd = optimizer_state_dict(model, optimizer, "name") if optimizer is not None else None
+    targets: dict[tuple[str, str], Any] = {(MODEL_DIR, k): v for k, v in sd.items()}
+    for k, st in (osd or {}).get("state", {}).items():
+        targets.update({(OPTIMIZER_DIR, f"state.{k}.{leaf}"): v for leaf, v in st.items()})
+    return sd, osd, targets
+
+
+def _check_shapes(rows: list[tuple[str, list[RowPiece]]], targets: Mapping[tuple[str, str], Any]) -> None:
+    """Every piece fits its current tensor's global shape (checked before anything is loaded).
+
+    Raises:
+        ShapeMismatchError: naming the link and the key (a table resized, or row-wise optimizer
+            state laid out for another sharding plan).
+    """
+    for path, pieces in rows:
+        for p in pieces:
+            t = targets.get((p.part, p.key))
+            if t is not None and tuple(int(n) for n in t.shape) != p.shape:
+                raise ShapeMismatchError(
+                    f"{path}: rows of {p.part}/{p.key} were saved for shape {list(p.shape)}, the current"
+                    f" tensor has shape {[int(n) for n in t.shape]} (a table resized, or optimizer state"
+                    " of another sharding plan); restore the chain with the model and plan it was saved"
+                    " with, then save a full checkpoint"
+                )
 
 
 def _load_dynamic_links(

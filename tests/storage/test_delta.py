@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import reckpt
+from reckpt import errors
 from reckpt.delta import save_delta
 from reckpt.errors import CheckpointNotFoundError, ConfigError, IntegrityError
 from reckpt.manifest import read_manifest
@@ -247,3 +248,14 @@ def test_eval_metrics_of_a_delta_go_to_its_sidecar_and_best_can_pick_it(tmp_path
     assert (Path(best or "").name, step) == ("model.delta-2", 2)
     sidecar = Path(root) / "model.delta-2" / "reckpt.metrics.sidecar.json"
     assert sidecar.exists() and "0.9" in sidecar.read_text()
+
+
+def test_rows_for_another_shape_are_refused_before_anything_is_loaded(tmp_path: Path) -> None:
+    _, d7 = _chain(str(tmp_path / "run"))
+    torch.manual_seed(1)
+    m = TinyRec(rows=60)  # the table grew: its rows no longer line up
+    o = _opt(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(errors.ShapeMismatchError, match=r"model\.delta-5: rows of model/emb\.user\.weight"):
+        reckpt.restore_model(d7, m, o, allow_row_resize=True)
+    assert state_dicts_equal(m.state_dict(), before)
