@@ -46,8 +46,12 @@ def _intact(root: str, step: int) -> bool:
     """Whether ``model.ckpt-<step>`` exists, verifies and restores bit-exact (never raises)."""
     ckpt = f"{root}/model.ckpt-{step}"
     try:
-        return reckpt.verify(ckpt).ok and restores_bit_exact(ckpt, step)
-    except (reckpt.errors.CheckpointError, OSError):
+        report = reckpt.verify(ckpt)
+        if not report.ok:
+            logging.getLogger(__name__).warning("%s does not verify: %s", ckpt, report.problems)
+        return report.ok and restores_bit_exact(ckpt, step)
+    except (reckpt.errors.CheckpointError, OSError) as e:
+        logging.getLogger(__name__).warning("%s: %s: %s", ckpt, type(e).__name__, e)
         return False
 
 

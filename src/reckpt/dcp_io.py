@@ -13,17 +13,22 @@ Call sequence (DCP's own): every rank ``set_up_storage_writer`` -> ``prepare_loc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
 import threading
 import warnings
 from collections.abc import Generator
-from typing import Any, cast
+from typing import IO, Any, cast
 
+import torch
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
 
+from reckpt.dcp_items import data_offset, read_full
 from reckpt.errors import UnsafeCheckpointError
 from reckpt.integrity import FileRecord, HashingWriter
 from reckpt.naming import DCP_METADATA_FILE
@@ -180,9 +185,67 @@ class SafeReader(FileSystemReader):
         self._dir = path
         self._storage = storage
         self._metadata = metadata
+        self.direct_items = 0  # tensor items read straight into their destination
+        self.dcp_items = 0  # items that took DCP's own path
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """Read tensor items straight into their destinations; DCP's own path for the rest.
+
+        A tensor item that fills a contiguous CPU destination exactly (same dtype, the whole
+        saved chunk) is read with ``readinto`` into the destination's memory, in file order;
+        every other item (non-tensor, a slice of a chunk, a strided or converted destination)
+        goes through :meth:`FileSystemReader.read_data`.
+        """
+        per_file: dict[str, list[ReadItem]] = {}
+        rest: list[ReadItem] = []
+        for item in plan.items:
+            if item.type == LoadItemType.BYTE_IO:
+                rest.append(item)
+            else:
+                per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for relative_path, items in per_file.items():
+            items.sort(key=lambda it: self.storage_data[it.storage_index].offset)
+            with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as stream:
+                for item in items:
+                    if not self._read_direct(cast(IO[bytes], stream), item, planner):
+                        rest.append(item)
+        self.direct_items += len(plan.items) - len(rest)
+        self.dcp_items += len(rest)
+        if rest:
+            return super().read_data(dataclasses.replace(plan, items=rest), planner)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def _read_direct(self, stream: IO[bytes], item: ReadItem, planner: LoadPlanner) -> bool:
+        info = self.storage_data[item.storage_index]
+        if info.transform_descriptors or any(item.storage_offsets):
+            return False
+        target = planner.resolve_tensor(item).detach()
+        saved = self._saved_dtype(item)
+        if target.device.type != "cpu" or not target.is_contiguous() or saved != target.dtype:
+            return False
+        view = memoryview(cast(Any, target.reshape(-1).view(torch.uint8).numpy())).cast("B")
+        start = data_offset(stream, info.offset, info.length, len(view))
+        if start is None:
+            return False
+        stream.seek(start)
+        if read_full(stream, view) != len(view):
+            where = f"{self.path}/{info.relative_path}"
+            raise UnsafeCheckpointError(
+                f"{where}: item {item.storage_index.fqn!r} ends early; run reckpt verify"
+            )
+        planner.commit_tensor(item, target)
+        return True
+
+    def _saved_dtype(self, item: ReadItem) -> torch.dtype | None:
+        md = self._metadata or getattr(self, "_loaded_metadata", None)
+        entry = md.state_dict_metadata.get(item.storage_index.fqn) if md is not None else None
+        return getattr(getattr(entry, "properties", None), "dtype", None)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         md = self._metadata or read_dcp_metadata(self._storage, self._dir)
+        self._loaded_metadata = md
         meta = md.storage_meta if md.storage_meta is not None else StorageMeta()
         meta.load_id = self.load_id
         md.storage_meta = meta

@@ -33,9 +33,16 @@ def hash_stream(stream: IO[bytes]) -> tuple[int, str]:
     """``(size, checksum)`` of everything left in a binary stream, read in 8 MiB chunks."""
     hasher = _new_hasher()
     size = 0
-    while chunk := stream.read(_CHUNK):
-        hasher.update(chunk)
-        size += len(chunk)
+    readinto = getattr(stream, "readinto", None)
+    if not callable(readinto):
+        while chunk := stream.read(_CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+        return size, str(hasher.hexdigest())
+    buf = memoryview(bytearray(_CHUNK))  # one buffer for the whole file: no allocation per chunk
+    while n := int(readinto(buf) or 0):
+        hasher.update(buf[:n])
+        size += n
     return size, str(hasher.hexdigest())
 
 

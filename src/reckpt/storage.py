@@ -432,6 +432,12 @@ def storage_for(path: str, storage_options: Mapping[str, Any] | None = None) -> 
         # Another process (the writer, the pruner) changes the store under us: a cached
         # listing would show deleted checkpoints as present and new ones as absent.
         options.setdefault("use_listings_cache", False)
+    if scheme in ("s3", "s3a") and "endpoint_url" not in options:
+        # fsspec caches filesystems by their arguments: an endpoint taken from the environment
+        # must be one of them, or a cached client keeps talking to an earlier endpoint.
+        env_endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if env_endpoint and "endpoint_url" not in options.get("client_kwargs", {}):
+            options["endpoint_url"] = env_endpoint
     try:
         fs, _ = url_to_fs(path, **options)
     except (ValueError, ImportError) as e:

@@ -9,18 +9,17 @@ is about one table's shards in flight (plus small tensors, batched up to ``batch
 
 from __future__ import annotations
 
-import io
 import logging
-import sys
 import zipfile
 from collections.abc import Mapping
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from reckpt.dcp_io import SafeReader, dcp_call, read_dcp_metadata
+from reckpt.dcp_items import Window, read_full, storage_member
 from reckpt.dist import Dist
 from reckpt.errors import CheckpointNotFoundError, ConfigError, ShapeMismatchError, UnsafeCheckpointError
 from reckpt.manifest import read_manifest
@@ -219,8 +218,8 @@ def _stream_tensor(storage: Storage, dcp_dir: str, md: Metadata, ckpt_key: str, 
         region = dest[tuple(slice(o, o + n) for o, n in zip(chunk.offsets, chunk.sizes, strict=True))]
         shape = tuple(chunk.sizes)
         path = Storage.join(dcp_dir, info.relative_path)
-        with storage.open(path) as f, zipfile.ZipFile(_Window(f, info.offset, info.length)) as zf:
-            member = _storage_member(zf, region.numel() * itemsize)
+        with storage.open(path) as f, zipfile.ZipFile(Window(f, info.offset, info.length)) as zf:
+            member = storage_member(zf, region.numel() * itemsize)
             if member is None:
                 return False
             with zf.open(member) as src:
@@ -233,7 +232,7 @@ def _stream_tensor(storage: Storage, dcp_dir: str, md: Metadata, ckpt_key: str, 
                     raw = memoryview(cast(Any, region.reshape(-1).numpy())).cast("B")
                     for start in range(0, len(raw), step * row_bytes):
                         piece = raw[start : start + step * row_bytes]
-                        if _read_full(src, piece) != len(piece):
+                        if read_full(src, piece) != len(piece):
                             raise UnsafeCheckpointError(
                                 f"{dcp_dir}/{info.relative_path}: [{ckpt_key}] ends early; run reckpt verify"
                             )
@@ -241,7 +240,7 @@ def _stream_tensor(storage: Storage, dcp_dir: str, md: Metadata, ckpt_key: str, 
                 for start in range(0, rows, step):
                     n = min(step, rows - start)
                     buf = bytearray(n * row_bytes)
-                    if _read_full(src, buf) != len(buf):
+                    if read_full(src, buf) != len(buf):
                         raise UnsafeCheckpointError(
                             f"{dcp_dir}/{info.relative_path}: [{ckpt_key}] ends early; run reckpt verify"
                         )
@@ -275,8 +274,8 @@ def read_rows(
         if info is None or getattr(info, "transform_descriptors", None):
             return None
         path = Storage.join(dcp_dir, info.relative_path)
-        with storage.open(path) as f, zipfile.ZipFile(_Window(f, info.offset, info.length)) as zf:
-            member = _storage_member(zf, n * m * itemsize)
+        with storage.open(path) as f, zipfile.ZipFile(Window(f, info.offset, info.length)) as zf:
+            member = storage_member(zf, n * m * itemsize)
             if member is None:
                 return None
             local = rows[wanted] - r0
@@ -285,79 +284,13 @@ def read_rows(
                 for start in range(0, n, step):
                     k = min(step, n - start)
                     buf = bytearray(k * m * itemsize)
-                    if _read_full(src, buf) != len(buf):
+                    if read_full(src, buf) != len(buf):
                         raise UnsafeCheckpointError(f"{path}: [{key}] ends early; run reckpt verify")
                     hit = (local >= start) & (local < start + k)
                     if bool(hit.any()):
                         block = torch.frombuffer(buf, dtype=dtype).view(k, m)
                         out[wanted[hit], c0 : c0 + m] = block[local[hit] - start]
     return out
-
-
-def _storage_member(zf: zipfile.ZipFile, nbytes: int) -> str | None:
-    """The archive's one uncompressed little-endian storage of ``nbytes`` bytes, or ``None``."""
-    names = zf.namelist()
-    data = [n for n in names if "/data/" in n and not n.endswith("/")]
-    order = [n for n in names if n.endswith("/byteorder")]
-    if len(data) != 1 or sys.byteorder != "little":
-        return None
-    if order and zf.read(order[0]) != b"little":
-        return None
-    info = zf.getinfo(data[0])
-    if info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes:
-        return None
-    return data[0]
-
-
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of ``length`` bytes of ``f`` from ``offset``."""
-
-    def __init__(self, f: IO[bytes], offset: int, length: int) -> None:
-        super().__init__()
-        self._f, self._start, self._len, self._pos = f, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
-        self._pos = max(0, min(self._len, base + pos))
-        return self._pos
-
-    def readinto(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        n = min(len(view), self._len - self._pos)
-        if n <= 0:
-            return 0
-        self._f.seek(self._start + self._pos)
-        readinto = getattr(self._f, "readinto", None)
-        got = int(readinto(view[:n])) if callable(readinto) else _read_into(self._f, view[:n])
-        self._pos += got
-        return got
-
-
-def _read_full(src: IO[bytes], buf: bytearray | memoryview) -> int:
-    """Fill ``buf`` from ``src`` (several reads if need be); the bytes read."""
-    view = memoryview(buf)
-    got = 0
-    while got < len(buf):
-        n = _read_into(src, view[got:])
-        if n == 0:
-            break
-        got += n
-    return got
-
-
-def _read_into(f: IO[bytes], view: memoryview) -> int:
-    data = f.read(len(view))
-    view[: len(data)] = data
-    return len(data)
 
 
 class _NoDist(Dist):

@@ -1,0 +1,112 @@
+"""Direct access to the tensor items of a DCP file: where an item's raw bytes start.
+
+DCP writes every tensor item as a ``torch.save`` archive (an uncompressed zip) whose single
+storage holds the item's contiguous bytes. Knowing where that storage begins inside the
+file lets a reader put the bytes straight into their destination tensor: no unpickling, no
+temporary tensor, no second copy. Every function here falls back (returns ``None``) on
+anything else, and callers then take DCP's own path.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import sys
+import zipfile
+from typing import IO, Any
+
+__all__ = ["Window", "data_offset", "read_full", "read_into", "storage_member"]
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length
+
+
+def storage_member(zf: zipfile.ZipFile, nbytes: int) -> str | None:
+    """The archive's one uncompressed little-endian storage of ``nbytes`` bytes, or ``None``."""
+    names = zf.namelist()
+    data = [n for n in names if "/data/" in n and not n.endswith("/")]
+    order = [n for n in names if n.endswith("/byteorder")]
+    if len(data) != 1 or sys.byteorder != "little":
+        return None
+    if order and zf.read(order[0]) != b"little":
+        return None
+    info = zf.getinfo(data[0])
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes:
+        return None
+    return data[0]
+
+
+class Window(io.RawIOBase):
+    """A read-only, seekable view of ``length`` bytes of ``f`` from ``offset``."""
+
+    def __init__(self, f: IO[bytes], offset: int, length: int) -> None:
+        super().__init__()
+        self._f, self._start, self._len, self._pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = max(0, min(self._len, base + pos))
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        n = min(len(view), self._len - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        readinto = getattr(self._f, "readinto", None)
+        got = int(readinto(view[:n])) if callable(readinto) else read_into(self._f, view[:n])
+        self._pos += got
+        return got
+
+
+def read_full(src: IO[bytes], buf: bytearray | memoryview) -> int:
+    """Fill ``buf`` from ``src`` (several reads if need be); the bytes read."""
+    view = memoryview(buf)
+    readinto = getattr(src, "readinto", None)
+    got = 0
+    while got < len(buf):
+        n = int(readinto(view[got:]) or 0) if callable(readinto) else read_into(src, view[got:])
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def read_into(f: IO[bytes], view: memoryview) -> int:
+    """One ``read`` of ``f`` copied into ``view`` (for streams without ``readinto``)."""
+    data = f.read(len(view))
+    view[: len(data)] = data
+    return len(data)
+
+
+def data_offset(f: IO[bytes], item_offset: int, item_length: int, nbytes: int) -> int | None:
+    """Absolute offset in ``f`` of the raw bytes of a tensor item holding ``nbytes`` bytes.
+
+    ``None`` when the item is not a single uncompressed little-endian storage of that size.
+    """
+    try:
+        with zipfile.ZipFile(Window(f, item_offset, item_length)) as zf:
+            member = storage_member(zf, nbytes)
+            if member is None:
+                return None
+            header_at = item_offset + zf.getinfo(member).header_offset
+    except (zipfile.BadZipFile, OSError, KeyError):
+        return None
+    f.seek(header_at)
+    raw = f.read(_LOCAL_HEADER.size)
+    if len(raw) != _LOCAL_HEADER.size:
+        return None
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(raw)
+    if signature != b"PK\x03\x04":
+        return None
+    start = header_at + _LOCAL_HEADER.size + name_len + extra_len
+    return start if start + nbytes <= item_offset + item_length else None
