@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import reckpt
 from reckpt.fused_state import flat_state
 from reckpt.plan import plan_to_json, read_plan
+from tests.distributed.torchrec_scenarios import ebc_model
 
 ROWS, DIM = 12, 8
 PLANS: dict[str, dict[str, str]] = {
@@ -71,7 +71,6 @@ def build(plan: dict[str, str], seed: int, optim: str = "rowwise") -> tuple[Any,
     """A sharded EmbeddingBagCollection: the fused optimizer for sharded tables, the same
     optimizer as a dense one (TorchRec's ``RowWiseAdagrad`` / ``torch.optim.Adagrad``) for
     data-parallel tables."""
-    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -80,24 +79,7 @@ def build(plan: dict[str, str], seed: int, optim: str = "rowwise") -> tuple[Any,
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     torch.manual_seed(seed)
-
-    class Wrap(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ebc = EmbeddingBagCollection(
-                tables=[
-                    EmbeddingBagConfig(
-                        name=t, embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f"f_{t}"]
-                    )
-                    for t in TABLES
-                ],
-                device=torch.device("cpu"),
-            )
-
-        def forward(self, kjt: Any) -> torch.Tensor:
-            return self.ebc(kjt).values()
-
-    model = Wrap()
+    model = ebc_model(tuple(TABLES), ROWS, DIM)
     opt_class: Any = RowWiseAdagrad if optim == "rowwise" else torch.optim.Adagrad
     apply_optimizer_in_backward(opt_class, model.ebc.parameters(), {"lr": 0.1})
     constraints = {

@@ -14,15 +14,9 @@ from reckpt.plan import read_plan
 ROWS, DIM = 40, 64
 
 
-def build(sharding: dict[str, str], seed: int) -> tuple[Any, Any]:
+def ebc_model(tables: tuple[str, ...], rows: int, dim: int) -> nn.Module:
+    """A module holding one EmbeddingBagCollection ``ebc``: one table per name, feature ``f_<name>``."""
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-
-    torch.manual_seed(seed)
 
     class Wrap(nn.Module):
         def __init__(self) -> None:
@@ -30,9 +24,9 @@ def build(sharding: dict[str, str], seed: int) -> tuple[Any, Any]:
             self.ebc = EmbeddingBagCollection(
                 tables=[
                     EmbeddingBagConfig(
-                        name=t, embedding_dim=DIM, num_embeddings=ROWS, feature_names=[f"f_{t}"]
+                        name=t, embedding_dim=dim, num_embeddings=rows, feature_names=[f"f_{t}"]
                     )
-                    for t in ("t1", "t2")
+                    for t in tables
                 ],
                 device=torch.device("cpu"),
             )
@@ -40,7 +34,18 @@ def build(sharding: dict[str, str], seed: int) -> tuple[Any, Any]:
         def forward(self, kjt: Any) -> torch.Tensor:
             return self.ebc(kjt).values()
 
-    model = Wrap()
+    return Wrap()
+
+
+def build(sharding: dict[str, str], seed: int) -> tuple[Any, Any]:
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    torch.manual_seed(seed)
+    model = ebc_model(("t1", "t2"), ROWS, DIM)
     apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": 0.1})
     constraints = {
         t: ParameterConstraints(sharding_types=[st], min_partition=DIM // 2) for t, st in sharding.items()
