@@ -23,9 +23,10 @@ from collections.abc import Generator
 from typing import IO, Any, cast
 
 import torch
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem, WriteItem
 from torch.futures import Future
 
 from reckpt.dcp_items import data_offset, read_full
@@ -35,7 +36,7 @@ from reckpt.naming import DCP_METADATA_FILE
 from reckpt.safe_pickle import load_metadata
 from reckpt.storage import Storage
 
-__all__ = ["ReckptWriter", "SafeReader", "read_dcp_metadata"]
+__all__ = ["ReckptSavePlanner", "ReckptWriter", "SafeReader", "exact_storage_view", "read_dcp_metadata"]
 
 _SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
@@ -107,6 +108,33 @@ class _StorageFileSystem(FileSystemBase):
 
     def ls(self, path: str | os.PathLike[str]) -> list[str]:
         return self.storage.ls(os.fspath(path))
+
+
+def exact_storage_view(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` backed by a storage of exactly its own bytes, sharing its memory (no copy).
+
+    DCP's writer clones every tensor whose storage is larger than the tensor (a table that is
+    a view into TorchRec's flat TBE weights, a row range of a bigger tensor), because
+    ``torch.save`` writes whole storages. A contiguous CPU view gets an alias over just its
+    bytes instead: the same bytes reach the file with no copy and no allocation.
+    """
+    if (
+        tensor.device.type != "cpu"
+        or not tensor.is_contiguous()
+        or tensor.numel() == 0
+        or tensor.untyped_storage().nbytes() == tensor.nbytes
+    ):
+        return tensor
+    raw = memoryview(cast(Any, tensor.detach().reshape(-1).view(torch.uint8).numpy())).cast("B")
+    return torch.frombuffer(raw, dtype=torch.uint8).view(tensor.dtype).view(tensor.shape)
+
+
+class ReckptSavePlanner(DefaultSavePlanner):
+    """DCP's default save planner, handing the writer exact-storage aliases of views."""
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        data = super().resolve_data(write_item)
+        return exact_storage_view(data) if isinstance(data, torch.Tensor) else data
 
 
 class ReckptWriter(FileSystemWriter):

@@ -22,7 +22,7 @@ from reckpt.commit import (
     remove_checkpoint_dir,
 )
 from reckpt.dataloader_state import encode_dataloader_state, merge_dataloader_states
-from reckpt.dcp_io import ReckptWriter, dcp_call
+from reckpt.dcp_io import ReckptSavePlanner, ReckptWriter, dcp_call
 from reckpt.dist import Dist
 from reckpt.errors import ConfigError, StepAlreadyExistsError
 from reckpt.integrity import FileRecord, checksum_bytes
@@ -280,6 +280,7 @@ def save_parts(
                     f"saving {name}/ of {target}",
                     sd,
                     storage_writer=writer,
+                    planner=ReckptSavePlanner(),
                     process_group=process_group,
                     no_dist=not d.active,
                 )

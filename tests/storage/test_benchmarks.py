@@ -55,3 +55,14 @@ def test_delta_benchmark_tiny(tmp_path) -> None:
     small, large = saved["rows"][0], saved["rows"][-1]
     assert 0 < small["delta_bytes"] < large["delta_bytes"] < large["full_bytes"]
     assert doc["targets_at_5pct"]["bytes_ratio"] > 1
+
+
+def test_reshard_load_benchmark_tiny(tmp_path) -> None:
+    from benchmarks import reshard_load
+
+    doc = reshard_load.main(
+        ["--rows", "2000", "--repeats", "1", "--out", str(tmp_path), "--workdir", str(tmp_path)]
+    )
+    saved = json.loads((tmp_path / "reshard_load.json").read_text())
+    assert saved["ratios"] == doc["ratios"]
+    assert {"restore 2 -> 2", "restore 1 -> 1", "restore 2 -> 1"} <= set(saved["median_seconds"])

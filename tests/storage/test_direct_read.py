@@ -50,3 +50,21 @@ def test_restore_on_every_backend_uses_the_direct_path(root: str) -> None:
     dest, opt = fresh()
     reckpt.restore_model(ck, dest, opt)
     assert state_dicts_equal(dest.state_dict(), m.state_dict())
+
+
+def test_a_view_of_a_larger_tensor_is_saved_without_its_neighbours(tmp_path: Path) -> None:
+    from reckpt.dcp_io import exact_storage_view
+    from reckpt.save import save_parts
+
+    flat = torch.randn(100_000)  # like TorchRec's flat TBE weights holding several tables
+    table = flat[1000:1640].view(10, 64)
+    alias = exact_storage_view(table)
+    assert alias.data_ptr() == table.data_ptr() and alias.untyped_storage().nbytes() == table.nbytes
+    ck = save_parts(str(tmp_path / "model.ckpt-1"), [("model", {"t": table})])
+    data = sum(f.stat().st_size for f in (tmp_path / "model.ckpt-1" / "model").glob("*.distcp"))
+    assert data < 4 * table.nbytes < flat.nbytes  # not the whole flat buffer
+    got = {"t": torch.zeros(10, 64)}
+    _load(ck, got)
+    assert torch.equal(got["t"], table)
+    strided = table.t()
+    assert exact_storage_view(strided) is strided  # not contiguous: left to DCP (which clones it)
