@@ -15,7 +15,6 @@ deltas (``encoding``) are serving dumps and restore only with ``allow_lossy=True
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from reckpt.commit import checkpoint_state
 from reckpt.delta_rows import RowPiece, apply_pieces, decode_index, encode_pieces, select_rows
 from reckpt.dist import Dist
+from reckpt.dynamic import dynamic_writer, load_dynamic
 from reckpt.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -57,14 +57,6 @@ from reckpt.verification import verify_collective
 __all__ = ["restore_chain", "save_delta"]
 
 logger = logging.getLogger(__name__)
-
-
-def _dynamic_writer(model: torch.nn.Module, process_group: Any) -> FileWriter | None:
-    try:
-        from reckpt.dynamic import dynamic_writer
-    except ImportError:
-        return None
-    return dynamic_writer(model, keys="touched", subdir=DYNAMICEMB_DIR, process_group=process_group)
 
 
 def _split_rows(
@@ -161,7 +153,7 @@ def save_delta(
         return out
 
     writers: list[FileWriter] = [rows_writer]
-    dyn = _dynamic_writer(model, process_group)
+    dyn = dynamic_writer(model, keys="touched", subdir=DYNAMICEMB_DIR, process_group=process_group)
     if dyn is not None:
         writers.append(dyn)
     rows = {k: int(v.numel()) for k, v in touched.items()}
@@ -352,11 +344,8 @@ def _load_dynamic_links(
     storage_options: Mapping[str, Any] | None,
     process_group: Any,
 ) -> None:
-    with contextlib.suppress(ImportError):
-        from reckpt.dynamic import load_dynamic
-
-        for path, m in links:
-            if m is not None and any(r.startswith(f"{DYNAMICEMB_DIR}/") for r in m.files):
-                load_dynamic(
-                    path, model, storage_options=storage_options, upsert=True, process_group=process_group
-                )
+    for path, m in links:
+        if m is not None and any(r.startswith(f"{DYNAMICEMB_DIR}/") for r in m.files):
+            load_dynamic(
+                path, model, storage_options=storage_options, upsert=True, process_group=process_group
+            )
