@@ -1,7 +1,7 @@
 """Async-save stall versus a synchronous save of the same state, measured in one run.
 
-``python benchmarks/async_stall.py --size-mb 1024`` writes ``benchmarks/results/async_stall.json``
-and ``.md``. The stall is how long ``CheckpointManager.save(..., async_save=True)`` blocks the
+``python benchmarks/async_stall.py --size-mb 1024`` writes ``benchmarks/results/async_stall.json``,
+``.md`` and ``.png``. The stall is how long ``CheckpointManager.save(..., async_save=True)`` blocks the
 caller (waiting for nothing in flight + staging a host copy); the synchronous time is a full
 ``save`` (write, fsync, checksums, commit). Target: stall <= 10% of the synchronous save.
 """
@@ -21,7 +21,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reckpt
-from benchmarks.common import median, provenance, require_free_space, timed, write_results
+from benchmarks.common import Chart, human_bytes, median, provenance, require_free_space, timed, write_results
 
 
 class BigTables(nn.Module):
@@ -103,7 +103,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     table = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in figures.items()]
     table.append(("meets target (stall <= 10% of sync)", str(doc["meets_target"])))
-    json_path, _ = write_results(args.out, "async_stall", doc, table)
+    chart = Chart(
+        {
+            "sync save": figures["sync_save_s"],
+            "async stall (steady state)": figures["async_stall_s"],
+            "async stall (first save, allocates the host copy)": first_stall_s,
+            "async save, stall + background write": figures["async_total_s"],
+        },
+        "seconds (lower is better)",
+        highlight="async stall",
+        reference="sync",
+        target=0.10 * figures["sync_save_s"],
+        target_label="target: stall <= 10% of the sync save",
+    )
+    title = f"async stall vs sync save of {human_bytes(state_bytes)}"
+    json_path, _ = write_results(args.out, "async_stall", doc, table, chart, title)
     print(
         f"state {state_bytes / 1e9:.2f} GB: sync save {figures['sync_save_s']:.2f}s, async stall"
         f" {figures['async_stall_s']:.3f}s ({figures['stall_over_sync']:.1%}); wrote {json_path}"

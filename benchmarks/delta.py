@@ -2,8 +2,8 @@
 
 ``python benchmarks/delta.py`` (defaults: 4 tables x 1M rows x 64 dims fp32 = 1 GiB of
 embeddings, sharded by TorchRec on one gloo process with fused row-wise Adagrad, and a dense
-part of 10 MB counting its Adagrad state) writes ``benchmarks/results/delta.json`` and
-``.md``. For each fraction the touched rows are drawn uniformly per table and marked through
+part of 10 MB counting its Adagrad state) writes ``benchmarks/results/delta.json``,
+``.md`` and ``.png``. For each fraction the touched rows are drawn uniformly per table and marked through
 ``RowTracker.observe`` (a save's bytes and time do not depend on the rows' values); a full
 ``save_model`` and a ``save_delta`` on top of it are timed in the same run, and every byte
 of both directories is counted (manifest, dense part, ids, optimizer rows, JSON files).
@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reckpt
-from benchmarks.common import median, provenance, require_free_space, timed, write_results
+from benchmarks.common import Chart, human_bytes, median, provenance, require_free_space, timed, write_results
 from reckpt.delta import save_delta
 from reckpt.delta_rows import global_nbytes
 from reckpt.row_tracker import RowTracker
@@ -161,7 +161,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         for r in rows
     ]
-    write_results(args.out, "delta", doc, table)
+    charts = [
+        Chart(
+            {f"{r['fraction']:.0%} rows touched": r["bytes_ratio"] for r in rows},
+            "full bytes / delta bytes (higher is better)",
+            "bytes written: x fewer than a full checkpoint",
+            highlight="5%",
+            target=15.0,
+            target_label="target at 5%: 15x",
+        ),
+        Chart(
+            {f"{r['fraction']:.0%} rows touched": r["speedup"] for r in rows},
+            "full save s / delta save s (higher is better)",
+            "save time: x faster than a full checkpoint",
+            highlight="5%",
+            target=5.0,
+            target_label="target at 5%: 5x",
+        ),
+    ]
+    title = f"delta vs full checkpoints of {human_bytes(state_bytes)}"
+    write_results(args.out, "delta", doc, table, charts, title)
     return doc
 
 

@@ -4,9 +4,9 @@ Usage::
 
     python -m benchmarks.reliability --kills 200 --seed 0
 
-writes ``benchmarks/results/reliability.json`` and ``reliability.md``: trials, faults
-injected, faults detected and checkpoints lost (which must be 0) per section, and the
-kills per phase of the commit protocol. Exits non-zero when a check failed. S3 runs
+writes ``benchmarks/results/reliability.json``, ``reliability.md`` and ``reliability.png``:
+trials, faults injected, faults detected and checkpoints lost (which must be 0) per section,
+and the kills per phase of the commit protocol. Exits non-zero when a check failed. S3 runs
 against a moto server started on 127.0.0.1 for the run; ``--backends local`` skips it.
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from benchmarks import kill_harness as kh
 from benchmarks import reliability_checks as checks
-from benchmarks.common import provenance
+from benchmarks.common import Chart, provenance, write_charts
 
 BUCKET = "reckpt-reliability"
 
@@ -154,11 +154,32 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def charts(doc: dict[str, Any]) -> list[Chart]:
+    """The PNG's panels: trials per section, kills per phase, checkpoints lost per scenario and section."""
+    crash = doc["sections"]["crash injection"]
+    others = {name: t for name, t in doc["sections"].items() if name != "crash injection"}
+    trials = {"crash injection": crash["total"]["trials"], **{n: t["trials"] for n, t in others.items()}}
+    lost = {f"crash injection {n}": sc["lost"] for n, sc in crash["by_scenario"].items()}
+    lost.update({n: t["lost"] for n, t in others.items()})
+    return [
+        Chart(trials, "trials", "trials per section", highlight=(), reference=()),
+        Chart(
+            crash["total"]["by_phase"],
+            "SIGKILLs",
+            "kills per phase of the commit protocol",
+            highlight=(),
+            reference=(),
+        ),
+        Chart(lost, "checkpoints lost (must be 0)", "checkpoints lost", highlight=(), reference=()),
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=200, help="SIGKILLs in all, spread over the scenarios")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backends", default="local,s3", help="comma-separated: local, s3")
+    p.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
@@ -166,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     moto = None
     saved_env = dict(os.environ)
     try:
-        with tempfile.TemporaryDirectory(prefix="reckpt-reliability-") as workdir:
+        with tempfile.TemporaryDirectory(prefix="reckpt-reliability-", dir=args.workdir) as workdir:
             sections: dict[str, Any] = {}
             port = 0
             if "s3" in backends:
@@ -199,7 +220,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         json.dump(doc, f, indent=2)
         f.write("\n")
     with open(os.path.join(args.out, "reliability.md"), "w") as f:
-        f.write(markdown(doc))
+        f.write(markdown(doc) + "\n![reliability](reliability.png)\n")
+    s = doc["summary"]
+    title = (
+        f"reliability, seed {args.seed}: {s['trials']} trials, {s['faults_injected']} faults injected,"
+        f" {s['checkpoints_lost']} checkpoints lost"
+    )
+    write_charts(os.path.join(args.out, "reliability.png"), title, charts(doc))
     print(markdown(doc))
     return doc
 

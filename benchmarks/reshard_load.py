@@ -11,7 +11,7 @@ file first), with reckpt's default verification:
 - ``2 -> 1``: the 2-process checkpoint into 1 process (resharding);
 - ``2 -> 2``: the 2-process checkpoint into 2 processes (each reads half).
 
-Writes ``benchmarks/results/reshard_load.json`` and ``.md``. Target: 2 -> 1 <= 1.3x 1 -> 1.
+Writes ``benchmarks/results/reshard_load.json``, ``.md`` and ``.png``. Target: 2 -> 1 <= 1.3x 1 -> 1.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import median, provenance, require_free_space, write_results
+from benchmarks.common import Chart, human_bytes, median, provenance, require_free_space, write_results
 
 
 def _config(rows: int, tables: int, dim: int) -> Any:
@@ -147,7 +147,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     table = [(k, f"{v:.3f} s") for k, v in med.items()] + [(k, f"{v:.3f}") for k, v in ratios.items()]
-    write_results(a.out, "reshard_load", doc, table)
+    chart = Chart(
+        med,
+        "seconds (lower is better)",
+        highlight="restore 2 -> 1",
+        reference="restore 1 -> 1",
+        target=1.3 * med["restore 1 -> 1"],
+        target_label="target: 2 -> 1 <= 1.3x 1 -> 1",
+    )
+    title = f"sharded DLRM ({human_bytes(state_bytes)} of tables): save, cold restore with verification"
+    write_results(a.out, "reshard_load", doc, table, chart, title)
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
     return doc

@@ -11,6 +11,7 @@ fresh subprocess, a plain (unsharded) copy of the model is built and filled by
 measuring the resident memory above the built model (peak RSS during the load minus the RSS
 before it; the kernel's peak is reset first) and the time. Every load is checked bit for bit
 against the trained weights. The bound checked is ``largest table + dense part + 64 MB``.
+Writes ``benchmarks/results/unsharded_load.json``, ``.md`` and ``.png``.
 
 Usage: ``python -m benchmarks.unsharded_load --tables 6 --table-mb 128 --dense-mb 16``
 """
@@ -28,7 +29,7 @@ import tempfile
 import time
 from typing import Any
 
-from benchmarks.common import provenance, require_free_space, write_results
+from benchmarks.common import Chart, provenance, require_free_space, write_results
 
 METHODS = ("load_unsharded", "restore_model", "dcp_load")
 SHARDINGS = ("row_wise", "column_wise", "table_wise", "data_parallel")
@@ -261,7 +262,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             extra += f" ({q['extra_rss_vs_dcp_load']:.2f}x memory,"
             extra += f" {q['seconds_vs_dcp_load']:.2f}x time of dcp_load)"
         table.append((m, extra))
-    write_results(args.out, "unsharded_load", doc, table)
+    charts = [
+        Chart(
+            {m: r["extra_rss_mb"] for m, r in results.items()},
+            "MB above the built model (lower is better)",
+            "peak extra RSS during the load",
+            highlight=("load_unsharded", "restore_model"),
+            reference=(),
+            target=bound,
+            target_label="bound: largest table + dense + 64 MB",
+        ),
+        Chart(
+            {m: r["seconds"] for m, r in results.items()},
+            "seconds (lower is better)",
+            "load time",
+            highlight=("load_unsharded", "restore_model"),
+            reference=(),
+        ),
+    ]
+    title = f"2-process checkpoint of {first['model_mb']:.0f} MiB into a plain model"
+    write_results(args.out, "unsharded_load", doc, table, charts, title)
     return doc
 
 

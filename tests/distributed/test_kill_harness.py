@@ -55,3 +55,4 @@ def test_fixed_seed_subset(tmp_path: Path) -> None:
     assert kills["debris_left"] == 0 and kills["restored_bit_exact"] == kills["kills"]
     assert json.loads((tmp_path / "reliability.json").read_text())["summary"] == summary
     assert (tmp_path / "reliability.md").read_text().startswith("# reliability")
+    assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"

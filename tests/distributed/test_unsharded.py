@@ -36,6 +36,7 @@ def test_unsharded_load_is_exact_and_streams_one_table_at_a_time(tmp_path: Path)
     saved = json.loads((tmp_path / "unsharded_load.json").read_text())
     assert saved["figures"] == doc["figures"]
     assert (tmp_path / "unsharded_load.md").read_text().startswith("# unsharded_load")
+    assert (tmp_path / "unsharded_load.png").read_bytes()[:4] == b"\x89PNG"
 
 
 class _Net(nn.Module):

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
-from benchmarks import async_stall
+import pytest
+from benchmarks import async_stall, targets
+
+REPO = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == PNG
 
 
 def test_async_stall_benchmark_tiny(tmp_path) -> None:
@@ -14,6 +25,7 @@ def test_async_stall_benchmark_tiny(tmp_path) -> None:
     assert {"command", "git_revision", "host"} <= doc["provenance"].keys()
     assert figures["sync_save_s"] > 0 and figures["async_stall_s"] > 0
     assert (tmp_path / "async_stall.md").read_text().startswith("# async_stall")
+    assert _is_png(tmp_path / "async_stall.png")
 
 
 def test_save_restore_benchmark_tiny(tmp_path) -> None:
@@ -55,6 +67,7 @@ def test_delta_benchmark_tiny(tmp_path) -> None:
     small, large = saved["rows"][0], saved["rows"][-1]
     assert 0 < small["delta_bytes"] < large["delta_bytes"] < large["full_bytes"]
     assert doc["targets_at_5pct"]["bytes_ratio"] > 1
+    assert _is_png(tmp_path / "delta.png")
 
 
 def test_reshard_load_benchmark_tiny(tmp_path) -> None:
@@ -66,3 +79,62 @@ def test_reshard_load_benchmark_tiny(tmp_path) -> None:
     saved = json.loads((tmp_path / "reshard_load.json").read_text())
     assert saved["ratios"] == doc["ratios"]
     assert {"restore 2 -> 2", "restore 1 -> 1", "restore 2 -> 1"} <= set(saved["median_seconds"])
+    assert _is_png(tmp_path / "reshard_load.png")
+
+
+def test_suite_runs_the_selected_benchmarks_and_summarises_the_targets(tmp_path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [sys.executable, "-m", "benchmarks", "--size", "tiny", "--only", "async_stall,delta"]
+    cmd += ["--out", str(out), "--workdir", str(work)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("async_stall", "delta"):
+        assert json.loads((out / f"{name}.json").read_text())["provenance"]["git_revision"]
+        assert (out / f"{name}.md").read_text().startswith(f"# {name}")
+        assert _is_png(out / f"{name}.png")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "summary.md").read_text().startswith("# benchmark suite (tiny)")
+    assert summary["size"] == "tiny" and summary["errors"] == []
+    assert {"command", "git_revision", "host"} <= summary["provenance"].keys()
+    assert [b["name"] for b in summary["benchmarks"]] == ["async_stall", "delta"]
+    for b in summary["benchmarks"]:
+        assert b["status"] == "ok" and b["wall_s"] > 0
+        assert b["files"] == [f"{b['name']}.json", f"{b['name']}.md", f"{b['name']}.png"]
+    rows = summary["targets"]
+    assert {r["benchmark"] for r in rows} == {"async_stall", "delta"}
+    assert {r["key"] for r in rows} == {"stall_over_sync", "bytes_ratio", "speedup"}
+    for r in rows:
+        assert isinstance(r["ratio"], float) and r["target"][:2] in (">=", "<=")
+        assert r["pass"] in (True, False) and r["status"] == ("pass" if r["pass"] else "fail")
+    if summary["chart"]:
+        assert _is_png(out / "summary.png")
+    assert not list(work.iterdir())  # each benchmark's work folder is deleted
+
+
+def test_suite_selects_runs_and_matches_ratio_keys_by_prefix() -> None:
+    from benchmarks import suite
+
+    full = suite.plan("full")
+    assert [r.name for r in suite.select(full, "save_restore")] == [
+        f"save_restore_{gb}gb_{p}p" for gb in (1, 4) for p in (1, 2)
+    ]
+    assert [r.name for r in suite.select(full, "reliability,save_restore_4gb_2p")] == [
+        "save_restore_4gb_2p",
+        "reliability",
+    ]
+    with pytest.raises(ValueError, match="nope"):
+        suite.select(full, "nope")
+    doc = {"ratios": {"save / raw write (target >= 0.8)": 0.9, "checksum time / save time": 0.2}}
+    rows = {r["figure"]: r for r in targets.evaluate("sr", "save_restore", [doc], None)}
+    assert rows["save throughput / raw write"]["ratio"] == 0.9
+    assert rows["save throughput / raw write"]["pass"] is True
+    assert rows["checksum time / save time"]["status"] == "fail"
+    missing = rows["peak extra RSS during save / state"]
+    assert missing["status"] == "missing" and missing["ratio"] is None and missing["pass"] is None
+    failed = targets.evaluate("sr", "save_restore", [], "RuntimeError: boom")
+    assert {r["status"] for r in failed} == {"error"}
+    # an exact key wins over a longer key that starts with it
+    assert targets.lookup({"t": {"bytes_ratio_target": 15, "bytes_ratio": 3}}, [("t",)], "bytes_ratio") == (
+        "bytes_ratio",
+        3.0,
+    )
