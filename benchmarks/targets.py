@@ -65,7 +65,14 @@ TARGETS = (
         ">=",
         0.8,
     ),
-    Target("save_restore", "checksum time / save time", (("ratios",),), "checksum", "<=", 0.05),
+    Target(
+        "save_restore",
+        "checksum cost (hashing not hidden by I/O) / save time",
+        (("ratios",),),
+        "checksum cost",
+        "<=",
+        0.05,
+    ),
     Target(
         "save_restore", "peak extra RSS during save / state", (("ratios",),), "peak extra RSS", "<=", 0.25
     ),

@@ -332,7 +332,9 @@ MISTAKES: list[Mistake] = [
         errors.IntegrityError,
         "<dir>/model.ckpt-1: integrity check failed (1 file(s)):\n"
         "  <dir>/model.ckpt-1/model/__0_0.distcp: checksum <xxh3> differs from the manifest's <xxh3> (corrupted)\n"
-        "Restore from another checkpoint; pass verify=False only to salvage data.",
+        "The restored objects may hold part of this checkpoint's state: restore another checkpoint"
+        " (restore_latest falls back by itself), or pass verify='first' to check every file before"
+        " anything changes.",
     ),
     Mistake(
         "restore: a data file was truncated",

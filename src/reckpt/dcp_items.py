@@ -13,9 +13,17 @@ import io
 import struct
 import sys
 import zipfile
-from typing import IO, Any
+from typing import IO, Any, cast
 
-__all__ = ["Window", "data_offset", "read_full", "read_into", "storage_member"]
+__all__ = [
+    "StoredMember",
+    "Window",
+    "data_offset",
+    "read_full",
+    "read_into",
+    "storage_member",
+    "stored_bytes",
+]
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length
 
@@ -27,12 +35,58 @@ def storage_member(zf: zipfile.ZipFile, nbytes: int) -> str | None:
     order = [n for n in names if n.endswith("/byteorder")]
     if len(data) != 1 or sys.byteorder != "little":
         return None
-    if order and zf.read(order[0]) != b"little":
+    if order and stored_bytes(zf, order[0]) != b"little":
         return None
     info = zf.getinfo(data[0])
     if info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes:
         return None
     return data[0]
+
+
+def _member_start(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int | None:
+    """Offset (in the archive) of a stored member's bytes, from its local header."""
+    fp = cast(IO[bytes], zf.fp)
+    fp.seek(info.header_offset)
+    raw = fp.read(_LOCAL_HEADER.size)
+    if len(raw) != _LOCAL_HEADER.size:
+        return None
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(raw)
+    if signature != b"PK\x03\x04":
+        return None
+    return int(info.header_offset) + _LOCAL_HEADER.size + int(name_len) + int(extra_len)
+
+
+def stored_bytes(zf: zipfile.ZipFile, name: str) -> bytes | None:
+    """A small uncompressed member's bytes, read without checking the zip CRC-32.
+
+    reckpt writes archives without per-record CRCs (``torch.save`` with CRC off, as
+    ``torch.load`` accepts): the file's XXH3 checksum in the manifest covers these bytes.
+    """
+    info = zf.getinfo(name)
+    start = _member_start(zf, info) if info.compress_type == zipfile.ZIP_STORED else None
+    if start is None:
+        return None
+    fp = cast(IO[bytes], zf.fp)
+    fp.seek(start)
+    return fp.read(info.file_size)
+
+
+class StoredMember(io.RawIOBase):
+    """A read-only stream over an uncompressed member's bytes (no zip CRC-32 check)."""
+
+    def __init__(self, zf: zipfile.ZipFile, name: str) -> None:
+        super().__init__()
+        info = zf.getinfo(name)
+        start = _member_start(zf, info) if info.compress_type == zipfile.ZIP_STORED else None
+        if start is None:
+            raise zipfile.BadZipFile(f"{name}: not an uncompressed member")
+        self._window = Window(cast(IO[bytes], zf.fp), start, info.file_size)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        return self._window.readinto(b)
 
 
 class Window(io.RawIOBase):
@@ -98,15 +152,10 @@ def data_offset(f: IO[bytes], item_offset: int, item_length: int, nbytes: int) -
             member = storage_member(zf, nbytes)
             if member is None:
                 return None
-            header_at = item_offset + zf.getinfo(member).header_offset
-    except (zipfile.BadZipFile, OSError, KeyError):
+            at = _member_start(zf, zf.getinfo(member))
+    except (zipfile.BadZipFile, OSError, KeyError, struct.error):
         return None
-    f.seek(header_at)
-    raw = f.read(_LOCAL_HEADER.size)
-    if len(raw) != _LOCAL_HEADER.size:
+    if at is None:
         return None
-    signature, name_len, extra_len = _LOCAL_HEADER.unpack(raw)
-    if signature != b"PK\x03\x04":
-        return None
-    start = header_at + _LOCAL_HEADER.size + name_len + extra_len
+    start = item_offset + at
     return start if start + nbytes <= item_offset + item_length else None

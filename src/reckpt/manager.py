@@ -350,8 +350,11 @@ class CheckpointManager:
 
         A damaged checkpoint (a file fails its checksum, metadata is refused) is skipped with
         a warning naming the file and the reason (a later save of its step replaces it), and
-        the next older one is tried; nothing of a skipped checkpoint is loaded (restore checks
-        every part before loading any). Keyword arguments go to :meth:`restore`.
+        the next older one is tried. A file missing or of the wrong size is found before
+        anything is loaded; flipped bits in a data file are found as it is read (the default
+        verification), so the older checkpoint then overwrites what the damaged one loaded;
+        pass ``verify="first"`` to check every file before loading any. Keyword arguments go
+        to :meth:`restore`.
 
         Raises:
             IntegrityError: no checkpoint verifies (the newest one's error).

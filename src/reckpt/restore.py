@@ -6,27 +6,22 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-from reckpt.dcp_io import SafeReader, dcp_call, read_dcp_metadata
 from reckpt.dist import Dist
-from reckpt.errors import CheckpointNotFoundError, KeyMismatchError
+from reckpt.errors import CheckpointNotFoundError, ConfigError
 from reckpt.fused_state import (
     RowwiseConversion,
     dense_fused_rename_rule,
     fill_conversions,
     plan_conversions,
-    read_sources,
 )
+from reckpt.loader import LoadJob, PartLoader
 from reckpt.manifest import read_json_object, read_manifest
-from reckpt.mch import MchPlan, has_managed_collision, plan_mch
+from reckpt.mch import has_managed_collision, plan_mch
 from reckpt.naming import (
-    DCP_METADATA_FILE,
     DENSE_EMA_DIR,
     META_FILE,
     MODEL_DIR,
@@ -41,10 +36,9 @@ from reckpt.optim import (
     optimizer_param_names,
     optimizer_state_dict,
 )
-from reckpt.planner import PartialLoadPlanner, saved_shapes
+from reckpt.read_verify import ReadVerifier
 from reckpt.remap import (
     RenameRule,
-    ec_list_to_ec_dict_rule,
     index_keyed_optimizer_rule,
     input_tile_rule,
     parse_param_map,
@@ -52,7 +46,7 @@ from reckpt.remap import (
 from reckpt.report import LoadReport, PartReport
 from reckpt.storage import Storage, storage_for
 from reckpt.unsharded import read_rows
-from reckpt.verification import check_storage_bounds, require_committed, verify_collective
+from reckpt.verification import require_committed, verify_collective
 
 __all__ = ["restore_model", "read_meta"]
 
@@ -64,123 +58,6 @@ _GROUP_PARAMS = re.compile(r"param_groups\.[0-9]+\.params")
 def read_meta(storage: Storage, checkpoint_dir: str) -> dict[str, Any]:
     """The checkpoint's ``meta`` flags (``{}`` when absent)."""
     return read_json_object(storage, Storage.join(checkpoint_dir, META_FILE)) or {}
-
-
-@dataclass
-class _Job:
-    """One part to restore: where it lives, what to fill, what to do afterwards."""
-
-    part: str
-    target: Callable[[], dict[str, Any]]
-    finish: Callable[[dict[str, Any], PartReport], None] = lambda sd, pr: None
-    report_as: str | None = None
-    extra_rules: Sequence[RenameRule] = ()
-    exclude_keys: Sequence[str] = ()
-    allow_row_resize: bool = False
-    reinit_on_mismatch: bool = False
-    error_on_missing_keys: bool = False
-    warn_on_missing_keys: bool = True
-
-
-class _Loader:
-    """Shared context of one restore: storage, ranks, renames, the report.
-
-    Every job is first checked on every rank (keys resolved against the checkpoint's
-    metadata; errors gathered and raised on all ranks), and only then are the jobs loaded,
-    so a user mistake in any part stops the restore before anything is overwritten.
-    """
-
-    def __init__(
-        self,
-        storage: Storage,
-        ckpt: str,
-        d: Dist,
-        pg: Any,
-        param_map: dict[str, str],
-        rules: Sequence[RenameRule],
-        report: LoadReport,
-    ) -> None:
-        self.storage, self.ckpt, self.d, self.pg = storage, ckpt, d, pg
-        self.param_map, self.rules, self.report = param_map, list(rules), report
-        self.mch: MchPlan | None = None
-        self._metadata: dict[str, Metadata] = {}
-
-    def reader(self, part: str) -> Callable[[dict[str, Any]], dict[str, torch.Tensor]]:
-        """Collective reader of whole saved tensors of ``part`` (see ``fused_state.read_sources``)."""
-        md, dcp_dir = self.metadata(part), Storage.join(self.ckpt, part)
-        return lambda wanted: read_sources(wanted, self.storage, dcp_dir, md, self.d, self.pg)
-
-    def has(self, part: str) -> bool:
-        return self.storage.exists(Storage.join(self.ckpt, part, DCP_METADATA_FILE))
-
-    def metadata(self, part: str) -> Metadata:
-        if part not in self._metadata:
-            md = read_dcp_metadata(self.storage, Storage.join(self.ckpt, part))
-            check_storage_bounds(self.storage, Storage.join(self.ckpt, part), md)
-            self._metadata[part] = md
-        return self._metadata[part]
-
-    def _planner(self, job: _Job, state_dict: dict[str, Any]) -> PartialLoadPlanner:
-        md = self.metadata(job.part)
-        planner = PartialLoadPlanner(
-            warn_on_missing_keys=job.warn_on_missing_keys,
-            param_map=self.param_map,
-            rename_rules=[*self.rules, *job.extra_rules, ec_list_to_ec_dict_rule(saved_shapes(md))],
-            exclude_keys=job.exclude_keys,
-            allow_row_resize=job.allow_row_resize,
-            reinit_on_mismatch=job.reinit_on_mismatch,
-            source=Storage.join(self.ckpt, job.part),
-        )
-        planner.set_up_planner(state_dict, md, self.d.is_coordinator)
-        return planner
-
-    def check(self, jobs: Sequence[_Job]) -> None:
-        """Collective: resolve every job's keys on every rank; all ranks raise on any error."""
-        err: BaseException | None = None
-        try:
-            for job in jobs:
-                res = self._planner(job, job.target()).resolve()
-                if job.error_on_missing_keys and res.missing:
-                    raise KeyMismatchError(
-                        f"{Storage.join(self.ckpt, job.part)}: {len(res.missing)} key(s) of the current"
-                        f" {job.part} are missing from the checkpoint: "
-                        + ", ".join(sorted(res.missing))
-                        + ". Map them with a parameter-map file, or restore with"
-                        " error_on_missing_keys=False to keep their initial values."
-                    )
-        except Exception as e:
-            err = e
-        self.d.raise_if_any(err, f"resolving keys of {self.ckpt}")
-
-    def load(self, job: _Job) -> None:
-        """Collective: DCP-load one (checked) job and record its report."""
-        state_dict = job.target()
-        planner = self._planner(job, state_dict)
-        dcp_dir = Storage.join(self.ckpt, job.part)
-        reader = SafeReader(dcp_dir, self.storage, self.metadata(job.part))
-        dcp_call(
-            dcp_load,
-            f"loading {dcp_dir}",
-            state_dict,
-            storage_reader=reader,
-            planner=planner,
-            process_group=self.pg,
-            no_dist=not self.d.active,
-        )
-        pr = planner.resolution
-        pr.missing.sort()
-        pr.resized.sort()
-        pr.reinitialized.sort()
-        job.finish(state_dict, pr)
-        self.report.parts[job.report_as or job.part] = pr
-        for key in pr.reinitialized:
-            logger.warning("%s: [%s] does not fit the checkpoint; keeping its initial value", dcp_dir, key)
-
-    def skip(self, part: str, why: str, warn: bool = True) -> None:
-        self.report.part(part).skipped = why
-        if warn:
-            logger.warning("%s: %s", self.ckpt, why)
-            self.report.notes.append(f"{part}: {why}")
 
 
 def _applier(obj: Any) -> Callable[[dict[str, Any], PartReport], None]:
@@ -195,7 +72,7 @@ def _applier(obj: Any) -> Callable[[dict[str, Any], PartReport], None]:
 class _OptimizerJob:
     """The optimizer's restore: initialise state once (no data), load, apply, tidy up."""
 
-    def __init__(self, ld: _Loader, model: torch.nn.Module, optimizer: Any) -> None:
+    def __init__(self, ld: PartLoader, model: torch.nn.Module, optimizer: Any) -> None:
         self.model, self.optimizer = model, optimizer
         self.keyed = is_keyed_optimizer(optimizer)
         self.created: list[Any] | None = None
@@ -208,7 +85,7 @@ class _OptimizerJob:
         groups = len(optimizer.param_groups)
         self.ld = ld
         self.conversions: dict[str, RowwiseConversion] | None = None
-        self.job = _Job(
+        self.job = LoadJob(
             OPTIMIZER_DIR,
             self.target,
             self.finish,
@@ -267,7 +144,7 @@ class _OptimizerJob:
             fill_conversions(conversions, sd, pr, md, read, self.ld.report.notes, where)
 
 
-def _managed_collision(ld: _Loader, model: torch.nn.Module, jobs: list[_Job]) -> None:
+def _managed_collision(ld: PartLoader, model: torch.nn.Module, jobs: list[LoadJob]) -> None:
     """Collective: fit managed-collision state to this world size (see :mod:`reckpt.mch`)."""
     job = next((j for j in jobs if j.part == MODEL_DIR), None)
     if job is None or not has_managed_collision(model):
@@ -303,7 +180,7 @@ def restore_model(
     *,
     extra_states: Mapping[str, Any] | None = None,
     load_optimizer: bool = True,
-    verify: bool = True,
+    verify: bool | str = True,
     allow_row_resize: bool = False,
     param_map: Mapping[str, str] | None = None,
     rename_rules: Sequence[RenameRule] = (),
@@ -314,10 +191,11 @@ def restore_model(
 ) -> LoadReport:
     """Restore a checkpoint into ``model`` (and optimizer, EMA, extra state), partially if needed.
 
-    Collective: every rank calls it. Each rank verifies a share of the files (unless
-    ``verify=False``), resolves its keys against the checkpoint's metadata (raising on every
-    rank before anything is read when a shape does not fit or, with ``error_on_missing_keys``,
-    a key is missing), then loads its shards; DCP reshards across world-size changes.
+    Collective: every rank calls it. Each rank resolves its keys against the checkpoint's
+    metadata (raising on every rank before anything is read when a shape does not fit or,
+    with ``error_on_missing_keys``, a key is missing), checks a share of the small files, then
+    loads its shards, hashing each data file as it reads it (one read per byte; see
+    :mod:`reckpt.read_verify`); DCP reshards across world-size changes.
 
     Args:
         checkpoint_dir: a committed checkpoint (``<model_dir>/model.ckpt-<step>``).
@@ -330,7 +208,10 @@ def restore_model(
         use_dense_ema: overlay ``dense_ema/`` values onto the model's parameters (eval/export).
         extra_states: name -> object with ``state_dict()``/``load_state_dict()``.
         load_optimizer: ``False`` restores weights only.
-        verify: check sizes and checksums against the manifest first (default).
+        verify: check sizes and checksums against the manifest: ``True`` (default) checks
+            data files while loading them and raises afterwards if one is damaged (the
+            objects may then hold part of it); ``"first"`` checks every file before anything
+            changes (each byte read twice); ``False`` checks nothing.
         allow_row_resize: load the overlapping rows of tables whose row count changed.
         param_map: renames given directly (merged over the file's).
         rename_rules: further rename rules (see :mod:`reckpt.remap`).
@@ -357,12 +238,14 @@ def restore_model(
         >>> # report = restore_model("run/model.ckpt-100", model, optimizer)
         >>> # print(report.summary())
     """
+    if verify not in (True, False, "first"):
+        raise ConfigError(f"verify={verify!r}: expected True, False or 'first'")
     d = Dist(process_group)
     ckpt = checkpoint_dir.rstrip("/") or checkpoint_dir
     storage = storage_for(ckpt, storage_options)
     state = require_committed(storage, ckpt)
     report = LoadReport(ckpt, legacy=state == "legacy")
-    manifest = read_manifest(storage, ckpt, check=verify)
+    manifest = read_manifest(storage, ckpt, check=bool(verify))
     if follow_delta_chain and manifest is not None and manifest.delta is not None:
         from reckpt.delta import restore_chain
 
@@ -391,9 +274,12 @@ def restore_model(
             storage_options=storage_options,
             process_group=process_group,
         )
-    if verify and manifest is not None:
+    verifier: ReadVerifier | None = None
+    if verify == "first" and manifest is not None:
         verify_collective(storage, ckpt, manifest, d)
         report.verified = True
+    elif verify and manifest is not None:
+        verifier = ReadVerifier(storage, ckpt, manifest, d)
     meta = read_meta(storage, ckpt)
 
     names: dict[str, str] = {}
@@ -406,8 +292,8 @@ def restore_model(
     rules = list(rename_rules)
     if os.environ.get("INPUT_TILE", "").startswith("3"):
         rules.append(input_tile_rule)
-    ld = _Loader(storage, ckpt, d, process_group, names, rules, report)
-    jobs: list[_Job] = []
+    ld = PartLoader(storage, ckpt, d, process_group, names, rules, report)
+    jobs: list[LoadJob] = []
 
     if meta.get("load_model", True) is False:
         ld.skip(MODEL_DIR, "meta.load_model is false", warn=False)
@@ -415,7 +301,7 @@ def restore_model(
         raise CheckpointNotFoundError(f"model_ckpt_path[{Storage.join(ckpt, MODEL_DIR)}] not exists")
     else:
         jobs.append(
-            _Job(
+            LoadJob(
                 MODEL_DIR,
                 model.state_dict,
                 _applier(model),
@@ -437,7 +323,7 @@ def restore_model(
     if dense_ema is not None:
         if ld.has(DENSE_EMA_DIR):
             jobs.append(
-                _Job(
+                LoadJob(
                     DENSE_EMA_DIR,
                     dense_ema.state_dict,
                     _applier(dense_ema),
@@ -449,7 +335,7 @@ def restore_model(
     if use_dense_ema:
         if ld.has(DENSE_EMA_DIR):
             jobs.append(
-                _Job(
+                LoadJob(
                     DENSE_EMA_DIR,
                     lambda: dict(model.named_parameters()),
                     report_as="dense_ema_overlay",
@@ -466,8 +352,11 @@ def restore_model(
         if not ld.has(name):
             ld.skip(name, f"the checkpoint has no {name}/; {name} keeps its current state")
             continue
-        jobs.append(_Job(name, obj.state_dict, _applier(obj)))
+        jobs.append(LoadJob(name, obj.state_dict, _applier(obj)))
 
+    if verifier is not None:
+        verifier.before_load(job.part for job in jobs)
+        ld.verifier = verifier
     _managed_collision(ld, model, jobs)
     ld.check(jobs)
     from reckpt.dynamic.load import restore_step  # imports reckpt.save
@@ -481,15 +370,23 @@ def restore_model(
         storage_options=storage_options,
         process_group=process_group,
     )
-    for job in jobs:
-        if (
-            job.part == DENSE_EMA_DIR
-            and job.report_as is None
-            and callable(getattr(dense_ema, "reset", None))
-        ):
-            # TorchEasyRec order: the EMA restarts from the just-restored weights, then loads.
-            dense_ema.reset()
-        ld.load(job)
+    try:
+        for job in jobs:
+            if (
+                job.part == DENSE_EMA_DIR
+                and job.report_as is None
+                and callable(getattr(dense_ema, "reset", None))
+            ):
+                # TorchEasyRec order: the EMA restarts from the just-restored weights, then loads.
+                dense_ema.reset()
+            ld.load(job)
+    except Exception as e:
+        if verifier is not None:
+            verifier.explain(e)  # a damaged file is the real cause: say so
+        raise
+    if verifier is not None:
+        verifier.after_load()
+        report.verified = True
     if dense_ema is not None and not ld.has(DENSE_EMA_DIR) and callable(getattr(dense_ema, "reset", None)):
         dense_ema.reset()
     if dynamic is not None:

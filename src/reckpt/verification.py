@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,8 +59,17 @@ class VerifyReport:
         return self.state in ("committed", "legacy") and not self.problems
 
 
-def check_files(storage: Storage, checkpoint_dir: str, manifest: Manifest, paths: list[str]) -> list[str]:
-    """Check the listed files of a checkpoint; returns one message per problem."""
+def check_files(
+    storage: Storage,
+    checkpoint_dir: str,
+    manifest: Manifest,
+    paths: list[str],
+    sizes_only: Collection[str] = (),
+) -> list[str]:
+    """Check the listed files of a checkpoint; returns one message per problem.
+
+    Files in ``sizes_only`` are only looked up (present, the manifest's size), not read.
+    """
     if manifest.checksum_algorithm != CHECKSUM_ALGORITHM:
         return [f"{checkpoint_dir}: unknown checksum algorithm {manifest.checksum_algorithm!r}"]
     problems = []
@@ -69,6 +78,13 @@ def check_files(storage: Storage, checkpoint_dir: str, manifest: Manifest, paths
         path = Storage.join(checkpoint_dir, rel)
         if not storage.exists(path):
             problems.append(f"{path}: missing (the manifest lists {rec.size} bytes)")
+            continue
+        if rel in sizes_only:
+            size = storage.size(path)
+            if size != rec.size:
+                problems.append(
+                    f"{path}: size {size} bytes, the manifest says {rec.size} (truncated or appended)"
+                )
             continue
         with storage.open(path, "rb") as f:
             size, checksum = hash_stream(f)
@@ -83,16 +99,27 @@ def check_files(storage: Storage, checkpoint_dir: str, manifest: Manifest, paths
     return problems
 
 
-def verify_collective(storage: Storage, checkpoint_dir: str, manifest: Manifest, d: Dist) -> int:
+def verify_collective(
+    storage: Storage,
+    checkpoint_dir: str,
+    manifest: Manifest,
+    d: Dist,
+    files: list[str] | None = None,
+    sizes_only: Collection[str] = (),
+) -> int:
     """Collective: each rank checks a share of the files; all ranks raise on any problem.
+
+    Args:
+        files: the files to check (default: all of the manifest's), the same on every rank.
+        sizes_only: files only looked up, not read (see :func:`check_files`).
 
     Returns:
         The number of files checked in all.
     """
-    files = sorted(manifest.files)
+    files = sorted(manifest.files) if files is None else files
     err: BaseException | None = None
     try:
-        problems = check_files(storage, checkpoint_dir, manifest, files[d.rank :: d.world_size])
+        problems = check_files(storage, checkpoint_dir, manifest, files[d.rank :: d.world_size], sizes_only)
         if d.is_coordinator:
             for bad in check_sidecars(storage, checkpoint_dir):
                 # Metrics and timings: worth a warning, not worth refusing the weights.

@@ -43,11 +43,44 @@ def test_corruption_is_caught_and_named(tmp_path: Path, damage: str) -> None:
         os.remove(target)
     report = reckpt.verify(ckpt)
     assert not report.ok and len(report.problems) == 1 and _data_file_name(target) in report.problems[0]
+    # verify="first": every file is checked before anything changes
     m2, o2 = fresh()
     before = {k: v.clone() for k, v in m2.state_dict().items()}
     with pytest.raises(IntegrityError, match=_data_file_name(target)):
-        reckpt.restore_model(ckpt, m2, o2)
+        reckpt.restore_model(ckpt, m2, o2, verify="first")
     assert state_dicts_equal(before, m2.state_dict())
+    # the default checks data files while reading them: the error names the file all the same;
+    # a missing or truncated file is still caught before anything changes (sizes come first)
+    with pytest.raises(IntegrityError, match=_data_file_name(target)) as caught:
+        reckpt.restore_model(ckpt, m2, o2)
+    if damage == "flip":
+        assert "may hold part of this checkpoint" in str(caught.value)
+    else:
+        assert state_dicts_equal(before, m2.state_dict())
+
+
+def test_a_verified_restore_reads_data_files_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default verification hashes data files while loading them: no separate pass over them."""
+    from reckpt import integrity, verification
+
+    m, o = trained()
+    ckpt = str(tmp_path / "model.ckpt-1")
+    reckpt.save_model(ckpt, m, o)
+    hashed_apart: list[str] = []
+    real = integrity.hash_stream
+
+    def counting(f):  # type: ignore[no-untyped-def]
+        hashed_apart.append(str(getattr(f, "name", f)))
+        return real(f)
+
+    monkeypatch.setattr(verification, "hash_stream", counting)
+    m2, o2 = fresh()
+    report = reckpt.restore_model(ckpt, m2, o2)
+    assert report.verified and state_dicts_equal(m.state_dict(), m2.state_dict())
+    assert hashed_apart and not [f for f in hashed_apart if f.endswith(".distcp")]
+    hashed_apart.clear()
+    reckpt.restore_model(ckpt, m2, o2, verify="first")  # the old way hashes them apart
+    assert len([f for f in hashed_apart if f.endswith(".distcp")]) == 2
 
 
 def _data_file_name(path: str) -> str:
@@ -160,3 +193,16 @@ def test_real_metadata_passes_the_allow_list(tmp_path: Path) -> None:
     dcp.save(sd, checkpoint_id=str(tmp_path / "x"), no_dist=True)
     names = reckpt.list_distcp_param(str(tmp_path / "x"))
     assert names == ["b", "f", "h", "i"]
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_a_damaged_archive_header_is_named_not_a_zip_error(tmp_path: Path, offset: int) -> None:
+    """Damage that makes the load itself fail still reads as an integrity error naming the file."""
+    m, o = trained()
+    ckpt = str(tmp_path / "model.ckpt-1")
+    reckpt.save_model(ckpt, m, o)
+    target = os.path.join(ckpt, "model", _data_file(ckpt))
+    _flip(target, offset)
+    m2, o2 = fresh()
+    with pytest.raises(IntegrityError, match=_data_file_name(target)):
+        reckpt.restore_model(ckpt, m2, o2)
