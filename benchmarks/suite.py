@@ -68,8 +68,10 @@ def plan(size: str) -> list[Run]:
         for procs in (1, 2):
             mb = gb * 1024 if full else 8
             name = f"save_restore_{gb}gb_{procs}p"
-            argv = ("--size-mb", str(mb), "--procs", str(procs), "--name", name, *repeats)
-            runs.append(Run(name, "save_restore", argv, 3 * mb * MIB))
+            # 1 GB rounds are short: more of them steady the medians on a disk whose speed drifts
+            reps = ("--repeats", "5" if gb == 1 else "3") if full else ("--repeats", "1", "--pause", "0")
+            argv = ("--size-mb", str(mb), "--procs", str(procs), "--name", name, *reps)
+            runs.append(Run(name, "save_restore", argv, 10 * mb * MIB))
     mb = 1024 if full else 2
     runs.append(Run("async_stall", "async_stall", ("--size-mb", str(mb), *repeats), 3 * mb * MIB))
     # Embeddings: tables x rows x (dim + row-wise optimizer state) fp32; 3 copies on disk at most.
