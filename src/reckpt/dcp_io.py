@@ -48,7 +48,14 @@ from reckpt.storage import Storage
 if TYPE_CHECKING:
     from reckpt.read_verify import ReadVerifier
 
-__all__ = ["ReckptSavePlanner", "ReckptWriter", "SafeReader", "exact_storage_view", "read_dcp_metadata"]
+__all__ = [
+    "ReckptSavePlanner",
+    "ReckptWriter",
+    "SafeReader",
+    "exact_storage_view",
+    "read_dcp_metadata",
+    "writer_threads",
+]
 
 _SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
@@ -162,6 +169,34 @@ def exact_storage_view(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     raw = memoryview(cast(Any, tensor.detach().reshape(-1).view(torch.uint8).numpy())).cast("B")
     return torch.frombuffer(raw, dtype=torch.uint8).view(tensor.dtype).view(tensor.shape)
+
+
+_BYTES_PER_WRITER = 256 << 20
+_MAX_WRITERS = 4
+
+
+def writer_threads(state_dict: dict[str, Any]) -> int:
+    """Writer threads for this rank's share of a part: one per 256 MiB, at most four.
+
+    One sequential stream leaves a disk idle between requests (and a rate-limited cloud
+    volume gives more to several streams); a small part is not worth splitting into files.
+    """
+    total = 0
+
+    def visit(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif callable(getattr(value, "local_shards", None)):
+            total += sum(int(s.tensor.nbytes) for s in value.local_shards())
+        elif callable(getattr(value, "to_local", None)):
+            total += int(value.to_local().nbytes)
+        elif isinstance(value, torch.Tensor):
+            total += int(value.nbytes)
+
+    visit(state_dict)
+    return max(1, min(_MAX_WRITERS, total // _BYTES_PER_WRITER))
 
 
 class ReckptSavePlanner(DefaultSavePlanner):
@@ -306,10 +341,13 @@ class SafeReader(FileSystemReader):
                     continue
                 with self.fs.create_stream(path, "rb") as peek:
                     seq = SequentialHasher(cast(IO[bytes], stream))
-                    rest += [
-                        it for it in items if not self._read_direct(cast(IO[bytes], peek), seq, it, planner)
-                    ]
-                    size, checksum = seq.finish()
+                    try:
+                        for it in items:
+                            if not self._read_direct(cast(IO[bytes], peek), seq, it, planner):
+                                rest.append(it)
+                        size, checksum = seq.finish()
+                    finally:
+                        seq.close()
             cast("ReadVerifier", self._verifier).read_whole(rel, size, checksum)
         self.direct_items += len(plan.items) - len(rest)
         self.dcp_items += len(rest)

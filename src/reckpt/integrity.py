@@ -9,6 +9,7 @@ the algorithm's name so a later format can change it.
 from __future__ import annotations
 
 import io
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ __all__ = [
 
 CHECKSUM_ALGORITHM = "xxh3_64"
 _CHUNK = 8 << 20
-_PIECE = 16 << 20  # large writes and reads move in pieces, each hashed while the next one moves
+_PIECE = 16 << 20  # large writes move in pieces, each hashed while the next one is written
+_READ_PIECE = 2 << 20  # reads: small enough that the hasher finds the piece still in cache
+_SCRATCH = 4 << 20  # buffers for bytes read only to be hashed
 _THREADED = 1 << 20  # smaller buffers are hashed inline (a thread costs more than it saves)
 
 
@@ -62,15 +65,20 @@ def _charge(seconds: float) -> None:
 
 
 class _Background:
-    """Feeds one hasher, in order, on a helper thread: at most one update runs at a time.
+    """Feeds one hasher, in order, on one helper thread: at most one update in flight.
 
     :meth:`update` first waits for the previous update, so the caller may reuse a buffer
-    two updates later; :meth:`wait` before a buffer handed over changes or goes away.
+    two updates later; :meth:`wait` before a buffer handed over changes or goes away, and
+    :meth:`close` when done (it ends the thread). The thread is started on the first large
+    buffer and kept: no thread per buffer.
     """
 
     def __init__(self, hasher: Any) -> None:
         self.hasher = hasher
+        self._tasks: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._pending = False
 
     def update(self, view: memoryview) -> None:
         self.wait()
@@ -79,15 +87,39 @@ class _Background:
             self.hasher.update(view)
             _charge(time.perf_counter() - start)
             return
-        self._thread = threading.Thread(target=self.hasher.update, args=(view,), daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="reckpt-hash", daemon=True)
+            self._thread.start()
+        self._tasks.put(view)
+        self._pending = True
+
+    def _run(self) -> None:
+        while (view := self._tasks.get()) is not None:
+            try:
+                self.hasher.update(view)
+            except BaseException as e:  # handed to the caller by wait()
+                self._done.put(e)
+            else:
+                self._done.put(None)
 
     def wait(self) -> None:
-        if self._thread is not None:
+        if self._pending:
             start = time.perf_counter()
-            self._thread.join()
-            self._thread = None
+            error = self._done.get()
+            self._pending = False
             _charge(time.perf_counter() - start)
+            if error is not None:
+                raise error
+
+    def close(self) -> None:
+        """Wait for the last update and end the helper thread (idempotent)."""
+        try:
+            self.wait()
+        finally:
+            if self._thread is not None:
+                self._tasks.put(None)
+                self._thread.join()
+                self._thread = None
 
 
 def _read_some(stream: IO[bytes], view: memoryview) -> int:
@@ -106,13 +138,15 @@ def hash_stream(stream: IO[bytes]) -> tuple[int, str]:
     """
     hasher = _new_hasher()
     background = _Background(hasher)
-    bufs = [memoryview(bytearray(_PIECE)), memoryview(bytearray(_PIECE))]
+    bufs = [memoryview(bytearray(_SCRATCH)), memoryview(bytearray(_SCRATCH))]
     size, i = 0, 0
-    while n := _read_some(stream, bufs[i]):
-        background.update(bufs[i][:n])
-        size += n
-        i ^= 1
-    background.wait()
+    try:
+        while n := _read_some(stream, bufs[i]):
+            background.update(bufs[i][:n])
+            size += n
+            i ^= 1
+    finally:
+        background.close()
     return size, str(hasher.hexdigest())
 
 
@@ -131,7 +165,7 @@ class SequentialHasher:
         self._f = stream
         self.pos = 0
         self._background = _Background(_new_hasher())
-        self._scratch = [memoryview(bytearray(_PIECE)), memoryview(bytearray(_PIECE))]
+        self._scratch: list[memoryview] = []  # allocated on the first skip
         self._turn = 0
 
     def readinto(self, view: memoryview) -> int:
@@ -140,7 +174,7 @@ class SequentialHasher:
             self._f.seek(self.pos)
         got = 0
         while got < len(view):
-            piece = view[got : got + _PIECE]
+            piece = view[got : got + _READ_PIECE]
             n = _read_some(self._f, piece)
             if n == 0:
                 break
@@ -152,24 +186,33 @@ class SequentialHasher:
     def skip_to(self, offset: int) -> None:
         """Hash (without keeping) the bytes up to ``offset``; a no-op if already past it."""
         while self.pos < offset:
-            buf = self._scratch[self._turn]
-            self._turn ^= 1
+            buf = self._buffer()
             if self.readinto(buf[: min(len(buf), offset - self.pos)]) == 0:
                 return
+
+    def _buffer(self) -> memoryview:
+        """The scratch buffer not in use by the helper thread (two alternate)."""
+        if not self._scratch:
+            self._scratch = [memoryview(bytearray(_SCRATCH)), memoryview(bytearray(_SCRATCH))]
+        self._turn ^= 1
+        return self._scratch[self._turn]
 
     def wait(self) -> None:
         """Wait until every byte read so far is hashed."""
         self._background.wait()
 
     def finish(self) -> tuple[int, str]:
-        """Read to the end of the file; ``(size, checksum)`` of all of it."""
-        while True:
-            buf = self._scratch[self._turn]
-            self._turn ^= 1
-            if self.readinto(buf) == 0:
-                break
-        self.wait()
+        """Read to the end of the file; ``(size, checksum)`` of all of it. Ends the helper."""
+        try:
+            while self.readinto(self._buffer()):
+                pass
+        finally:
+            self.close()
         return self.pos, str(self._background.hasher.hexdigest())
+
+    def close(self) -> None:
+        """End the helper thread (after an error; :meth:`finish` does it otherwise)."""
+        self._background.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +298,7 @@ class HashingWriter(io.RawIOBase):
             if self.closed:
                 return
             try:
+                self._background.close()
                 super().close()  # flushes through to the wrapped file
             finally:
                 self._raw.close()

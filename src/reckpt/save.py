@@ -22,7 +22,7 @@ from reckpt.commit import (
     remove_checkpoint_dir,
 )
 from reckpt.dataloader_state import encode_dataloader_state, merge_dataloader_states
-from reckpt.dcp_io import ReckptSavePlanner, ReckptWriter, dcp_call
+from reckpt.dcp_io import ReckptSavePlanner, ReckptWriter, dcp_call, writer_threads
 from reckpt.dist import Dist
 from reckpt.errors import ConfigError, StepAlreadyExistsError
 from reckpt.integrity import FileRecord, checksum_bytes
@@ -161,7 +161,7 @@ def save_model(
     optimizer_layout: str = "name",
     storage_options: Mapping[str, Any] | None = None,
     process_group: Any = None,
-    thread_count: int = 1,
+    thread_count: int | None = None,
     file_writers: Sequence[FileWriter] = (),
 ) -> str:
     """Save a checkpoint that becomes visible only once complete.
@@ -187,7 +187,8 @@ def save_model(
         optimizer_layout: ``"name"`` (default) or ``"index"`` (TorchEasyRec's positional keys).
         storage_options: fsspec options (endpoint, credentials) for URLs.
         process_group: the process group (default: the default group, if initialised).
-        thread_count: writer threads per rank.
+        thread_count: writer threads (and files) per rank and part; default: one per
+            256 MiB of the rank's share of the part, at most four.
         file_writers: extra per-rank writers of non-DCP files (see :data:`FileWriter`).
 
     Returns:
@@ -233,7 +234,7 @@ def save_parts(
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     process_group: Any = None,
-    thread_count: int = 1,
+    thread_count: int | None = None,
     file_writers: Sequence[FileWriter] = (),
     delta: Mapping[str, Any] | None = None,
 ) -> str:
@@ -274,7 +275,8 @@ def save_parts(
         entries: dict[str, list[TensorEntry]] = {}
         try:
             for name, sd in parts:
-                writer = ReckptWriter(Storage.join(work, name), storage, name, thread_count)
+                threads = thread_count if thread_count is not None else writer_threads(sd)
+                writer = ReckptWriter(Storage.join(work, name), storage, name, threads)
                 md = dcp_call(
                     dcp_save,
                     f"saving {name}/ of {target}",

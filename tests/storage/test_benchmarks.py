@@ -146,3 +146,24 @@ def test_suite_selects_runs_and_matches_ratio_keys_by_prefix() -> None:
         "bytes_ratio",
         3.0,
     )
+
+
+def test_scaling_reads_the_suites_save_restore_results(tmp_path) -> None:
+    """1 GB -> 4 GB: constant throughput scales 1.0, a fixed cost amortises below 1."""
+    from benchmarks import scaling
+
+    for gb, secs in ((1, {"reckpt save": 1.0, "reckpt restore (verified)": 2.0}), (4, None)):
+        med = secs or {"reckpt save": 4.0, "reckpt restore (verified)": 5.0}
+        doc = {
+            "state_bytes": gb * 10**9,
+            "median_seconds": med,
+            "gb_per_s": {k: gb / v for k, v in med.items()},
+            "ratios": {"save / raw write (target >= 0.8)": 0.9 if gb == 1 else 0.95},
+        }
+        (tmp_path / f"save_restore_{gb}gb_1p.json").write_text(json.dumps(doc))
+    doc = scaling.main(["--results", str(tmp_path)])
+    rows = doc["by_procs"]["1p"]["figures"]
+    assert rows["reckpt save"]["scaling"] == 1.0
+    assert rows["reckpt restore (verified)"]["scaling"] == 5.0 / 8.0
+    assert "2p" not in doc["by_procs"]
+    assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
