@@ -376,6 +376,7 @@ def _report(a: argparse.Namespace, prov: dict[str, Any], raw: dict[str, Any]) ->
         "ratios": ratios,
         "extra_medians": extra,
         "runs": raw["times"],
+        "runs_per_rank": raw["extra"],
     }
     table = [(k, f"{med[k]:.3f} s, {gbps[k]:.2f} GB/s") for k in med]
     table += [

@@ -17,7 +17,7 @@ from typing import Any
 
 from benchmarks.common import Chart, provenance, write_results
 
-__all__ = ["scaling", "main"]
+__all__ = ["scaling", "main", "write"]
 
 
 def scaling(results: str, procs: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
@@ -58,14 +58,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--out", default=None, help="where to write (default: --results)")
     a = p.parse_args(argv)
-    out = a.out or a.results
-    found = scaling(a.results)
+    doc = write(a.results, a.out or a.results)
+    if doc is None:
+        raise SystemExit(f"{a.results}: no save_restore 1 GB and 4 GB results; run python -m benchmarks")
+    return doc
+
+
+def write(results: str, out: str) -> dict[str, Any] | None:
+    """Write ``scaling.{json,md,png}`` into ``out`` from the results in ``results``.
+
+    Returns:
+        The document written, or None when ``results`` lacks a 1 GB / 4 GB pair.
+    """
+    found = scaling(results)
     if not found:
-        raise SystemExit(
-            f"{a.results}: no save_restore_1gb_*/save_restore_4gb_* results; run python -m benchmarks"
-        )
+        return None
     doc = {
-        "provenance": provenance(a.results),
+        "provenance": provenance(results),
         "definition": "(t_4GB / t_1GB) / (bytes_4GB / bytes_1GB): 1.0 = linear",
         "by_procs": found,
     }

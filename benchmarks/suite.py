@@ -32,6 +32,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks import scaling
 from benchmarks.common import provenance, require_free_space
 from benchmarks.targets import evaluate, write_summary
 
@@ -244,6 +245,7 @@ def run_suite(
         "benchmarks": records,
     }
     write_summary(out_dir, doc)
+    scaling.write(out_dir, out_dir)  # 1 GB -> 4 GB, when this run measured both
     return doc
 
 
