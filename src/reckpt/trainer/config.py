@@ -91,7 +91,7 @@ class TrainConfig:
     incremental_full_every: int = 0
     """Delta checkpoints (touched embedding rows + the dense part) between full ones: a full
     checkpoint after this many deltas; 0 (default) writes full checkpoints only."""
-    incremental_max_delta_fraction: float = 0.5
+    incremental_max_delta_fraction: float = 0.2
     """A full checkpoint instead when a delta would exceed this fraction of a full one."""
 
 
