@@ -175,8 +175,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "full save s / delta save s (higher is better)",
             "save time: x faster than a full checkpoint",
             highlight="5%",
-            target=5.0,
-            target_label="target at 5%: 5x",
         ),
     ]
     title = f"delta vs full checkpoints of {human_bytes(state_bytes)}"

@@ -15,15 +15,9 @@ import sys
 import zipfile
 from typing import IO, Any, cast
 
-__all__ = [
-    "StoredMember",
-    "Window",
-    "data_offset",
-    "read_full",
-    "read_into",
-    "storage_member",
-    "stored_bytes",
-]
+from reckpt.integrity import read_some
+
+__all__ = ["Window", "data_offset", "member_stream", "read_full", "storage_member", "stored_bytes"]
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length
 
@@ -56,37 +50,28 @@ def _member_start(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> int | None:
     return int(info.header_offset) + _LOCAL_HEADER.size + int(name_len) + int(extra_len)
 
 
-def stored_bytes(zf: zipfile.ZipFile, name: str) -> bytes | None:
-    """A small uncompressed member's bytes, read without checking the zip CRC-32.
+def member_stream(zf: zipfile.ZipFile, name: str) -> IO[bytes]:
+    """A read-only stream over an uncompressed member's bytes, read without the zip CRC-32 check.
 
     reckpt writes archives without per-record CRCs (``torch.save`` with CRC off, as
     ``torch.load`` accepts): the file's XXH3 checksum in the manifest covers these bytes.
+
+    Raises:
+        zipfile.BadZipFile: the member is compressed or its local header is damaged.
     """
     info = zf.getinfo(name)
     start = _member_start(zf, info) if info.compress_type == zipfile.ZIP_STORED else None
     if start is None:
+        raise zipfile.BadZipFile(f"{name}: not an uncompressed member")
+    return cast(IO[bytes], Window(cast(IO[bytes], zf.fp), start, info.file_size))
+
+
+def stored_bytes(zf: zipfile.ZipFile, name: str) -> bytes | None:
+    """A small uncompressed member's bytes (see :func:`member_stream`); ``None`` if unreadable."""
+    try:
+        return member_stream(zf, name).read()
+    except zipfile.BadZipFile:
         return None
-    fp = cast(IO[bytes], zf.fp)
-    fp.seek(start)
-    return fp.read(info.file_size)
-
-
-class StoredMember(io.RawIOBase):
-    """A read-only stream over an uncompressed member's bytes (no zip CRC-32 check)."""
-
-    def __init__(self, zf: zipfile.ZipFile, name: str) -> None:
-        super().__init__()
-        info = zf.getinfo(name)
-        start = _member_start(zf, info) if info.compress_type == zipfile.ZIP_STORED else None
-        if start is None:
-            raise zipfile.BadZipFile(f"{name}: not an uncompressed member")
-        self._window = Window(cast(IO[bytes], zf.fp), start, info.file_size)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        return self._window.readinto(b)
 
 
 class Window(io.RawIOBase):
@@ -116,8 +101,7 @@ class Window(io.RawIOBase):
         if n <= 0:
             return 0
         self._f.seek(self._start + self._pos)
-        readinto = getattr(self._f, "readinto", None)
-        got = int(readinto(view[:n])) if callable(readinto) else read_into(self._f, view[:n])
+        got = read_some(self._f, view[:n])
         self._pos += got
         return got
 
@@ -125,21 +109,10 @@ class Window(io.RawIOBase):
 def read_full(src: IO[bytes], buf: bytearray | memoryview) -> int:
     """Fill ``buf`` from ``src`` (several reads if need be); the bytes read."""
     view = memoryview(buf)
-    readinto = getattr(src, "readinto", None)
     got = 0
-    while got < len(buf):
-        n = int(readinto(view[got:]) or 0) if callable(readinto) else read_into(src, view[got:])
-        if n == 0:
-            break
+    while got < len(view) and (n := read_some(src, view[got:])):
         got += n
     return got
-
-
-def read_into(f: IO[bytes], view: memoryview) -> int:
-    """One ``read`` of ``f`` copied into ``view`` (for streams without ``readinto``)."""
-    data = f.read(len(view))
-    view[: len(data)] = data
-    return len(data)
 
 
 def data_offset(f: IO[bytes], item_offset: int, item_length: int, nbytes: int) -> int | None:

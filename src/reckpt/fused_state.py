@@ -289,7 +289,8 @@ def read_sources(
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-    from reckpt.dcp_io import SafeReader, dcp_call
+    from reckpt.dcp_io import dcp_call
+    from reckpt.dcp_read import SafeReader
 
     out = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in wanted.items()}
     dcp_call(

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from reckpt.dcp_io import read_dcp_metadata
+from reckpt.dcp_read import read_dcp_metadata
 from reckpt.errors import CheckpointNotFoundError
 from reckpt.manifest import TensorEntry, entries_from_metadata, read_manifest
 from reckpt.naming import DCP_METADATA_FILE, MODEL_DIR, OPTIMIZER_DIR
@@ -108,7 +108,8 @@ def read_part(
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-    from reckpt.dcp_io import SafeReader, dcp_call
+    from reckpt.dcp_io import dcp_call
+    from reckpt.dcp_read import SafeReader
     from reckpt.planner import PartialLoadPlanner
 
     storage = storage_for(checkpoint_dir, storage_options)

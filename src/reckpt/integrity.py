@@ -25,10 +25,10 @@ __all__ = [
     "checksum_bytes",
     "hash_stream",
     "hash_wait_seconds",
+    "read_some",
 ]
 
 CHECKSUM_ALGORITHM = "xxh3_64"
-_CHUNK = 8 << 20
 _PIECE = 16 << 20  # large writes move in pieces, each hashed while the next one is written
 _READ_PIECE = 2 << 20  # reads: small enough that the hasher finds the piece still in cache
 _SCRATCH = 4 << 20  # buffers for bytes read only to be hashed
@@ -122,7 +122,8 @@ class _Background:
                 self._thread = None
 
 
-def _read_some(stream: IO[bytes], view: memoryview) -> int:
+def read_some(stream: IO[bytes], view: memoryview) -> int:
+    """One read into ``view`` (``readinto``, or ``read`` and a copy); 0 at the end."""
     readinto = getattr(stream, "readinto", None)
     if callable(readinto):
         return int(readinto(view) or 0)
@@ -134,14 +135,14 @@ def _read_some(stream: IO[bytes], view: memoryview) -> int:
 def hash_stream(stream: IO[bytes]) -> tuple[int, str]:
     """``(size, checksum)`` of everything left in a binary stream.
 
-    Two 16 MiB buffers alternate: one is hashed on a helper thread while the other is read.
+    Two 4 MiB buffers alternate: one is hashed on a helper thread while the other is read.
     """
     hasher = _new_hasher()
     background = _Background(hasher)
     bufs = [memoryview(bytearray(_SCRATCH)), memoryview(bytearray(_SCRATCH))]
     size, i = 0, 0
     try:
-        while n := _read_some(stream, bufs[i]):
+        while n := read_some(stream, bufs[i]):
             background.update(bufs[i][:n])
             size += n
             i ^= 1
@@ -175,7 +176,7 @@ class SequentialHasher:
         got = 0
         while got < len(view):
             piece = view[got : got + _READ_PIECE]
-            n = _read_some(self._f, piece)
+            n = read_some(self._f, piece)
             if n == 0:
                 break
             self._background.update(piece[:n])
@@ -252,9 +253,7 @@ class HashingWriter(io.RawIOBase):
         if len(view) < _THREADED:
             written = self._raw.write(view)
             n = len(view) if written is None else int(written)
-            start = time.perf_counter()
-            self._hasher.update(view[:n])
-            _charge(time.perf_counter() - start)
+            self._background.update(view[:n])  # hashed inline at this size
             self._size += n
             return n
         try:

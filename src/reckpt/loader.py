@@ -1,7 +1,7 @@
 """One restore's shared context: storage, ranks, renames, the report, and its load jobs.
 
 :class:`PartLoader` checks every :class:`LoadJob` on every rank before any is loaded, then
-loads each through DCP with :class:`~reckpt.dcp_io.SafeReader`; with a
+loads each through DCP with :class:`~reckpt.dcp_read.SafeReader`; with a
 :class:`~reckpt.read_verify.ReadVerifier` the data files are checked as they are read.
 """
 
@@ -16,7 +16,8 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-from reckpt.dcp_io import SafeReader, dcp_call, read_dcp_metadata
+from reckpt.dcp_io import dcp_call
+from reckpt.dcp_read import SafeReader, read_dcp_metadata
 from reckpt.dist import Dist
 from reckpt.errors import KeyMismatchError
 from reckpt.fused_state import read_sources

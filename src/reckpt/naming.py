@@ -43,6 +43,7 @@ OWNER_FILE = ".reckpt-owner.json"
 SIDECAR_PREFIX = "reckpt."
 SIDECAR_SUFFIX = ".sidecar.json"
 DCP_METADATA_FILE = ".metadata"
+DCP_DATA_SUFFIX = ".distcp"  # DCP's data files (``__<rank>_<n>.distcp``)
 
 _STEP_RE = re.compile(r"model\.ckpt-(0|[1-9][0-9]*)")
 _DELTA_RE = re.compile(r"model\.delta-(0|[1-9][0-9]*)")

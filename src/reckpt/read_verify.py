@@ -7,7 +7,7 @@ the work instead:
 1. before anything changes, every file except the DCP data files of the parts about to be
    loaded is checked (JSON files, ``.metadata``, dynamic tables, parts not loaded), and
    those data files are looked up (present, the manifest's size: truncation is caught here);
-2. while loading, :class:`~reckpt.dcp_io.SafeReader` reads each data file front to back,
+2. while loading, :class:`~reckpt.dcp_read.SafeReader` reads each data file front to back,
    tensors straight into their destinations, hashing every byte on the way
    (:class:`~reckpt.integrity.SequentialHasher`) and reporting the file's size and checksum
    here;
@@ -26,18 +26,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from reckpt.dist import Dist
-from reckpt.errors import IntegrityError
 from reckpt.integrity import CHECKSUM_ALGORITHM, FileRecord
 from reckpt.manifest import Manifest
+from reckpt.naming import DCP_DATA_SUFFIX
 from reckpt.storage import Storage
-from reckpt.verification import check_files, verify_collective
+from reckpt.verification import check_files, integrity_error, record_problem, verify_collective
 
-__all__ = ["ReadVerifier", "DATA_SUFFIX"]
-
-DATA_SUFFIX = ".distcp"
+__all__ = ["ReadVerifier"]
 
 _PARTIAL = (
-    "\nThe restored objects may hold part of this checkpoint's state: restore another checkpoint"
+    "The restored objects may hold part of this checkpoint's state: restore another checkpoint"
     " (restore_latest falls back by itself), or pass verify='first' to check every file before"
     " anything changes."
 )
@@ -65,7 +63,7 @@ class ReadVerifier:
             self.deferred = {
                 rel
                 for rel in self.manifest.files
-                if rel.endswith(DATA_SUFFIX) and rel.split("/", 1)[0] in loaded
+                if rel.endswith(DCP_DATA_SUFFIX) and rel.split("/", 1)[0] in loaded
             }
         verify_collective(
             self.storage, self.ckpt, self.manifest, self.d, sorted(self.manifest.files), self.deferred
@@ -79,15 +77,8 @@ class ReadVerifier:
 
     def read_whole(self, rel: str, size: int, checksum: str) -> None:
         """A reader hashed all of ``rel``: compare with the manifest (the verdict comes later)."""
-        rec = self.manifest.files[rel]
         path = Storage.join(self.ckpt, rel)
-        if size != rec.size:
-            problem = f"{path}: size {size} bytes, the manifest says {rec.size} (truncated or appended)"
-        elif checksum != rec.checksum:
-            problem = f"{path}: checksum {checksum} differs from the manifest's {rec.checksum} (corrupted)"
-        else:
-            problem = ""
-        self.streamed[rel] = problem
+        self.streamed[rel] = record_problem(path, self.manifest.files[rel], size, checksum) or ""
 
     def after_load(self) -> None:
         """Collective: check the data files no rank hashed while reading; raise on any problem."""
@@ -101,11 +92,7 @@ class ReadVerifier:
         mine = check_files(self.storage, self.ckpt, self.manifest, rest)
         everything = problems + [p for ps in self.d.all_gather(mine) for p in ps]
         if everything:
-            raise IntegrityError(
-                f"{self.ckpt}: integrity check failed ({len(everything)} file(s)):\n  "
-                + "\n  ".join(everything)
-                + _PARTIAL
-            )
+            raise integrity_error(self.ckpt, everything, _PARTIAL)
 
     def explain(self, error: BaseException) -> None:
         """After a failed load (this rank only): raise IntegrityError if a data file is bad.
@@ -117,8 +104,4 @@ class ReadVerifier:
         unchecked = sorted(self.deferred - set(self.streamed))
         problems += check_files(self.storage, self.ckpt, self.manifest, unchecked)
         if problems:
-            raise IntegrityError(
-                f"{self.ckpt}: integrity check failed ({len(problems)} file(s)):\n  "
-                + "\n  ".join(problems)
-                + _PARTIAL
-            ) from error
+            raise integrity_error(self.ckpt, problems, _PARTIAL) from error

@@ -12,14 +12,15 @@ from __future__ import annotations
 import logging
 import zipfile
 from collections.abc import Mapping
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-from reckpt.dcp_io import SafeReader, dcp_call, read_dcp_metadata
-from reckpt.dcp_items import StoredMember, Window, read_full, storage_member
+from reckpt.dcp_io import dcp_call
+from reckpt.dcp_items import Window, member_stream, read_full, storage_member
+from reckpt.dcp_read import SafeReader, read_dcp_metadata
 from reckpt.dist import Dist
 from reckpt.errors import CheckpointNotFoundError, ConfigError, ShapeMismatchError, UnsafeCheckpointError
 from reckpt.manifest import read_manifest
@@ -222,7 +223,7 @@ def _stream_tensor(storage: Storage, dcp_dir: str, md: Metadata, ckpt_key: str, 
             member = storage_member(zf, region.numel() * itemsize)
             if member is None:
                 return False
-            with cast(IO[bytes], StoredMember(zf, member)) as src:
+            with member_stream(zf, member) as src:
                 rows = shape[0] if shape else 1
                 row_bytes = region.numel() * itemsize // max(rows, 1)
                 step = max(1, _BLOCK_BYTES // max(row_bytes, 1))
@@ -280,7 +281,7 @@ def read_rows(
                 return None
             local = rows[wanted] - r0
             step = max(1, _BLOCK_BYTES // max(m * itemsize, 1))
-            with cast(IO[bytes], StoredMember(zf, member)) as src:
+            with member_stream(zf, member) as src:
                 for start in range(0, n, step):
                     k = min(step, n - start)
                     buf = bytearray(k * m * itemsize)

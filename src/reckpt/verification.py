@@ -15,7 +15,7 @@ from reckpt.errors import (
     IntegrityError,
     UnsafeCheckpointError,
 )
-from reckpt.integrity import CHECKSUM_ALGORITHM, hash_stream
+from reckpt.integrity import CHECKSUM_ALGORITHM, FileRecord, hash_stream
 from reckpt.manifest import Manifest, chain_names, read_manifest, read_sidecar
 from reckpt.naming import (
     DCP_METADATA_FILE,
@@ -59,6 +59,25 @@ class VerifyReport:
         return self.state in ("committed", "legacy") and not self.problems
 
 
+def record_problem(path: str, rec: FileRecord, size: int, checksum: str | None = None) -> str | None:
+    """What is wrong with a file of ``size`` bytes (and ``checksum``, if read) against its record."""
+    if size != rec.size:
+        return f"{path}: size {size} bytes, the manifest says {rec.size} (truncated or appended)"
+    if checksum is not None and checksum != rec.checksum:
+        return f"{path}: checksum {checksum} differs from the manifest's {rec.checksum} (corrupted)"
+    return None
+
+
+def integrity_error(checkpoint_dir: str, problems: list[str], advice: str) -> IntegrityError:
+    """The error a restore raises for damaged files, one line per problem, then ``advice``."""
+    return IntegrityError(
+        f"{checkpoint_dir}: integrity check failed ({len(problems)} file(s)):\n  "
+        + "\n  ".join(problems)
+        + "\n"
+        + advice
+    )
+
+
 def check_files(
     storage: Storage,
     checkpoint_dir: str,
@@ -80,22 +99,12 @@ def check_files(
             problems.append(f"{path}: missing (the manifest lists {rec.size} bytes)")
             continue
         if rel in sizes_only:
-            size = storage.size(path)
-            if size != rec.size:
-                problems.append(
-                    f"{path}: size {size} bytes, the manifest says {rec.size} (truncated or appended)"
-                )
-            continue
-        with storage.open(path, "rb") as f:
-            size, checksum = hash_stream(f)
-        if size != rec.size:
-            problems.append(
-                f"{path}: size {size} bytes, the manifest says {rec.size} (truncated or appended)"
-            )
-        elif checksum != rec.checksum:
-            problems.append(
-                f"{path}: checksum {checksum} differs from the manifest's {rec.checksum} (corrupted)"
-            )
+            problem = record_problem(path, rec, storage.size(path))
+        else:
+            with storage.open(path, "rb") as f:
+                problem = record_problem(path, rec, *hash_stream(f))
+        if problem is not None:
+            problems.append(problem)
     return problems
 
 
@@ -125,11 +134,8 @@ def verify_collective(
                 # Metrics and timings: worth a warning, not worth refusing the weights.
                 logger.warning("%s (restoring the checkpoint's files anyway)", bad)
         if problems:
-            err = IntegrityError(
-                f"{checkpoint_dir}: integrity check failed ({len(problems)} file(s)):\n  "
-                + "\n  ".join(problems)
-                + "\nRestore from another checkpoint; pass verify=False only to salvage data."
-            )
+            advice = "Restore from another checkpoint; pass verify=False only to salvage data."
+            err = integrity_error(checkpoint_dir, problems, advice)
     except OSError as e:
         err = e
     d.raise_if_any(err, f"verifying {checkpoint_dir}")

@@ -11,7 +11,7 @@ from benchmarks import unsharded_load
 from torch import nn
 
 import reckpt
-from reckpt.dcp_io import read_dcp_metadata
+from reckpt.dcp_read import read_dcp_metadata
 from reckpt.errors import ConfigError, ShapeMismatchError
 from reckpt.storage import storage_for
 from reckpt.unsharded import read_rows

@@ -8,7 +8,8 @@ import torch
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 import reckpt
-from reckpt.dcp_io import SafeReader, dcp_call
+from reckpt.dcp_io import dcp_call
+from reckpt.dcp_read import SafeReader
 from reckpt.planner import PartialLoadPlanner
 from reckpt.storage import storage_for
 from tests.helpers import TinyRec, fresh, state_dicts_equal, trained
