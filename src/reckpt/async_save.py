@@ -1,91 +1,41 @@
-"""Asynchronous save: stage a consistent host copy, write and commit in the background.
+"""Asynchronous save: freeze a consistent snapshot, write and commit in the background.
 
 The caller is blocked only while (a) the previous save in flight finishes (at most one
-staged copy exists) and (b) the state is copied to host memory. Writing, checksums and
-the commit then run on a background thread whose collectives use a dedicated gloo
-process group, never the training group. A failure in the background is re-raised by the
-next call (:meth:`AsyncSaver.wait`, the next save, or the manager's ``close()``).
+snapshot exists) and (b) the state is frozen, in one of two ways (``async_snapshot``):
+
+- ``"copy"`` (the default): a host copy of every tensor (:mod:`reckpt.host_copy`), refilled
+  in place at each save: one parallel memory copy of the state; any device.
+- ``"fork"``: a copy-on-write image in a forked process (:mod:`reckpt.fork_snapshot`). The
+  stall is the ``fork`` alone (page tables, not data), but the training then pays a page
+  fault for every 4 KiB page it writes after the fork, and a page copy as well while the
+  child still writes. That is cheaper than the copy only when training rewrites a small
+  share of the state between two saves (large tables, sparse updates); the benchmark
+  ``async_stall`` measures both. Host-memory state and a store both processes see.
+
+Writing, checksums and the commit then run on a background thread whose collectives use a
+dedicated gloo process group, never the training group. A failure in the background is
+re-raised by the next call (:meth:`AsyncSaver.wait`, the next save, or the manager's
+``close()``).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
+from reckpt.errors import ConfigError
+from reckpt.fork_snapshot import ForkSnapshot, fork_supported, visible_to_child
+from reckpt.host_copy import stage_state_dict
+from reckpt.storage import Storage
 
-__all__ = ["stage_state_dict", "AsyncSaver"]
+__all__ = ["AsyncSaver", "SNAPSHOT_MODES"]
+
+SNAPSHOT_MODES = ("copy", "fork")
 
 logger = logging.getLogger(__name__)
-
-
-def _copy_into(value: torch.Tensor, cached: Any) -> torch.Tensor:
-    """Copy into the previous staging buffer when it fits (no allocation, no page faults)."""
-    src = value.detach()
-    if (
-        isinstance(cached, torch.Tensor)
-        and type(cached) is torch.Tensor
-        and cached.shape == src.shape
-        and cached.dtype == src.dtype
-        and cached.device.type == "cpu"
-    ):
-        return cached.copy_(src)
-    return src.to("cpu", copy=True)
-
-
-@torch.no_grad()
-def _stage_value(value: Any, cached: Any) -> Any:
-    from torch.distributed._shard.sharded_tensor.api import ShardedTensor
-    from torch.distributed._shard.sharded_tensor.shard import Shard
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(value, ShardedTensor):
-        old = cached.local_shards() if isinstance(cached, ShardedTensor) else []
-        shards = [
-            Shard(_copy_into(s.tensor, old[i].tensor if i < len(old) else None), s.metadata)
-            for i, s in enumerate(value.local_shards())
-        ]
-        return ShardedTensor._init_from_local_shards_and_global_metadata(
-            shards, value.metadata(), process_group=value._process_group
-        )
-    if isinstance(value, DTensor):
-        old_local = cached.to_local() if isinstance(cached, DTensor) else None
-        local = _copy_into(value.to_local(), old_local)
-        return DTensor.from_local(
-            local,
-            value.device_mesh,
-            value.placements,
-            run_check=False,
-            shape=value.size(),
-            stride=value.stride(),
-        )
-    if isinstance(value, torch.Tensor):
-        return _copy_into(value, cached)
-    if isinstance(value, dict):
-        prev = cached if isinstance(cached, dict) else {}
-        return {k: _stage_value(v, prev.get(k)) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        prev_seq = (
-            cached if isinstance(cached, list | tuple) and len(cached) == len(value) else [None] * len(value)
-        )
-        staged = [_stage_value(v, c) for v, c in zip(value, prev_seq, strict=True)]
-        return staged if isinstance(value, list) else tuple(staged)
-    return copy.deepcopy(value)
-
-
-def stage_state_dict(state_dict: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A deep host copy of a state dict (plain tensors, ShardedTensor, DTensor, plain data).
-
-    Later in-place updates of the originals do not affect the copy. Tensors of
-    ``previous`` (the last staged copy, no longer in use) are reused as buffers where shape
-    and dtype match: a steady-state save then costs one memory copy and no allocation.
-    """
-    prev = previous or {}
-    return {k: _stage_value(v, prev.get(k)) for k, v in state_dict.items()}
 
 
 class AsyncSaver:
@@ -93,14 +43,48 @@ class AsyncSaver:
 
     It also owns what background saves reuse: the host copy of the state (one per part,
     refilled in place by :meth:`stage`) and the dedicated gloo group they communicate on.
+
+    Args:
+        snapshot: how :meth:`freeze` freezes the state: ``"copy"`` or ``"fork"``.
+
+    Raises:
+        ConfigError: ``snapshot`` is not one of these, or ``"fork"`` where there is no fork.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, snapshot: str = "copy") -> None:
+        if snapshot not in SNAPSHOT_MODES:
+            raise ConfigError(f"async_snapshot must be one of {', '.join(SNAPSHOT_MODES)}; got {snapshot!r}")
+        if snapshot == "fork" and not fork_supported():
+            raise ConfigError('async_snapshot="fork" needs os.fork (POSIX); use "copy" on this platform')
+        self.snapshot_mode = snapshot
+        self._fork: ForkSnapshot | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.in_flight_step: int | None = None
         self._staged: dict[str, dict[str, Any]] = {}
         self._group: Any = None
+
+    def freeze(
+        self, parts: list[tuple[str, dict[str, Any]]], is_coordinator: bool, storage: Storage
+    ) -> tuple[list[tuple[str, dict[str, Any]]], ForkSnapshot | None]:
+        """What the next :meth:`submit` saves: ``(parts, their fork snapshot)`` or ``(host copy, None)``.
+
+        Local to the rank (no collective); call after :meth:`wait`. A fork snapshot is
+        closed when the submitted job ends.
+
+        Raises:
+            ConfigError: ``"fork"`` on a process-local store (``memory://``) or with tensors on
+                an accelerator.
+        """
+        if self.snapshot_mode == "fork":
+            if not visible_to_child(storage):
+                raise ConfigError(
+                    'async_snapshot="fork" cannot write to memory:// (the store lives in this'
+                    ' process); use async_snapshot="copy"'
+                )
+            self._fork = ForkSnapshot(parts, is_coordinator)
+            return parts, self._fork
+        return self.stage(parts), None
 
     def stage(self, parts: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
         """Host copies of ``parts``, reusing the previous save's buffers (call after :meth:`wait`)."""
@@ -136,10 +120,16 @@ class AsyncSaver:
         """Start ``job`` (which writes and commits a staged copy) in the background."""
         self.wait()
 
+        fork, self._fork = self._fork, None
+
         def run() -> None:
             start = time.time()
             try:
-                job()
+                try:
+                    job()
+                finally:
+                    if fork is not None:
+                        fork.close()
             except BaseException as e:  # surfaced by the next wait(), never swallowed
                 logger.error("async save of step %d failed: %s", step, e)
                 self._error = e

@@ -114,6 +114,15 @@ _crc_users = 0
 _crc_saved = True
 
 
+def _fresh_lock_in_child() -> None:
+    """A forked child (``reckpt.fork_snapshot``) must not inherit a lock another thread held."""
+    global _crc_lock
+    _crc_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
 @contextlib.contextmanager
 def zip_crc32_off() -> Generator[None, None, None]:
     """Turn off ``torch.save``'s zip CRC-32 while any caller is inside (reference-counted)."""

@@ -24,6 +24,7 @@ __all__ = [
     "ParamMapError",
     "ConfigError",
     "DistributedCheckpointError",
+    "SnapshotProcessError",
 ]
 
 
@@ -87,3 +88,10 @@ class DistributedCheckpointError(CheckpointError, RuntimeError):
     def __init__(self, message: str, failures: dict[int, BaseException] | None = None) -> None:
         super().__init__(message)
         self.failures: dict[int, BaseException] = dict(failures or {})
+
+
+class SnapshotProcessError(CheckpointError, ChildProcessError):
+    """The process writing a copy-on-write snapshot (``async_snapshot="fork"``) failed or died.
+
+    The save it belonged to is aborted; committed checkpoints are untouched.
+    """

@@ -9,6 +9,7 @@ the algorithm's name so a later format can change it.
 from __future__ import annotations
 
 import io
+import os
 import queue
 import threading
 import time
@@ -46,6 +47,15 @@ def checksum_bytes(data: bytes | memoryview) -> str:
 
 _clock_lock = threading.Lock()
 _waited_s = 0.0
+
+
+def _fresh_lock_in_child() -> None:
+    """A forked child (``reckpt.fork_snapshot``) must not inherit a lock another thread held."""
+    global _clock_lock
+    _clock_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 
 def hash_wait_seconds() -> float:

@@ -32,6 +32,15 @@ _lock = threading.Lock()
 _count = 0
 
 
+def _fresh_lock_in_child() -> None:
+    """A forked child (``reckpt.fork_snapshot``) must not inherit a lock another thread held."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
 def fault_point(name: str, rank: int = 0) -> None:
     """SIGKILL this process when ``RECKPT_FAULT_KILL_AT`` names this point (test knob)."""
     spec = os.environ.get(_KILL_AT)

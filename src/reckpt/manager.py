@@ -69,6 +69,8 @@ class CheckpointManager:
         retention: explicit retention policies (their union is kept).
         save_steps, save_epochs, save_interval_s: :meth:`maybe_save` triggers (all off by default).
         async_save: make :meth:`save` asynchronous by default.
+        async_snapshot: how an async save freezes the state: ``"copy"`` (default) or
+            ``"fork"`` (see :mod:`reckpt.async_save` for the trade-off).
         storage_options: fsspec options for URLs.
         process_group: the training process group (default: the default group, if any).
         incremental: write delta checkpoints (``model.delta-<step>``: the touched embedding
@@ -93,6 +95,7 @@ class CheckpointManager:
         save_epochs: int = 0,
         save_interval_s: float = 0.0,
         async_save: bool = False,
+        async_snapshot: str = "copy",
         storage_options: Mapping[str, Any] | None = None,
         process_group: Any = None,
         incremental: IncrementalPolicy | None = None,
@@ -112,7 +115,7 @@ class CheckpointManager:
         self._best_protected |= any(isinstance(p, BestN) for p in self._policies)
         self.set_save_policy(save_steps, save_epochs, save_interval_s=save_interval_s)
         self._async = async_save
-        self._saver = AsyncSaver()  # also holds the host copy reused between async saves
+        self._saver = AsyncSaver(async_snapshot)  # also holds a host copy reused between saves
         self._lock: contextlib.ExitStack | None = None
         self._pruner: Pruner | None = None
         self._sidecar_lock = threading.Lock()
@@ -176,8 +179,8 @@ class CheckpointManager:
 
         Saves model, optimizer, Dense EMA, LR scheduler, grad scaler, extra states, the train
         state (step, epoch, every rank's RNG states) and the merged dataloader state. With
-        ``async_save`` the call returns once a host copy is staged; the caller may then
-        modify weights in place. A previous async save is waited for first, and its failure
+        ``async_save`` the call returns once the state is frozen (forked or copied); the
+        caller may then modify weights in place. A previous async save is waited for first, and its failure
         is raised here.
         """
         start = time.time()
@@ -218,12 +221,13 @@ class CheckpointManager:
             self._after_commit(path, start, time.time() - start, False)
         else:
             group = self._saver.group(Dist(self._pg).active)
-            staged = self._saver.stage(parts)  # the previous save finished (waited for above)
+            # The previous save finished (waited for above).
+            staged, snapshot = self._saver.freeze(parts, Dist(self._pg).is_coordinator, self._storage())
             del parts
             stall = time.time() - start
 
             def job() -> None:
-                save_parts(path, staged, process_group=group, **kwargs)
+                save_parts(path, staged, process_group=group, snapshot=snapshot, **kwargs)
                 self._after_commit(path, start, stall, True)
 
             self._saver.submit(step, job)

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
@@ -46,6 +46,9 @@ from reckpt.naming import (
 from reckpt.optim import optimizer_state_dict
 from reckpt.plan import model_plan, plan_to_json
 from reckpt.storage import Storage, storage_for
+
+if TYPE_CHECKING:
+    from reckpt.fork_snapshot import ForkSnapshot
 
 __all__ = ["FileWriter", "save_model", "save_parts", "collect_parts", "write_record"]
 
@@ -237,12 +240,16 @@ def save_parts(
     thread_count: int | None = None,
     file_writers: Sequence[FileWriter] = (),
     delta: Mapping[str, Any] | None = None,
+    snapshot: ForkSnapshot | None = None,
 ) -> str:
     """Collective: save ready state dicts (``[(directory name, state_dict)]``) as one checkpoint.
 
     The engine behind :func:`save_model` (and the async saver, which hands it staged
     copies). Same call sequence, arguments and errors as :func:`save_model`; ``delta`` is the
-    manifest's link record of an incremental checkpoint (``reckpt.delta``).
+    manifest's link record of an incremental checkpoint (``reckpt.delta``). With
+    ``snapshot`` (this rank's :class:`~reckpt.fork_snapshot.ForkSnapshot` of ``parts``) the
+    tensor data is written by the snapshot's process from its frozen image; ``parts`` then
+    serve only for planning, which reads shapes, never values.
     """
     d = Dist(process_group)
     target = checkpoint_dir.rstrip("/") or checkpoint_dir
@@ -276,7 +283,12 @@ def save_parts(
         try:
             for name, sd in parts:
                 threads = thread_count if thread_count is not None else writer_threads(sd)
-                writer = ReckptWriter(Storage.join(work, name), storage, name, threads)
+                part_dir = Storage.join(work, name)
+                writer = (
+                    ReckptWriter(part_dir, storage, name, threads)
+                    if snapshot is None
+                    else snapshot.writer(name, part_dir, storage, name, threads)
+                )
                 md = dcp_call(
                     dcp_save,
                     f"saving {name}/ of {target}",

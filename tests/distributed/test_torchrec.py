@@ -18,3 +18,12 @@ def test_resumed_run_reproduces_saved_plan(tmp_path) -> None:
     run_world(
         2, "tests.distributed.torchrec_scenarios.resumed_run_reproduces_plan", str(tmp_path), timeout_s=300
     )
+
+
+def test_fork_snapshot_freezes_sharded_state(tmp_path) -> None:
+    run_world(
+        2,
+        "tests.distributed.torchrec_scenarios.fork_snapshot_freezes_sharded_state",
+        str(tmp_path),
+        timeout_s=300,
+    )

@@ -111,9 +111,12 @@ def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, worl
     # 2 files x ceil(4000 / world / 128) batches per pass: one pass ends before step 59 only on 2 ranks.
     assert state["__epochs_completed__"] == world - 1 and len([k for k in state if ":" in k]) == 2 * world
 
-    # Killed with SIGKILL after step 45 (last checkpoint: 40), resumed: bitwise identical.
+    # Killed with SIGKILL after step 45 (last checkpoint: 40), resumed: bitwise identical. This
+    # run saves asynchronously (a fork snapshot on 2 ranks, a host copy on 1).
     resumed = tmp_path / "resumed"
-    cfg_b = write_config(tmp_path / "b.toml", data, resumed)
+    snapshot = "fork" if world == 2 else "copy"
+    async_cfg = f'async_save = true\nasync_snapshot = "{snapshot}"'
+    cfg_b = write_config(tmp_path / "b.toml", data, resumed, train=async_cfg)
     killed = cli("train", cfg_b, world=world, env={"RECKPT_TRAIN_KILL_AT_STEP": "45"})
     assert killed.returncode != 0
     assert reckpt.latest_checkpoint(str(resumed))[1] == 40

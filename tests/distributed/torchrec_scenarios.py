@@ -184,3 +184,30 @@ def resumed_run_reproduces_plan(rank: int, world: int, root: str) -> None:
     again = _planned(plan_constraints(stored, mine, pin_all=True))
     assert again[""]["t3"]["sharding_type"] == "data_parallel"
     assert again[""]["t1"] == saved[""]["t1"]
+
+
+def fork_snapshot_freezes_sharded_state(rank: int, world: int, root: str) -> None:
+    """An async fork-snapshot save of a DMP model while the fused optimizer keeps updating rows."""
+    dmp, opt = build({"t1": "column_wise", "t2": "table_wise"}, seed=0)
+    train_step(dmp)
+    want = {
+        t: gathered(dmp.state_dict()[f"ebc.embedding_bags.{t}.weight"], (ROWS, DIM)) for t in ("t1", "t2")
+    }
+    want_mom = local_momentum(opt)
+    mgr = reckpt.CheckpointManager(root, async_save=True, async_snapshot="fork")
+    path = mgr.save(1, dmp, opt)
+    for _ in range(3):  # backward updates the rows in place while the child writes
+        train_step(dmp)
+    changed = gathered(dmp.state_dict()["ebc.embedding_bags.t1.weight"], (ROWS, DIM))
+    assert not torch.equal(changed, want["t1"])
+    mgr.wait()
+    mgr.close()
+    fresh, fresh_opt = build({"t1": "column_wise", "t2": "table_wise"}, seed=3)
+    reckpt.restore_model(path, fresh, fresh_opt)
+    for t in ("t1", "t2"):
+        got = gathered(fresh.state_dict()[f"ebc.embedding_bags.{t}.weight"], (ROWS, DIM))
+        assert torch.equal(got, want[t]), t
+    got_mom = local_momentum(fresh_opt)
+    assert got_mom.keys() == want_mom.keys()
+    assert all(torch.equal(a, b) for k in want_mom for a, b in zip(want_mom[k], got_mom[k], strict=True))
+    assert reckpt.verify(path).ok

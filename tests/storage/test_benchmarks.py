@@ -23,7 +23,9 @@ def test_async_stall_benchmark_tiny(tmp_path) -> None:
     doc = json.loads((tmp_path / "async_stall.json").read_text())
     assert doc["figures"] == figures
     assert {"command", "git_revision", "host"} <= doc["provenance"].keys()
-    assert figures["sync_save_s"] > 0 and figures["async_stall_s"] > 0
+    assert figures["sync_save_s"] > 0 and figures["async_stall_s"] > 0 and figures["fork_stall_s"] > 0
+    runs = doc["runs"]
+    assert len(runs["copy"]["rewrite"]) == len(runs["fork"]["sparse"]) == 1  # both modes, both writes
     assert (tmp_path / "async_stall.md").read_text().startswith("# async_stall")
     assert _is_png(tmp_path / "async_stall.png")
 
@@ -110,7 +112,7 @@ def test_suite_runs_the_selected_benchmarks_and_summarises_the_targets(tmp_path)
         assert b["files"] == [f"{b['name']}.json", f"{b['name']}.md", f"{b['name']}.png"]
     rows = summary["targets"]
     assert {r["benchmark"] for r in rows} == {"async_stall", "delta"}
-    assert {r["key"] for r in rows} == {"stall_over_sync", "bytes_ratio"}
+    assert {r["key"] for r in rows} == {"stall_over_sync", "fork_stall_over_sync", "bytes_ratio"}
     for r in rows:
         assert isinstance(r["ratio"], float) and r["target"][:2] in (">=", "<=")
         assert r["pass"] in (True, False) and r["status"] == ("pass" if r["pass"] else "fail")

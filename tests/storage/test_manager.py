@@ -227,7 +227,7 @@ def test_interval_trigger(tmp_path) -> None:
 def test_async_reuses_host_copy_without_mixing_saves(tmp_path) -> None:
     root = str(tmp_path)
     m, o = trained()
-    mgr = reckpt.CheckpointManager(root, async_save=True)
+    mgr = reckpt.CheckpointManager(root, async_save=True, async_snapshot="copy")
     snapshots = {}
     for step in (1, 2, 3):
         snapshots[step] = {k: v.clone() for k, v in m.state_dict().items()}

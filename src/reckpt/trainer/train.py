@@ -122,6 +122,7 @@ def train_and_evaluate(
         save_steps=0 if t.save_checkpoints_epochs > 0 else t.save_checkpoints_steps,
         save_epochs=t.save_checkpoints_epochs,
         async_save=t.async_save,
+        async_snapshot=t.async_snapshot,
         incremental=(
             IncrementalPolicy(t.incremental_full_every, t.incremental_max_delta_fraction)
             if t.incremental_full_every > 0
