@@ -110,6 +110,14 @@ def _foreign_optimizer(d: Path) -> None:
     reckpt.save_model(str(d / "model.ckpt-1"), m, torch.optim.SGD(other.parameters(), lr=0.1))
 
 
+def _fork_into_memory(d: Path) -> None:
+    mgr = reckpt.CheckpointManager(f"memory://{d.name}/run", async_save=True, async_snapshot="fork")
+    try:
+        mgr.save(1, trained()[0])
+    finally:
+        mgr.close()
+
+
 def _config(d: Path, text: str) -> None:
     from reckpt.trainer.config import load_config
 
@@ -405,6 +413,19 @@ MISTAKES: list[Mistake] = [
         lambda d: _saved(d, optimizer_layout="rows"),
         errors.ConfigError,
         "optimizer layout must be 'name' or 'index', got 'rows'",
+    ),
+    Mistake(
+        "async save: an unknown snapshot mode",
+        lambda d: reckpt.CheckpointManager(str(d / "run"), async_save=True, async_snapshot="cow"),
+        errors.ConfigError,
+        "async_snapshot must be one of copy, fork; got 'cow'",
+    ),
+    Mistake(
+        "async save: a fork snapshot into memory://",
+        _fork_into_memory,
+        errors.ConfigError,
+        'async_snapshot="fork" cannot write to memory:// (the store lives in this process); use'
+        ' async_snapshot="copy"',
     ),
     Mistake(
         "an unsupported URL scheme",

@@ -82,8 +82,9 @@ class AsyncSaver:
                     'async_snapshot="fork" cannot write to memory:// (the store lives in this'
                     ' process); use async_snapshot="copy"'
                 )
+            self._drop_fork()
             self._fork = ForkSnapshot(parts, is_coordinator)
-            return parts, self._fork
+            return self._fork.parts, self._fork
         return self.stage(parts), None
 
     def stage(self, parts: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
@@ -103,8 +104,14 @@ class AsyncSaver:
         return self._group
 
     def release(self) -> None:
-        """Drop the host copy (after the last save)."""
+        """Drop the host copy and a fork snapshot never submitted (after the last save)."""
         self._staged = {}
+        self._drop_fork()
+
+    def _drop_fork(self) -> None:
+        if self._fork is not None:
+            fork, self._fork = self._fork, None
+            fork.close()
 
     def wait(self) -> None:
         """Block until the save in flight (if any) has finished; re-raise its failure."""
@@ -118,9 +125,13 @@ class AsyncSaver:
 
     def submit(self, step: int, job: Callable[[], None]) -> None:
         """Start ``job`` (which writes and commits a staged copy) in the background."""
-        self.wait()
-
         fork, self._fork = self._fork, None
+        try:
+            self.wait()
+        except BaseException:
+            if fork is not None:
+                fork.close()
+            raise
 
         def run() -> None:
             start = time.time()
@@ -136,6 +147,12 @@ class AsyncSaver:
             else:
                 logger.info("async save of step %d finished in %.2fs", step, time.time() - start)
 
+        try:
+            thread = threading.Thread(target=run, name=f"reckpt-async-save-{step}", daemon=True)
+            thread.start()
+        except BaseException:
+            if fork is not None:
+                fork.close()
+            raise
         self.in_flight_step = step
-        self._thread = threading.Thread(target=run, name=f"reckpt-async-save-{step}", daemon=True)
-        self._thread.start()
+        self._thread = thread

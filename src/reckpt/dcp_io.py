@@ -260,5 +260,11 @@ def dcp_call(fn: Any, what: str, /, *args: Any, **kwargs: Any) -> Any:
         first = failures[min(failures)]
         if isinstance(first, CheckpointError):
             raise first from None
-        detail = "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in sorted(failures.items()))
+        detail = "; ".join(f"rank {r}: {_described(x)}" for r, x in sorted(failures.items()))
         raise DistributedCheckpointError(f"{what} failed: {detail}", failures) from None
+
+
+def _described(error: BaseException) -> str:
+    """``Type: message``, with the exception's notes (where a snapshot process raised it)."""
+    notes = "".join(f" ({note})" for note in getattr(error, "__notes__", ()))
+    return f"{type(error).__name__}: {error}{notes}"

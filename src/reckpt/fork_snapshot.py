@@ -17,14 +17,22 @@ and sends back DCP's write results and the file records. A child that fails send
 error; one that dies is noticed by the closed pipe. Either way the save is aborted like
 any other failed save.
 
+The structure of the state (its dicts and lists, stateful objects turned into their state
+dicts, plain values copied) is fixed before the fork, so the parent plans on exactly what
+the child writes, whatever the training does to its containers meanwhile. Tensors in
+shared memory (``share_memory_()``) are not copy-on-write: they are copied at that point.
+
 Limits: every tensor must live in host memory (a GPU tensor cannot be read by the child),
 and the save must be taken from the thread that keeps running the training (the child
-is killed if that thread or the process exits).
+is killed if that thread or the process exits). A child that is alive but does not answer
+(a lock held at fork time by another thread of the parent) is killed when the save is
+closed, after :data:`CLOSE_TIMEOUT_S`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import logging
@@ -33,6 +41,8 @@ import os
 import pickle
 import signal
 import threading
+import time
+import traceback
 from multiprocessing import Pipe
 from typing import Any
 
@@ -51,6 +61,8 @@ __all__ = ["ForkSnapshot", "fork_supported", "host_only", "visible_to_child"]
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+CLOSE_TIMEOUT_S = 60.0
+"""How long :meth:`ForkSnapshot.close` waits for the child to exit before killing it."""
 
 
 def fork_supported() -> bool:
@@ -83,6 +95,24 @@ def host_only(parts: list[tuple[str, dict[str, Any]]]) -> bool:
     return all(ok(sd) for _, sd in parts)
 
 
+def _frozen(value: Any) -> Any:
+    """``value``'s structure fixed now: new containers, stateful objects as their state dicts,
+    plain values copied, tensors by reference (those in shared memory copied)."""
+    if isinstance(value, torch.Tensor):
+        if type(value) is torch.Tensor and value.device.type == "cpu" and value.untyped_storage().is_shared():
+            return value.detach().clone()
+        return value
+    if isinstance(value, dict):
+        return {k: _frozen(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_frozen(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_frozen(v) for v in value)
+    if callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None)):
+        return _frozen(value.state_dict())  # what DCP would save for a Stateful value
+    return copy.deepcopy(value)
+
+
 class ForkSnapshot:
     """The state of ``parts`` frozen in a child process, which writes it on request.
 
@@ -94,12 +124,17 @@ class ForkSnapshot:
         parts: ``[(directory name, state_dict)]`` referring to the live tensors.
         is_coordinator: whether this is rank 0 (DCP's planners treat it specially).
 
+    Attributes:
+        parts: the frozen structure of ``parts``: plan the save on these.
+
     Raises:
         ConfigError: a tensor is not in host memory.
+        SnapshotProcessError: the process could not be forked.
     """
 
     def __init__(self, parts: list[tuple[str, dict[str, Any]]], is_coordinator: bool) -> None:
-        if not host_only(parts):
+        self.parts = [(name, _frozen(sd)) for name, sd in parts]
+        if not host_only(self.parts):
             raise ConfigError(
                 'async_snapshot="fork" needs every tensor in host memory; this state has tensors'
                 ' on an accelerator: use async_snapshot="copy" instead'
@@ -107,12 +142,19 @@ class ForkSnapshot:
         die_with_parent = threading.current_thread() is threading.main_thread()
         ours, theirs = Pipe()
         parent = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            ours.close()
+            theirs.close()
+            raise SnapshotProcessError(
+                f'could not fork the snapshot process ({e}); use async_snapshot="copy"'
+            ) from e
         if pid == 0:  # the child: never returns
             code = 1
             try:
                 ours.close()
-                code = _serve(theirs, dict(parts), is_coordinator, parent, die_with_parent)
+                code = _serve(theirs, dict(self.parts), is_coordinator, parent, die_with_parent)
             finally:
                 os._exit(code)
         theirs.close()
@@ -134,6 +176,9 @@ class ForkSnapshot:
             raise SnapshotProcessError(f"the snapshot process {self.pid} was already closed")
         try:
             self._conn.send(("write", name, args, plan))
+            while not self._conn.poll(1.0):
+                if self._reaped():
+                    raise EOFError("the snapshot process exited without an answer")
             reply = self._conn.recv()
         except (EOFError, OSError) as e:
             raise SnapshotProcessError(
@@ -142,22 +187,41 @@ class ForkSnapshot:
             ) from e
         if reply[0] == "ok":
             return reply[1], reply[2]
-        raise _rebuild_error(reply[1], reply[2], self.pid, name)
+        logger.error("the snapshot process %d failed writing part %r:\n%s", self.pid, name, reply[3])
+        raise _rebuild_error(reply[1], reply[2])
 
     def close(self) -> None:
-        """Let the child exit and reap it (idempotent)."""
+        """Let the child exit and reap it, killing it after :data:`CLOSE_TIMEOUT_S` (idempotent)."""
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._conn.send(None)
             self._conn.close()
             self._conn = None
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        while not self._reaped():
+            if time.monotonic() > deadline:
+                logger.warning("the snapshot process %d did not exit; killing it", self.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.01)
+
+    def _reaped(self) -> bool:
+        """Whether the child has exited (and is reaped); never blocks."""
         if self._status is None:
-            with contextlib.suppress(ChildProcessError):
-                self._status = os.waitpid(self.pid, 0)[1]
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored)
+                self._status = -1
+            else:
+                if pid != 0:
+                    self._status = status
+        return self._status is not None
 
     def _death(self) -> str:
         with contextlib.suppress(ChildProcessError):
-            self._status = os.waitpid(self.pid, 0)[1]
+            if self._status is None:
+                self._status = os.waitpid(self.pid, 0)[1]
         status = self._status
         if status is not None and os.WIFSIGNALED(status):
             return f"was killed by signal {signal.Signals(os.WTERMSIG(status)).name}"
@@ -199,8 +263,8 @@ def _serve(
     die_with_parent: bool,
 ) -> int:
     """The child's loop: write the parts the parent asks for, until it says stop or goes away."""
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the trainer's handlers are not ours to run
-        signal.signal(sig, signal.SIG_DFL)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a Ctrl-C or preemption notice is the parent's
+        signal.signal(sig, signal.SIG_IGN)  # to handle; the child goes when the parent does
     if die_with_parent:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         with contextlib.suppress(AttributeError):
@@ -220,10 +284,12 @@ def _serve(
             planner = ReckptSavePlanner()
             planner.set_up_planner(parts[name], None, is_coordinator)
             writer = ReckptWriter(path, storage, rel_prefix, threads)
+            writer.per_thread_copy_ahead = 0  # DCP's GPU copy-ahead would initialise CUDA here
             results = writer.write_data(plan, planner).wait()
             conn.send(("ok", results, dict(writer.records)))
         except Exception as e:
-            conn.send(("error", e if _rebuildable(e) else None, f"{type(e).__name__}: {e}"))
+            where = f"raised in the snapshot process {os.getpid()} writing part {name!r}"
+            conn.send(("error", e if _rebuildable(e) else None, where, traceback.format_exc()))
             return 1
 
 
@@ -235,8 +301,9 @@ def _rebuildable(error: Exception) -> bool:
         return False
 
 
-def _rebuild_error(error: Exception | None, text: str, pid: int, name: str) -> Exception:
-    """The child's exception as it was raised (an OSError stays one), or a description of it."""
+def _rebuild_error(error: Exception | None, where: str) -> Exception:
+    """The child's exception as raised (an OSError stays one), noting where; else a description."""
     if error is not None:
+        error.add_note(where)
         return error
-    return SnapshotProcessError(f"the snapshot process {pid} failed writing part {name!r}: {text}")
+    return SnapshotProcessError(f"{where} failed (its error could not be sent back; see the log)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import threading
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -37,15 +37,18 @@ class _Copies:
     def into(self, value: torch.Tensor, cached: Any) -> torch.Tensor:
         """The destination of ``value``'s copy: ``cached`` when it fits, else a new host tensor."""
         src = value.detach()
-        if src.device.type != "cpu":
-            return src.to("cpu", copy=True)  # device -> host: torch's own path
         fits = (
             isinstance(cached, torch.Tensor)
             and type(cached) is torch.Tensor
             and cached.shape == src.shape
             and cached.dtype == src.dtype
             and cached.device.type == "cpu"
+            and cached.layout == src.layout == torch.strided
         )
+        if not _raw_bytes(src):  # device, quantized, sparse, conj/neg views, subclasses
+            if fits and not src.is_quantized and type(src) is torch.Tensor:
+                return cast(torch.Tensor, cached).copy_(src)
+            return src.to("cpu", copy=True) if src.device.type != "cpu" else src.clone()
         dst = cached if fits else torch.empty(src.shape, dtype=src.dtype)
         if src.is_contiguous() and dst.is_contiguous():
             nbytes = src.numel() * src.element_size()
@@ -89,6 +92,18 @@ def _spans(blocks: list[tuple[int, int, int]], lanes: int) -> list[list[tuple[in
             done += take
             room -= take
     return out
+
+
+def _raw_bytes(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values are exactly the bytes at its data pointer (a plain host tensor)."""
+    return (
+        type(t) is torch.Tensor
+        and t.device.type == "cpu"
+        and t.layout == torch.strided
+        and not t.is_quantized
+        and not t.is_conj()
+        and not t.is_neg()
+    )
 
 
 def _move(pieces: list[tuple[int, int, int]]) -> None:

@@ -12,6 +12,7 @@ import torch
 import reckpt
 from reckpt.errors import ConfigError, SnapshotProcessError
 from reckpt.fork_snapshot import ForkSnapshot
+from reckpt.inspection import read_part
 from reckpt.save import collect_parts, save_parts
 from reckpt.storage import storage_for
 from tests.helpers import fresh, state_dicts_equal, trained
@@ -123,3 +124,33 @@ def test_fork_on_memory_store_is_refused(tmp_path) -> None:
 def test_bad_snapshot_mode_names_the_flag() -> None:
     with pytest.raises(ConfigError, match="async_snapshot"):
         reckpt.CheckpointManager("memory://x/run", async_snapshot="cow")
+
+
+def test_shared_memory_tensors_and_stateful_values_are_frozen_at_the_fork(tmp_path) -> None:
+    shared = torch.arange(1000, dtype=torch.float32).share_memory_()  # not copy-on-write
+    sched_owner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(sched_owner, step_size=1, gamma=0.1)
+    parts = [("extra", {"shared": shared, "sched": sched})]
+    snap = ForkSnapshot(parts, is_coordinator=True)
+    frozen = dict(snap.parts)["extra"]
+    assert frozen["shared"] is not shared and isinstance(frozen["sched"], dict)  # stateful -> its state dict
+    shared.mul_(-1.0)
+    sched_owner.step()
+    sched.step()
+    target = str(tmp_path / "model.ckpt-1")
+    save_parts(target, snap.parts, snapshot=snap)
+    snap.close()
+    got = read_part(target, "extra")
+    assert torch.equal(got["shared"], torch.arange(1000, dtype=torch.float32))
+    assert "sched.last_epoch" in got  # planned and written as the state dict it was at the fork
+
+
+def test_the_childs_error_says_where_it_was_raised(tmp_path) -> None:
+    m, o = trained()
+    parts = [*collect_parts(m, o, None, None, "name"), ("extra", {"callback": lambda: None})]
+    snap = ForkSnapshot(parts, is_coordinator=True)
+    with pytest.raises(Exception) as info:
+        save_parts(str(tmp_path / "model.ckpt-1"), snap.parts, snapshot=snap)
+    snap.close()
+    notes = "\n".join(getattr(info.value, "__notes__", [])) + str(info.value)
+    assert f"snapshot process {snap.pid}" in notes and "extra" in notes

@@ -57,3 +57,19 @@ def test_spans_cover_every_byte_once_in_equal_shares(lanes: int) -> None:
     assert sum(sizes) == 38 and len(out) <= lanes and max(sizes) - min(sizes) <= 38 // lanes + 1
     covered = [(d + i, s + i) for lane in out for d, s, n in lane for i in range(n)]
     assert covered == [(d + i, s + i) for d, s, n in blocks for i in range(n)]
+
+
+def test_tensors_whose_bytes_are_not_their_values_are_copied_by_value() -> None:
+    z = torch.randn(4, dtype=torch.complex64)
+    q = torch.quantize_per_tensor(torch.randn(6), scale=0.1, zero_point=3, dtype=torch.qint8)
+    sd = {"conj": z.conj(), "neg": torch._neg_view(torch.randn(5)), "q": q}
+    want = {
+        k: (v.resolve_conj().resolve_neg() if not v.is_quantized else v.dequantize()) for k, v in sd.items()
+    }
+    staged = stage_state_dict(sd)
+    again = stage_state_dict(sd, previous=staged)  # the reuse path too
+    for got in (staged, again):
+        assert torch.equal(got["conj"].resolve_conj(), want["conj"])
+        assert torch.equal(got["neg"].resolve_neg(), want["neg"])
+        assert got["q"].is_quantized and torch.equal(got["q"].dequantize(), want["q"])
+        assert got["q"].q_scale() == 0.1 and got["q"].q_zero_point() == 3
