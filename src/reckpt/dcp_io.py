@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from reckpt.fork_lock import ForkSafeLock
 from reckpt.integrity import FileRecord, HashingWriter
 from reckpt.storage import Storage
 
@@ -109,18 +110,9 @@ class StorageFileSystem(FileSystemBase):
         return self.storage.ls(os.fspath(path))
 
 
-_crc_lock = threading.Lock()
+_crc_lock = ForkSafeLock()
 _crc_users = 0
 _crc_saved = True
-
-
-def _fresh_lock_in_child() -> None:
-    """A forked child (``reckpt.fork_snapshot``) must not inherit a lock another thread held."""
-    global _crc_lock
-    _crc_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 
 @contextlib.contextmanager

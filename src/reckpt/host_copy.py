@@ -69,7 +69,7 @@ class _Copies:
         threads = [threading.Thread(target=_move, args=(lane,), name="reckpt-copy") for lane in lanes[1:]]
         for t in threads:
             t.start()
-        _move(lanes[0] if lanes else [])
+        _move(lanes[0])
         for t in threads:
             t.join()
         self.raw, self.keep, self.strided = [], [], []
@@ -78,7 +78,7 @@ class _Copies:
 def _spans(blocks: list[tuple[int, int, int]], lanes: int) -> list[list[tuple[int, int, int]]]:
     """``blocks`` (dst, src, bytes) cut into ``lanes`` runs of equal total size, in order."""
     total = sum(n for _, _, n in blocks)
-    share = -(-total // lanes) if lanes else 0
+    share = -(-total // lanes)
     out: list[list[tuple[int, int, int]]] = [[]]
     room = share
     for dst, src, n in blocks:

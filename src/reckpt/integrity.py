@@ -9,7 +9,6 @@ the algorithm's name so a later format can change it.
 from __future__ import annotations
 
 import io
-import os
 import queue
 import threading
 import time
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import xxhash
+
+from reckpt.fork_lock import ForkSafeLock
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
@@ -45,17 +46,8 @@ def checksum_bytes(data: bytes | memoryview) -> str:
     return str(xxhash.xxh3_64_hexdigest(data))
 
 
-_clock_lock = threading.Lock()
+_clock_lock = ForkSafeLock()
 _waited_s = 0.0
-
-
-def _fresh_lock_in_child() -> None:
-    """A forked child (``reckpt.fork_snapshot``) must not inherit a lock another thread held."""
-    global _clock_lock
-    _clock_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 
 def hash_wait_seconds() -> float:

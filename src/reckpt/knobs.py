@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
+
+from reckpt.fork_lock import ForkSafeLock
 
 __all__ = ["fault_point", "storage_op", "op_phase", "reset_op_count", "PHASES"]
 
@@ -28,17 +29,8 @@ _TRACE = "RECKPT_FAULT_TRACE"
 
 PHASES = ("data", "fsync", "manifest", "commit", "prune", "sidecar", "other")
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()
 _count = 0
-
-
-def _fresh_lock_in_child() -> None:
-    """A forked child (``reckpt.fork_snapshot``) must not inherit a lock another thread held."""
-    global _lock
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_fresh_lock_in_child)
 
 
 def fault_point(name: str, rank: int = 0) -> None:
