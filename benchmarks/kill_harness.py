@@ -17,9 +17,13 @@ After every kill the parent checks, with the library's own calls:
 * every checkpoint that looks committed verifies (nothing looks committed but is not);
 * the newest committed checkpoint restores bit-exact (model and optimizer);
 * no checkpoint retention had to keep is gone (*lost*);
-* the next start's cleanup (:func:`reckpt.commit.cleanup_stale`, taking over the dead
+* the next start's cleanup (:func:`reckpt.removal.cleanup_stale`, taking over the dead
   job's writer lock) leaves no debris: no staging or trash directory, no incomplete
-  ``model.ckpt-*``, no temporary sidecar file.
+  ``model.ckpt-*`` holding anything of reckpt's, no temporary sidecar file;
+* no foreign entry is lost: every even step's target folder holds a user's files before
+  the save (so half the saves replace a folder's own entries and must keep the rest, as
+  TorchEasyRec users expect), and the model_dir holds some too; all of them must survive
+  every kill and cleanup byte for byte (*foreign_lost*).
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ import torch
 from torch import nn
 
 import reckpt
-from reckpt.commit import checkpoint_state, cleanup_stale
+from reckpt.commit import checkpoint_state
 from reckpt.discovery import committed_steps
 from reckpt.knobs import PHASES, op_phase, reset_op_count
+from reckpt.ownership import foreign_names
+from reckpt.removal import cleanup_stale
 from reckpt.run_lock import model_dir_lock
 from reckpt.storage import TMP_INFIX, Storage, storage_for
 
@@ -212,7 +218,8 @@ def debris(st: Storage, root: str) -> list[str]:
             out.append(name)
         elif name.startswith("model.ckpt-"):
             if checkpoint_state(st, path) != "committed":
-                out.append(name)
+                mine = set(st.ls(path)) - set(foreign_names(st.ls(path)))
+                out += [f"{name}/{n}" for n in sorted(mine)]  # a user's files alone are no debris
             else:
                 out += [f"{name}/{n}" for n in st.ls(path) if TMP_INFIX in n]
     return out
@@ -230,6 +237,8 @@ class Tally:
     looks_committed_but_not: int = 0
     debris_cleaned: int = 0
     debris_left: int = 0
+    foreign_checked: int = 0
+    foreign_lost: int = 0
     handled: int = 0  # kills after which every check passed
     failures: list[str] = field(default_factory=list)
 
@@ -269,11 +278,45 @@ def check_after_kill(st: Storage, root: str, before: list[int], new_step: int, t
     return committed_steps(root, st)
 
 
-def run_scenario(sc: Scenario, root: str, workdir: str, kills: int, rng: random.Random, tally: Tally) -> None:
-    """Warm up a model_dir with clean cycles, then ``kills`` killed cycles."""
+def plant_foreign(st: Storage, folder: str, tag: str, planted: dict[str, bytes]) -> None:
+    """Write a user's files (a file and one in a subfolder) into ``folder``; remember them."""
+    for rel in (f"notes-{tag}.txt", f"mine-{tag}/data.bin"):
+        path = Storage.join(folder, rel)
+        data = f"{tag}: {rel}\n".encode() + os.urandom(32)
+        st.write_bytes(path, data)
+        planted[path] = data
+
+
+def check_foreign(st: Storage, planted: dict[str, bytes], tally: Tally) -> None:
+    """Every planted file must still be there, byte for byte."""
+    for path, data in planted.items():
+        tally.foreign_checked += 1
+        try:
+            same = st.read_bytes(path) == data
+        except FileNotFoundError:
+            same = False
+        if not same:
+            tally.foreign_lost += 1
+            tally.failures.append(f"{path}: a foreign file was lost or changed")
+
+
+def run_scenario(
+    sc: Scenario, root: str, workdir: str, kills: int, rng: random.Random, tally: Tally, first_phase: int = 0
+) -> None:
+    """Warm up a model_dir with clean cycles, then ``kills`` killed cycles.
+
+    The phases are visited in turn, starting at ``first_phase`` (the caller passes the kills
+    done so far, so that a few kills per scenario still hit every phase over all scenarios);
+    the operation killed within a phase is drawn from ``rng``.
+    """
     st = storage_for(root)
     plan: list[tuple[int, str, str]] = []
+    planted: dict[str, bytes] = {}
+    plant_foreign(st, root, "model_dir", planted)
+    plant_foreign(st, Storage.join(root, "model.ckpt-7-notes"), "beside", planted)
     for step in (1, 2, 3):  # the third cycle prunes: its trace has every phase
+        if step % 2 == 0:
+            plant_foreign(st, Storage.join(root, f"model.ckpt-{step}"), str(step), planted)
         status, plan = run_job(root, step, sc, workdir)
         if any(status.values()):
             raise RuntimeError(f"{sc.name}: clean cycle at step {step} failed: {status}")
@@ -283,14 +326,14 @@ def run_scenario(sc: Scenario, root: str, workdir: str, kills: int, rng: random.
     done = attempts = 0
     while done < kills and attempts < 3 * kills:
         attempts += 1
-        if done % len(phases) == 0:
-            rng.shuffle(phases)  # every phase once per round, in a seeded order
-        phase = phases[done % len(phases)]
+        phase = phases[(first_phase + done) % len(phases)]
         candidates = [k for k, kd, pa in plan if op_phase(kd, pa) == phase]
         k = rng.choice(candidates)
         target = 1 if sc.world > 1 and phase == "data" and rng.random() < 0.5 else 0
         if target == 1:
             k = rng.randint(1, 6)  # rank 1 writes only data: a handful of operations
+        if step % 2 == 0:
+            plant_foreign(st, Storage.join(root, f"model.ckpt-{step}"), str(step), planted)
         status, ops = run_job(root, step, sc, workdir, kill_at=k, target=target)
         tally.trials += 1
         if status.get(target) != -signal.SIGKILL:
@@ -303,4 +346,5 @@ def run_scenario(sc: Scenario, root: str, workdir: str, kills: int, rng: random.
         tally.by_phase[op_phase(killed[1], killed[2])] += 1
         done += 1
         steps = check_after_kill(st, root, steps, step, tally)
+        check_foreign(st, planted, tally)
         step += 1

@@ -80,11 +80,12 @@ def run_kills(kills: int, seed: int, backends: list[str], workdir: str) -> dict[
         t = kh.Tally()
         root = f"s3://{BUCKET}/kills-{i}" if sc.backend == "s3" else os.path.join(workdir, f"kills-{i}")
         start = time.monotonic()
-        kh.run_scenario(sc, root, workdir, per, rng, t)
+        kh.run_scenario(sc, root, workdir, per, rng, t, first_phase=i * per)
         by_scenario[sc.name] = {
             "kills": t.kills,
             "by_phase": t.by_phase,
             "lost": t.lost,
+            "foreign_lost": t.foreign_lost,
             "seconds": round(time.monotonic() - start, 1),
         }
         for key, value in asdict(t).items():
@@ -105,6 +106,7 @@ def summarise(sections: dict[str, dict[str, Any]]) -> dict[str, int]:
         "faults_injected": kills["kills"],
         "faults_detected": kills["handled"],
         "checkpoints_lost": kills["lost"] + kills["looks_committed_but_not"],
+        "foreign_files_lost": kills["foreign_lost"],
         "failures": len(kills["failures"]),
     }
     for name, t in sections.items():
@@ -149,7 +151,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"After each kill: {kills['verified']} committed checkpoints verified,"
         f" {kills['restored_bit_exact']} newest checkpoints restored bit-exact,"
         f" {kills['debris_cleaned']} pieces of debris cleaned by the next start,"
-        f" {kills['debris_left']} left.",
+        f" {kills['debris_left']} left; {kills['foreign_checked']} checks of a user's files"
+        f" (in half the targets and in the model_dir), {kills['foreign_lost']} lost.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -46,6 +46,20 @@ def _restore_with_map(d: Path, text: str) -> None:
     reckpt.restore_model(_saved(d), fresh()[0], ckpt_param_map_path=_map(d, text))
 
 
+def _extra_state_over_a_users_file(d: Path) -> None:
+    (d / "model.ckpt-1").mkdir()
+    (d / "model.ckpt-1" / "lr_scheduler").write_text("mine")
+    _saved(d, extra_states={"lr_scheduler": torch.nn.Linear(1, 1)})
+
+
+def _convert_over(d: Path) -> None:
+    from reckpt.cli._convert import output_file
+
+    (d / "w.safetensors").write_bytes(b"a file of the user's")
+    with output_file(str(d / "w.safetensors"), overwrite=False):
+        pass
+
+
 def _flip_data_file(d: Path) -> None:
     ck = _saved(d)
     f = Path(ck) / "model" / "__0_0.distcp"
@@ -380,6 +394,27 @@ MISTAKES: list[Mistake] = [
         errors.StepAlreadyExistsError,
         "<dir>/model.ckpt-1: a committed checkpoint already exists; pass overwrite=True to replace it, or save"
         " under another step",
+    ),
+    Mistake(
+        "save: the model_dir instead of model_dir/model.ckpt-<step>",
+        lambda d: (_saved(d), reckpt.save_model(str(d), *trained())),
+        errors.ConfigError,
+        "<dir> is a model_dir (it holds model.ckpt-1), not a checkpoint folder: saving there would replace a"
+        " run's root. Save into <dir>/model.ckpt-<step> instead; nothing was written",
+    ),
+    Mistake(
+        "save: an extra state named like a file of the user's in the target folder",
+        lambda d: _extra_state_over_a_users_file(d),
+        errors.ConfigError,
+        "<dir>/model.ckpt-1: ['lr_scheduler'] already exist there and were not written by reckpt; this save"
+        " would replace them with its own state of that name. Move them away or rename the extra state;"
+        " nothing was written",
+    ),
+    Mistake(
+        "convert: the output file already exists",
+        lambda d: _convert_over(d),
+        FileExistsError,
+        "<dir>/w.safetensors: already exists; pass --overwrite to replace it, or choose another path",
     ),
     Mistake(
         "save: an extra state named like a part",

@@ -22,39 +22,31 @@ all ranks write, and rank 0 writes the manifest last, then removes the marker.
 Deleting a checkpoint on an object store writes the deletion marker first, then removes the
 manifest, the other files, and the marker last.
 
-Stale staging left by a crash is removed by a later save, but only when its owner
-record shows a dead process (same host) or a heartbeat older than ``stale_after_s``, or
-when it has no owner record and no file (or, on local disk, only files older than
-``stale_after_s``). Temporary files of atomic replaces whose writer pid is dead go too.
+Deleting and replacing checkpoints, and cleaning up after crashed saves, live in
+:mod:`reckpt.removal`, which deletes only what reckpt wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
-import re
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from reckpt.errors import IntegrityError
-from reckpt.knobs import fault_point
 from reckpt.naming import (
     DCP_METADATA_FILE,
     DELETING_MARKER,
     IN_PROGRESS_MARKER,
     MANIFEST_FILE,
     MODEL_DIR,
-    OWNER_FILE,
-    is_staging,
-    is_trash,
-    parse_any_step,
-    trash_name,
 )
 from reckpt.storage import Storage, storage_for
 
@@ -65,8 +57,6 @@ __all__ = [
     "is_committed",
     "is_stale",
     "heartbeat",
-    "remove_checkpoint_dir",
-    "cleanup_stale",
     "new_token",
 ]
 
@@ -119,17 +109,18 @@ class OwnerRecord:
     target: str
     started_at: float
     heartbeat_at: float
+    members: tuple[str, ...] = ()  # top-level names the writer writes into ``target``
 
     @classmethod
-    def mine(cls, token: str, target: str, now: float) -> OwnerRecord:
-        return cls(socket.gethostname(), os.getpid(), token, target, now, now)
+    def mine(cls, token: str, target: str, now: float, members: Iterable[str] = ()) -> OwnerRecord:
+        return cls(socket.gethostname(), os.getpid(), token, target, now, now, tuple(sorted(members)))
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode("utf-8")
 
     def render(self, now: float) -> bytes:
         """The record with its heartbeat set to ``now``, as JSON."""
-        return OwnerRecord(self.host, self.pid, self.token, self.target, self.started_at, now).to_json()
+        return dataclasses.replace(self, heartbeat_at=now).to_json()
 
     @classmethod
     def from_json(cls, data: bytes) -> OwnerRecord:
@@ -141,6 +132,7 @@ class OwnerRecord:
             str(doc["target"]),
             float(doc["started_at"]),
             float(doc["heartbeat_at"]),
+            tuple(str(m) for m in doc.get("members", ())),
         )
 
 
@@ -210,120 +202,16 @@ def heartbeat(
         thread.join()
 
 
-def _read_owner(storage: Storage, path: str) -> OwnerRecord | None:
+def read_owner(storage: Storage, path: str) -> OwnerRecord | None:
     try:
         return OwnerRecord.from_json(storage.read_bytes(path))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def remove_checkpoint_dir(storage: Storage, path: str) -> None:
-    """Delete a checkpoint so that no intermediate state looks committed (rank 0 only).
-
-    POSIX: rename to a trash name (atomic), then delete. Object stores: write the
-    deletion marker, delete the manifest, delete the rest, delete the marker last.
-    """
-    if storage.atomic_rename:
-        trash = Storage.join(Storage.parent(path), trash_name(new_token()))
-        storage.rename(path, trash)
-        storage.fsync_dir(Storage.parent(path))
-        fault_point("delete_renamed")
-        storage.rm(trash, recursive=True)
-        return
-    marker = Storage.join(path, DELETING_MARKER)
-    storage.write_bytes(marker, b"{}")
-    fault_point("delete_marked")
-    storage.rm(Storage.join(path, MANIFEST_FILE))
-    fault_point("delete_unmanifested")
-    for rel in storage.walk_files(path):
-        if rel != DELETING_MARKER:
-            storage.rm(Storage.join(path, rel))
-    storage.rm(marker)
-    storage.rm(path, recursive=True)
-
-
-def cleanup_stale(
-    storage: Storage, model_dir: str, *, now: float | None = None, stale_after_s: float = STALE_AFTER_S
-) -> list[str]:
-    """Remove debris of crashed saves in ``model_dir`` (rank 0 only); returns what was removed.
-
-    Removes trash directories, staging directories whose owner is stale, interrupted
-    deletions, and (object stores) ``model.ckpt-*`` directories that still carry a stale
-    in-progress marker.
-    Never touches a staging area whose owner is alive.
-    """
-    now = time.time() if now is None else now
-    host = socket.gethostname()
-    removed = []
-    for name in storage.ls(model_dir):
-        path = Storage.join(model_dir, name)
-        if is_trash(name):
-            storage.rm(path, recursive=True)
-            removed.append(path)
-            continue
-        if parse_any_step(name) is not None and storage.exists(Storage.join(path, DELETING_MARKER)):
-            remove_checkpoint_dir(storage, path)  # an interrupted deletion: finish it
-            removed.append(path)
-            continue
-        if is_staging(name):
-            record = Storage.join(path, OWNER_FILE)
-        elif parse_any_step(name) is not None and checkpoint_state(storage, path) == "incomplete":
-            record = Storage.join(path, IN_PROGRESS_MARKER)
-        else:
-            continue
-        owner = _read_owner(storage, record)
-        if owner is None:
-            # No readable record: the writer died before writing it, or is writing it right
-            # now. Only an empty staging area, or one whose files are all old, is removed.
-            if is_staging(name) and _ownerless_is_debris(storage, path, now, stale_after_s):
-                storage.rm(path, recursive=True)
-                removed.append(path)
-            continue
-        if is_stale(owner, now=now, host=host, pid_alive=pid_alive, stale_after_s=stale_after_s):
-            if is_staging(name):
-                storage.rm(path, recursive=True)
-            else:
-                remove_checkpoint_dir(storage, path)
-            removed.append(path)
-    if storage.local:
-        removed += _remove_dead_temp_files(storage, model_dir)
-    return removed
-
-
-_TEMP_RE = re.compile(r".+\.tmp-([0-9]+)-[0-9a-f]+")
-
-
-def _ownerless_is_debris(storage: Storage, path: str, now: float, stale_after_s: float) -> bool:
-    files = storage.walk_files(path)
-    if not files:
-        return True
-    if not storage.local:
-        return False
-    newest = max(os.path.getmtime(storage._local(Storage.join(path, rel))) for rel in files)
-    return now - newest > stale_after_s
-
-
-def _remove_dead_temp_files(storage: Storage, model_dir: str) -> list[str]:
-    """Temporary files of atomic replaces (``<name>.tmp-<pid>-<hex>``) whose writer is dead.
-
-    Only on local disk, where the pid names a process of this host.
-    """
-    removed = []
-    for name in storage.ls(model_dir):
-        if parse_any_step(name) is None:
-            continue
-        ckpt = Storage.join(model_dir, name)
-        for entry in storage.ls(ckpt):
-            m = _TEMP_RE.fullmatch(entry)
-            if m and not pid_alive(int(m.group(1))):
-                storage.rm(Storage.join(ckpt, entry))
-                removed.append(Storage.join(ckpt, entry))
-    return removed
-
-
 def verify_owner_token(storage: Storage, record_path: str, token: str) -> None:
     """Raise when another save took over a staging area or target (concurrent writers)."""
-    owner = _read_owner(storage, record_path)
+    owner = read_owner(storage, record_path)
     if owner is not None and owner.token != token:
         raise IntegrityError(
             f"{record_path}: another save (host {owner.host}, pid {owner.pid}) is writing this"

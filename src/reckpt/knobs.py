@@ -95,7 +95,7 @@ def op_phase(kind: str, path: str) -> str:
         return "prune" if kind == "delete" else "manifest"
     if name == ".metadata":  # DCP renames its metadata into place while writing a part
         return "data"
-    if kind == "rename" or name in (".reckpt-in-progress", ".reckpt-owner.json"):
+    if kind == "rename" or name in (".reckpt-in-progress", ".reckpt-owner.json", ".reckpt-replace.json"):
         return "commit"
     if "model.ckpt-" in last and kind == "delete":
         return "prune"

@@ -40,6 +40,7 @@ MANIFEST_FILE = "reckpt.json"
 IN_PROGRESS_MARKER = ".reckpt-in-progress"
 DELETING_MARKER = ".reckpt-deleting"
 OWNER_FILE = ".reckpt-owner.json"
+REPLACE_RECORD = ".reckpt-replace.json"  # in a checkpoint being replaced, then in its trash
 SIDECAR_PREFIX = "reckpt."
 SIDECAR_SUFFIX = ".sidecar.json"
 DCP_METADATA_FILE = ".metadata"

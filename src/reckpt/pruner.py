@@ -3,7 +3,7 @@
 A pass lists the model_dir, asks the retention policies what to keep
 (:func:`reckpt.policy.steps_to_delete`), never touches protected or leased steps (leases
 are re-read right before each deletion), and deletes with
-:func:`reckpt.commit.remove_checkpoint_dir`, so a half-deleted checkpoint never looks
+:func:`reckpt.removal.remove_checkpoint_dir`, so a half-deleted checkpoint never looks
 committed. A failing pass is logged and the worker lives on.
 """
 
@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from reckpt.commit import cleanup_stale, remove_checkpoint_dir
+from reckpt.removal import cleanup_stale, remove_checkpoint_dir
 from reckpt.discovery import list_checkpoints
 from reckpt.leases import active_leases, remove_expired_leases
 from reckpt.policy import CheckpointInfo, RetentionPolicy, steps_to_delete

@@ -13,14 +13,7 @@ import torch
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from reckpt._version import __version__
-from reckpt.commit import (
-    OwnerRecord,
-    checkpoint_state,
-    cleanup_stale,
-    heartbeat,
-    new_token,
-    remove_checkpoint_dir,
-)
+from reckpt.commit import OwnerRecord, checkpoint_state, heartbeat, new_token
 from reckpt.dataloader_state import encode_dataloader_state, merge_dataloader_states
 from reckpt.dcp_io import ReckptSavePlanner, ReckptWriter, dcp_call, writer_threads
 from reckpt.dist import Dist
@@ -40,11 +33,12 @@ from reckpt.naming import (
     PLAN_FILE,
     parse_any_step,
     staging_name,
-    trash_name,
     validate_extra_name,
 )
 from reckpt.optim import optimizer_state_dict
+from reckpt.ownership import EVAL_RESULT_NAMES, MEMBER_NAMES, foreign_names
 from reckpt.plan import model_plan, plan_to_json
+from reckpt.removal import cleanup_stale, recorded_members, remove_checkpoint_dir, replace_checkpoint_dir
 from reckpt.storage import Storage, storage_for
 
 if TYPE_CHECKING:
@@ -84,7 +78,39 @@ def collect_parts(
     return parts
 
 
-def _prepare(storage: Storage, target: str, overwrite: bool, token: str) -> str:
+def _check_target(storage: Storage, target: str, members: set[str]) -> None:
+    """Rank 0: refuse a target that is a model_dir or whose foreign entries a save would overwrite.
+
+    Runs before anything is written. Foreign entries (:mod:`reckpt.ownership`) are otherwise
+    left alone by the save.
+    """
+    names = storage.ls(target)
+    if not names:
+        return
+    held = [
+        n
+        for n in names
+        if parse_any_step(n) is not None
+        and checkpoint_state(storage, Storage.join(target, n)) in ("committed", "legacy")
+    ]
+    held += [n for n in names if n in EVAL_RESULT_NAMES]
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ConfigError(
+            f"{target} is a model_dir (it holds {shown}), not a checkpoint folder: saving there would"
+            f" replace a run's root. Save into {Storage.join(target, 'model.ckpt-<step>')} instead;"
+            " nothing was written"
+        )
+    clash = sorted(set(foreign_names(names, recorded_members(storage, target))) & members)
+    if clash:
+        raise ConfigError(
+            f"{target}: {clash} already exist there and were not written by reckpt; this save would"
+            " replace them with its own state of that name. Move them away or rename the extra"
+            " state; nothing was written"
+        )
+
+
+def _prepare(storage: Storage, target: str, overwrite: bool, token: str, members: set[str]) -> str:
     """Rank 0: check the target, clean debris, create the staging area; returns the work dir."""
     state = checkpoint_state(storage, target)
     if state in ("committed", "legacy") and not overwrite:
@@ -92,6 +118,8 @@ def _prepare(storage: Storage, target: str, overwrite: bool, token: str) -> str:
             f"{target}: a committed checkpoint already exists; pass overwrite=True to replace it,"
             " or save under another step"
         )
+    if state != "absent":
+        _check_target(storage, target, members)
     parent = Storage.parent(target)
     storage.makedirs(parent)
     removed = cleanup_stale(storage, parent)
@@ -101,7 +129,7 @@ def _prepare(storage: Storage, target: str, overwrite: bool, token: str) -> str:
         work = Storage.join(parent, staging_name(token))
         storage.makedirs(work)
         return work
-    if state != "absent":  # object store: replaced in place, marker first
+    if state != "absent":  # object store: the old checkpoint's own entries go, marker first
         remove_checkpoint_dir(storage, target)
     storage.makedirs(target)
     return target
@@ -119,19 +147,15 @@ def _commit(storage: Storage, target: str, work: str, manifest: Manifest, token:
             if storage.isdir(Storage.join(work, sub)):
                 storage.fsync_dir(Storage.join(work, sub))
         storage.fsync_dir(work)
-        parent = Storage.parent(target)
-        trash = None
-        if storage.exists(target):  # overwrite=True, or debris of an older crash
-            trash = Storage.join(parent, trash_name(token))
-            storage.rename(target, trash)
-        storage.rename(work, target)
-        storage.fsync_dir(parent)
+        if storage.exists(target):  # overwrite=True, or a folder holding other files
+            replace_checkpoint_dir(storage, target, work, token)
+        else:
+            storage.rename(work, target)
+            storage.fsync_dir(Storage.parent(target))
         # Committed: the owner record is not part of the manifest's file set, and failing to
         # remove it must not turn a committed save into an error.
         with contextlib.suppress(OSError):
             storage.rm(Storage.join(target, OWNER_FILE))
-        if trash is not None:
-            storage.rm(trash, recursive=True)
     else:
         storage.write_bytes(manifest_path, manifest.to_json())
         fault_point("after_manifest")
@@ -263,14 +287,15 @@ def save_parts(
     plan_doc = plan_to_json(plan) if plan is not None else None
 
     token = d.broadcast(new_token())
+    members = {name for name, _ in parts}
     work = ""
     err: BaseException | None = None
     with contextlib.ExitStack() as stack:
         if d.is_coordinator:
             try:
-                work = _prepare(storage, target, overwrite, token)
+                work = _prepare(storage, target, overwrite, token, members)
                 record = OWNER_FILE if storage.atomic_rename else IN_PROGRESS_MARKER
-                owner = OwnerRecord.mine(token, target, time.time())
+                owner = OwnerRecord.mine(token, target, time.time(), members | MEMBER_NAMES)
                 stack.enter_context(heartbeat(storage, Storage.join(work, record), owner.render))
             except Exception as e:
                 err = e

@@ -82,8 +82,9 @@ def test_kill_at_every_phase(backend: str, tmp_path, request) -> None:
 
 def test_live_staging_is_never_cleaned(tmp_path) -> None:
     """A staging area whose owner is alive (this process) survives another save's cleanup."""
-    from reckpt.commit import OwnerRecord, cleanup_stale
+    from reckpt.commit import OwnerRecord
     from reckpt.naming import OWNER_FILE, staging_name
+    from reckpt.removal import cleanup_stale
 
     st = storage_for(str(tmp_path))
     live = tmp_path / staging_name("abc")

@@ -53,6 +53,7 @@ def test_fixed_seed_subset(tmp_path: Path) -> None:
     for phase in ("data", "fsync", "manifest", "commit", "prune", "sidecar"):
         assert kills["by_phase"][phase] >= 1, (phase, kills["by_phase"])
     assert kills["debris_left"] == 0 and kills["restored_bit_exact"] == kills["kills"]
+    assert kills["foreign_lost"] == 0 and kills["foreign_checked"] >= 4 * kills["kills"]
     assert json.loads((tmp_path / "reliability.json").read_text())["summary"] == summary
     assert (tmp_path / "reliability.md").read_text().startswith("# reliability")
     assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"

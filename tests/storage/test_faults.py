@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 import reckpt
-from reckpt.commit import OwnerRecord, checkpoint_state, cleanup_stale
+from reckpt.commit import OwnerRecord, checkpoint_state
 from reckpt.faults import Fault, FaultInjector, FaultProxy, FaultyFileSystem, disk_full, read_only
 from reckpt.naming import staging_name
+from reckpt.removal import cleanup_stale
 from reckpt.storage import RETRY, RetryPolicy, StorageError, is_transient, storage_for
 from tests.helpers import fresh, optim_states_equal, state_dicts_equal, trained
 

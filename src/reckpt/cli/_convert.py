@@ -5,16 +5,24 @@ Checkpoint -> file streams: one tensor is read at a time. safetensors is written
 safetensors file memory-mapped, so resident memory stays about one tensor either way.
 File -> checkpoint loads the file (``torch.load(weights_only=True)`` or safetensors) and
 saves it as the ``model`` part of a new, committed checkpoint.
+
+The output file replaces nothing it did not write: an existing file is refused unless
+``--overwrite`` is given, and the file appears only when complete (written to a temporary
+sibling and renamed; on an object store, uploaded in one piece), so an interrupted convert
+leaves the previous file, or none.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import struct
 import tempfile
+import uuid
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from reckpt.cli._output import progress
@@ -121,6 +129,35 @@ def _from_file(src: str, dst: str) -> int:
     return len(sd)
 
 
+@contextlib.contextmanager
+def output_file(dst: str, overwrite: bool) -> Iterator[str]:
+    """Yield a local path to write ``dst``'s content into; ``dst`` appears only on success.
+
+    Raises:
+        FileExistsError: ``dst`` exists and ``overwrite`` is off (checked before any work).
+        IsADirectoryError: ``dst`` is a directory.
+    """
+    from reckpt.errors import ConfigError
+    from reckpt.storage import Storage, storage_for
+
+    st = storage_for(dst)
+    if st.isdir(dst):
+        raise ConfigError(f"{dst}: is a directory; give the output file's path (model.safetensors ...)")
+    if st.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst}: already exists; pass --overwrite to replace it, or choose another path")
+    local_dir = os.path.dirname(os.path.abspath(dst)) if st.local else None
+    if local_dir is not None:
+        os.makedirs(local_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=local_dir, prefix=".reckpt-convert.") as tmp:
+        path = os.path.join(tmp, f"out-{uuid.uuid4().hex[:8]}")
+        yield path
+        if st.local:
+            os.replace(path, st._local(dst))
+            st.fsync_dir(Storage.parent(dst))
+        else:
+            st.fs.put_file(path, dst)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     src, dst = args.src, args.dst
     if os.path.isfile(src):
@@ -128,7 +165,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"wrote checkpoint {dst} ({n} tensors)")
         return 0
     fmt = args.format or ("safetensors" if dst.endswith(".safetensors") else "torch")
-    n = to_safetensors(src, args.part, dst) if fmt == "safetensors" else _to_torch_save(src, args.part, dst)
+    with output_file(dst, args.overwrite) as out:
+        n = to_safetensors(src, args.part, out) if fmt == "safetensors" else _to_torch_save(src, args.part, out)
     print(f"wrote {dst} ({fmt}, {n} tensors)")
     return 0
 
@@ -144,4 +182,5 @@ def register(sub: Any) -> None:
     p.add_argument("dst", help="the output file, or the checkpoint directory to create")
     p.add_argument("--part", default="model", help="which part of the checkpoint (model, optimizer, ...)")
     p.add_argument("--format", choices=["safetensors", "torch"], help="default: from the output's extension")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_convert)
