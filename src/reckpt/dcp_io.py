@@ -68,12 +68,20 @@ class StorageFileSystem(FileSystemBase):
             with self._lock:
                 self.records[rel] = FileRecord(rel, size, checksum)
 
-        stream = HashingWriter(self.storage.open(path, "wb"), on_close, writeback=self.storage.local)
+        raw = self.storage.open(path, "wb")
+        stream = HashingWriter(raw, on_close, writeback=self.storage.local)
         try:
             yield stream
-        except BaseException:
-            stream.close()
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # the write's own error is the one to report
+                stream.close()
             self.rm_file(path)
+            failed = getattr(raw, "error", None)
+            if failed is not None and failed is not e:
+                # torch.save finishes its zip archive in __exit__ even after a failed write,
+                # and that second error ("unexpected pos ...") replaces the storage error that
+                # names the path and the cause (ENOSPC ...).
+                raise failed from e
             raise
         stream.close()
 

@@ -64,6 +64,7 @@ _HINTS = {
     errno.EROFS: "the location is read-only; choose a writable model_dir",
     errno.EACCES: "permission denied; choose a model_dir this user may write",
     errno.EPERM: "operation not permitted; choose a model_dir this user may write",
+    errno.EFBIG: "the file exceeds the size limit of the filesystem or of this process (ulimit -f)",
 }
 
 
@@ -366,22 +367,46 @@ class _GuardedFile:
     def __init__(self, raw: IO[bytes], path: str) -> None:
         self._raw = raw
         self._path = path
+        self.error: BaseException | None = None  # the first failure, for callers that lose it
+
+    def _failed(self, e: Exception, op: str) -> BaseException:
+        error = _storage_error(e, op, self._path, 1)
+        if self.error is None:
+            self.error = error
+        return error
 
     def _guard(self, op: str, fn: Callable[[], _T]) -> _T:
         try:
             return fn()
         except Exception as e:
-            raise _storage_error(e, op, self._path, 1) from e
+            raise self._failed(e, op) from e
 
     def write(self, data: Any) -> int:
+        """Write all of ``data`` or raise :class:`StorageError`.
+
+        A short write (the disk filled up after part of the buffer) is continued, so that
+        the next attempt reports the real cause (``ENOSPC``) instead of a caller such as
+        ``torch.save``'s zip writer failing on a position it did not expect.
+        """
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            n = self._write_some(view[done:])
+            if n <= 0:
+                raise self._failed(OSError(errno.EIO, "the write made no progress"), "write")
+            done += n
+        return len(view)
+
+    def _write_some(self, view: memoryview) -> int:
         # Only EAGAIN is retried mid-stream: it guarantees nothing was written, so the
         # bytes on disk stay exactly the bytes hashed. Anything else fails the save.
         for delay in [*RETRY.delays(), None]:
             try:
-                return int(self._raw.write(data))
+                written = self._raw.write(view)
+                return len(view) if written is None else int(written)
             except OSError as e:
                 if delay is None or e.errno != errno.EAGAIN or int(getattr(e, "characters_written", 0) or 0):
-                    raise _storage_error(e, "write", self._path, 1) from e
+                    raise self._failed(e, "write") from e
                 time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -162,3 +162,34 @@ def test_a_failed_delete_after_the_commit_does_not_fail_the_save(tmp_path: Path)
     m, o = trained()
     reckpt.save_model(f"faulty://{root}/model.ckpt-2", m, o, storage_options={"injector": inj})
     assert inj.injected and reckpt.verify(f"{root}/model.ckpt-2").ok
+
+
+_SHORT_WRITE = """
+import resource, signal, sys
+import torch, reckpt
+root = sys.argv[1]
+reckpt.save_model(root + "/model.ckpt-1", torch.nn.Linear(8, 8))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))  # later writes stop part-way, as on a full disk
+try:
+    reckpt.save_model(root + "/model.ckpt-2", torch.nn.Linear(512, 512))
+except Exception as e:
+    print(type(e).__name__ + "|" + str(e))
+"""
+
+
+def test_a_real_short_write_says_what_happened(tmp_path: Path) -> None:
+    """A write that stops part-way (a full disk, a file-size limit) is reported with the file and
+    its cause, not as ``torch.save``'s zip error (``unexpected pos 704 vs 598``)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-c", _SHORT_WRITE, str(root)], capture_output=True, text=True, timeout=300
+    )
+    kind, _, message = out.stdout.strip().rpartition("\n")[-1].partition("|")
+    assert kind == "StorageError", out.stdout + out.stderr
+    assert "model/__0_0.distcp: write failed (EFBIG: File too large)" in message and "\n" not in message
+    assert reckpt.verify(str(root / "model.ckpt-1")).ok
+    assert sorted(p.name for p in root.iterdir()) == ["model.ckpt-1"]
