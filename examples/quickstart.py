@@ -1,6 +1,7 @@
 """End-to-end example: train a tiny recommender, save, restore into fresh models, report.
 
-Run: ``.venv/bin/python examples/quickstart.py --model-dir ./model_dir``
+Run: ``.venv/bin/python examples/quickstart.py`` (writes ``./quickstart_run``, never the
+trainer's ``./model_dir``)
 
 1. trains a small model (two embedding-bag tables + an MLP) for a few steps on generated data;
 2. saves model, optimizer, LR scheduler and data position as ``model_dir/model.ckpt-<step>``;
@@ -56,7 +57,9 @@ def batches(seed: int, n: int) -> list[tuple[torch.Tensor, ...]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", default="model_dir", help="where checkpoints go (local path or URL)")
+    parser.add_argument(
+        "--model-dir", default="quickstart_run", help="where checkpoints go (local path or URL)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="training steps before the save")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -20,7 +20,9 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -58,6 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # The reader went away (``reckpt ls | head``): not an error. Point stdout at
+        # /dev/null so that the interpreter's final flush does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (CheckpointError, OSError, ValueError, KeyError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         message = lines[0] if lines else type(e).__name__

@@ -144,7 +144,9 @@ def output_file(dst: str, overwrite: bool) -> Iterator[str]:
     if st.isdir(dst):
         raise ConfigError(f"{dst}: is a directory; give the output file's path (model.safetensors ...)")
     if st.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst}: already exists; pass --overwrite to replace it, or choose another path")
+        raise FileExistsError(
+            f"{dst}: already exists; pass --overwrite to replace it, or choose another path"
+        )
     local_dir = os.path.dirname(os.path.abspath(dst)) if st.local else None
     if local_dir is not None:
         os.makedirs(local_dir, exist_ok=True)
@@ -158,6 +160,24 @@ def output_file(dst: str, overwrite: bool) -> Iterator[str]:
             st.fs.put_file(path, dst)
 
 
+def verified(checkpoint: str) -> None:
+    """Check a checkpoint's sizes and checksums before it is exported anywhere.
+
+    Raises:
+        IntegrityError: a file is missing, truncated or corrupted (the problems are listed).
+    """
+    from reckpt.verification import integrity_error, verify
+
+    report = verify(checkpoint)
+    if report.problems:
+        raise integrity_error(
+            checkpoint,
+            report.problems,
+            "Refusing to convert a damaged checkpoint: convert another one, or pass --no-verify to"
+            " salvage what is readable.",
+        )
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     src, dst = args.src, args.dst
     if os.path.isfile(src):
@@ -165,8 +185,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"wrote checkpoint {dst} ({n} tensors)")
         return 0
     fmt = args.format or ("safetensors" if dst.endswith(".safetensors") else "torch")
+    convert = to_safetensors if fmt == "safetensors" else _to_torch_save
     with output_file(dst, args.overwrite) as out:
-        n = to_safetensors(src, args.part, out) if fmt == "safetensors" else _to_torch_save(src, args.part, out)
+        if args.verify:
+            verified(src)
+        n = convert(src, args.part, out)
     print(f"wrote {dst} ({fmt}, {n} tensors)")
     return 0
 
@@ -183,4 +206,10 @@ def register(sub: Any) -> None:
     p.add_argument("--part", default="model", help="which part of the checkpoint (model, optimizer, ...)")
     p.add_argument("--format", choices=["safetensors", "torch"], help="default: from the output's extension")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checking the checkpoint's sizes and checksums first (salvage only)",
+    )
     p.set_defaults(func=cmd_convert)

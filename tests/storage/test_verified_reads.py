@@ -1,0 +1,55 @@
+"""Reads that export a checkpoint's values check them first; the CLI's everyday rough edges."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import reckpt
+from tests.helpers import trained
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "reckpt.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _flip(ckpt: Path) -> None:
+    f = ckpt / "model" / "__0_0.distcp"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    f.write_bytes(bytes(raw))
+
+
+def test_convert_refuses_a_damaged_checkpoint(tmp_path: Path) -> None:
+    ckpt = tmp_path / "run" / "model.ckpt-1"
+    reckpt.save_model(str(ckpt), *trained())
+    assert _cli("convert", str(ckpt), str(tmp_path / "good.safetensors")).returncode == 0
+    _flip(ckpt)
+    out = _cli("convert", str(ckpt), str(tmp_path / "w.safetensors"))
+    assert out.returncode != 0
+    assert "integrity check failed" in out.stderr and "--no-verify" in out.stderr, out.stderr
+    assert not (tmp_path / "w.safetensors").exists()
+    salvage = _cli("convert", str(ckpt), str(tmp_path / "w.safetensors"), "--no-verify")
+    assert salvage.returncode == 0, salvage.stderr
+    assert (tmp_path / "w.safetensors").stat().st_size == (tmp_path / "good.safetensors").stat().st_size
+
+
+def test_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
+    """``reckpt ls DIR | head``: the reader leaving early ends the command quietly with 0."""
+    for step in range(3):
+        reckpt.save_model(str(tmp_path / f"model.ckpt-{step}"), *trained())
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the command writes anything
+    proc = subprocess.run(
+        [sys.executable, "-m", "reckpt.cli", "ls", str(tmp_path)],
+        stdout=w,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+    )
+    os.close(w)
+    assert proc.returncode == 0, proc.stderr
+    assert "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr
