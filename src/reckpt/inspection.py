@@ -94,15 +94,23 @@ def read_part(
     part: str = "model",
     keys: list[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    *,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Load one part of a checkpoint into plain, unsharded values in this process.
 
     Runs without a process group and whatever the world size that saved it: every tensor
     comes back whole (flattened keys, as in the checkpoint). Reads safely (allow-listed
-    metadata, ``weights_only`` items); does not verify checksums (call :func:`reckpt.verify`).
+    metadata, ``weights_only`` items).
 
     Args:
         keys: only these entries (default: all).
+        verify: first check the sizes and checksums of the part's files against the
+            manifest (a legacy checkpoint has none to check); ``False`` reads whatever is
+            there (salvage, or a caller that verified the checkpoint already).
+
+    Raises:
+        IntegrityError: ``verify`` and a file of the part is missing, truncated or corrupted.
     """
     import torch
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -114,6 +122,8 @@ def read_part(
 
     storage = storage_for(checkpoint_dir, storage_options)
     dcp_dir = Storage.join(checkpoint_dir, part)
+    if verify:
+        _check_part(storage, checkpoint_dir, part)
     md = read_dcp_metadata(storage, dcp_dir)
     wanted = set(keys) if keys is not None else None
     state: dict[str, Any] = {}
@@ -136,3 +146,20 @@ def read_part(
         no_dist=True,
     )
     return state
+
+
+def _check_part(storage: Storage, checkpoint_dir: str, part: str) -> None:
+    from reckpt.verification import check_files, integrity_error
+
+    manifest = read_manifest(storage, checkpoint_dir)
+    if manifest is None:
+        return
+    files = sorted(f for f in manifest.files if f.startswith(f"{part}/"))
+    problems = check_files(storage, checkpoint_dir, manifest, files)
+    if problems:
+        raise integrity_error(
+            checkpoint_dir,
+            problems,
+            "Refusing to read values from a damaged checkpoint: use another one, or pass"
+            " verify=False (--no-verify) to salvage what is readable.",
+        )

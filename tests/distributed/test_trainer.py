@@ -158,6 +158,19 @@ def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, worl
         want = torch.cat([torch.sigmoid(plain(b.dense, b.sparse).squeeze(-1)) for b in reader.batches()])
     assert torch.allclose(scores, want.to(scores.dtype), rtol=0, atol=1e-6)
 
+    # A flipped bit in the checkpoint: export refuses (and writes nothing), --no-verify salvages.
+    if world == 1:
+        data_file = next((Path(meta["checkpoint"]) / "model").glob("*.distcp"))
+        raw = bytearray(data_file.read_bytes())
+        raw[len(raw) // 2] ^= 1
+        data_file.write_bytes(bytes(raw))
+        damaged = tmp_path / "export-damaged"
+        proc = cli("export", cfg, "--export-dir", str(damaged))
+        assert proc.returncode != 0 and "integrity check failed" in proc.stderr, proc.stderr[-3000:]
+        assert not damaged.exists()
+        proc = cli("export", cfg, "--export-dir", str(damaged), "--no-verify")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
 
 DYNAMIC = """
 [model.dynamic_tables.s1]

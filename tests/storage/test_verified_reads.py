@@ -53,3 +53,18 @@ def test_a_closed_pipe_is_not_an_error(tmp_path: Path) -> None:
     os.close(w)
     assert proc.returncode == 0, proc.stderr
     assert "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_read_part_verifies_unless_told_not_to(tmp_path: Path) -> None:
+    import pytest
+
+    from reckpt.errors import IntegrityError
+    from reckpt.inspection import read_part
+
+    ckpt = tmp_path / "model.ckpt-1"
+    reckpt.save_model(str(ckpt), *trained())
+    assert set(read_part(str(ckpt), "model")) == set(trained()[0].state_dict())
+    _flip(ckpt)
+    with pytest.raises(IntegrityError, match=r"(?s)model/__0_0\.distcp: checksum .*--no-verify"):
+        read_part(str(ckpt), "model")
+    assert set(read_part(str(ckpt), "model", verify=False)) == set(trained()[0].state_dict())

@@ -57,6 +57,12 @@ def register(sub: Any) -> None:
         default="raw",
         help="embedding tables: raw (lossless), int8 (row-wise, fp16 scale+offset) or fp16",
     )
+    ex.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checking the checkpoint's sizes and checksums (salvage only)",
+    )
     ex.set_defaults(func=_run)
 
     pr = sub.add_parser(
@@ -155,6 +161,6 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "export":
         from reckpt.trainer.serve import export_model
 
-        src = export_model(cfg, args.export_dir, args.checkpoint_path, args.quantize)
+        src = export_model(cfg, args.export_dir, args.checkpoint_path, args.quantize, verify=args.verify)
         print(f"exported {src} to {args.export_dir}")
     return 0

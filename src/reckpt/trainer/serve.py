@@ -80,19 +80,22 @@ def eval_checkpoint(cfg: Config, checkpoint_path: str | None = None) -> dict[str
     return metrics
 
 
-def _checkpoint_weights(cfg: Config, path: str) -> tuple[dict[str, torch.Tensor], torch.nn.Module | None]:
+def _checkpoint_weights(
+    cfg: Config, path: str, verify: bool = True
+) -> tuple[dict[str, torch.Tensor], torch.nn.Module | None]:
     """The unsharded weights of a checkpoint, and the restored plain model when one was needed.
 
     A full checkpoint without dynamic tables streams its ``model/`` part; a delta (its chain)
-    or a checkpoint with dynamic tables is restored into a plain single-process model.
+    or a checkpoint with dynamic tables is restored into a plain single-process model. Both
+    check sizes and checksums first unless ``verify`` is off.
     """
     storage = storage_for(path)
     manifest = read_manifest(storage, path)
     dynamic = manifest is not None and any(f.startswith(f"{DYNAMICEMB_DIR}/") for f in manifest.files)
     if parse_delta_step(path) is None and not dynamic:
-        return read_part(path, "model"), None
+        return read_part(path, "model", verify=verify), None
     model = build_model(cfg)
-    reckpt.restore_model(path, model)
+    reckpt.restore_model(path, model, verify=verify)
     return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}, model
 
 
@@ -101,13 +104,20 @@ def _table_keys(weights: dict[str, torch.Tensor]) -> list[str]:
 
 
 def export_model(
-    cfg: Config, export_dir: str, checkpoint_path: str | None = None, quantize: str = "raw"
+    cfg: Config,
+    export_dir: str,
+    checkpoint_path: str | None = None,
+    quantize: str = "raw",
+    *,
+    verify: bool = True,
 ) -> str:
     """Write the serving artifact of the best or latest checkpoint (per ``export_config``).
 
     Args:
         quantize: embedding tables as ``"raw"`` (default, lossless), ``"int8"`` (row-wise
             uint8 + fp16 scale and offset, TorchEasyRec's ``QUint8RowwiseF16``) or ``"fp16"``.
+        verify: check the checkpoint's sizes and checksums before exporting (a damaged
+            checkpoint raises ``IntegrityError``); ``False`` salvages what is readable.
     """
     from safetensors.torch import save_file
 
@@ -115,7 +125,7 @@ def export_model(
         raise ConfigError(f"--quantize must be one of {list(ENCODINGS)}, got {quantize!r}")
     path, step = _pick(cfg, checkpoint_path)
     with reckpt.lease(path, holder="reckpt export"):
-        weights, restored = _checkpoint_weights(cfg, path)
+        weights, restored = _checkpoint_weights(cfg, path, verify)
     expected = set(build_model(cfg, device="meta").state_dict())
     if set(weights) != expected:
         raise ConfigError(
