@@ -37,7 +37,7 @@ def register(sub: Any) -> None:
         help="evaluate a checkpoint (AUC, log-loss)",
         epilog="example: reckpt eval examples/demo.toml --checkpoint-path runs/a/model.ckpt-500",
     )
-    ev.add_argument("config")
+    ev.add_argument("config", nargs="?", help="TOML config (default: the demo's, as for `reckpt train`)")
     flag(ev, "model-dir")
     flag(ev, "checkpoint-path", help="a checkpoint or model_dir (default: latest in model_dir)")
     ev.set_defaults(func=_run)
@@ -47,7 +47,7 @@ def register(sub: Any) -> None:
         help="export the best or latest checkpoint for serving",
         epilog="example: reckpt export examples/demo.toml --export-dir serving/",
     )
-    ex.add_argument("config")
+    ex.add_argument("config", nargs="?", help="TOML config (default: the demo's, as for `reckpt train`)")
     flag(ex, "model-dir")
     flag(ex, "export-dir", required=True)
     flag(ex, "checkpoint-path")
@@ -118,7 +118,7 @@ def _demo_config(args: argparse.Namespace) -> Any:
     t.num_steps, t.save_checkpoints_steps, t.keep_checkpoint_max = 3000, 500, 3
     t.log_step_count_steps, t.learning_rate, t.sparse_learning_rate = 100, 0.001, 0.02
     cfg.export_config.exporter_type = "best"
-    if args.fine_tune_checkpoint:
+    if getattr(args, "fine_tune_checkpoint", None):
         t.fine_tune_checkpoint = args.fine_tune_checkpoint
     return cfg.validate("<demo>")
 
