@@ -378,3 +378,50 @@ def test_continue_train_skips_a_damaged_newest_checkpoint(tmp_path: Path, data: 
     assert f"skipping {damaged}/model.ckpt-{STEPS - 1}" in proc.stderr
     assert reckpt.verify(str(damaged / f"model.ckpt-{STEPS - 1}")).ok  # replaced by the redone save
     assert_bitwise_equal(final_state(straight), final_state(damaged))
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(tmp_path: Path, data: Path) -> None:
+    """Preemption: SIGTERM (and SLURM's SIGUSR1) finish the step, save, commit and exit 0."""
+    import signal
+
+    run = tmp_path / "run"
+    cfg = Path(write_config(tmp_path / "long.toml", data, run, train="log_step_count_steps = 1"))
+    cfg.write_text(cfg.read_text().replace(f"num_steps = {STEPS}", "num_steps = 1000000"))
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reckpt.cli", "train", str(cfg)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("step 30 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    err = "".join(seen) + err
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: saving step" in err
+    path, step = reckpt.latest_checkpoint(str(run))
+    assert path is not None and step >= 30 and reckpt.verify(path).ok
+    assert f"{step:>8}  committed" in out  # the summary lists the preemption save
+
+
+def test_resume_says_what_it_did(tmp_path: Path, data: Path) -> None:
+    """--continue-train into an empty model_dir says it starts from scratch; a finished run
+    resumed says there was nothing to train (not a final loss of nan)."""
+    run = tmp_path / "typo"
+    cfg = write_config(tmp_path / "a.toml", data, run)
+    first = cli("train", cfg, "--continue-train")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"--continue-train: no checkpoint in model_dir {run} (it does not exist);" in first.stderr
+    assert "training starts from scratch" in first.stderr
+    again = cli("train", cfg, "--continue-train")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"nothing to train: model_dir {run} is already at step {STEPS - 1}" in again.stderr
+    assert "final train loss n/a (no step trained by this run)" in again.stdout and "nan" not in again.stdout

@@ -8,6 +8,7 @@ the start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from reckpt.trainer.data import EPOCHS_KEY, ParquetReader, input_files
 from reckpt.trainer.metrics import auc, logloss
 from reckpt.trainer.model import build_model, init_distributed, shard_model, table_rows
 
-__all__ = ["train_and_evaluate", "evaluate", "TrainResult"]
+__all__ = ["train_and_evaluate", "evaluate", "TrainResult", "Preemption"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,14 @@ def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool
                         " --continue-train to resume from it, or choose another --model-dir"
                     )
                 out = (latest, False)
+            elif continue_train and not ft:
+                print(
+                    f"--continue-train: no checkpoint in model_dir {cfg.model_dir}"
+                    f" ({'it holds none' if _exists(cfg.model_dir) else 'it does not exist'});"
+                    " training starts from scratch",
+                    file=sys.stderr,
+                    flush=True,
+                )
         except Exception as e:
             err = e
     box: list[Any] = [(out, err)]
@@ -72,6 +81,44 @@ def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool
     if err is not None:
         raise err
     return out
+
+
+def _exists(model_dir: str) -> bool:
+    from reckpt.storage import storage_for
+
+    return storage_for(model_dir).isdir(model_dir)
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (SLURM's requeue signal) ask for a save and a clean exit.
+
+    The handler only records the request; the training loop checks it after each step,
+    agreeing across ranks (one all-reduce) so that every rank saves at the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Preemption:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def requested(self) -> bool:
+        """Collective: whether any rank received a signal."""
+        flag = torch.tensor([1 if self.signum else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def evaluate(cfg: Config, model: torch.nn.Module) -> dict[str, float]:
@@ -149,9 +196,10 @@ def train_and_evaluate(
     writer = _summary_writer(cfg.model_dir) if rank == 0 else None
     kill_at = int(os.environ.get(KILL_AT_STEP, "-1"))
     epoch = int(position.get(EPOCHS_KEY, 0))
-    start = time.time()
+    start, first = time.time(), step + 1
     bar = _progress(rank, t.num_steps or None, step + 1, t.log_step_count_steps)
     loss_value = float("nan")
+    preempted = False
 
     def after_save(s: int) -> None:
         metrics = evaluate(cfg, model)
@@ -162,7 +210,11 @@ def train_and_evaluate(
         if rank == 0:
             logger.info("step %d eval: %s", s, metrics)
 
-    while (t.num_steps and step + 1 < t.num_steps) or (t.num_epochs and epoch < t.num_epochs):
+    stack = contextlib.ExitStack()
+    preemption = stack.enter_context(Preemption())
+    while not preempted and (
+        (t.num_steps and step + 1 < t.num_steps) or (t.num_epochs and epoch < t.num_epochs)
+    ):
         for batch in reader.batches(position):
             step += 1
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
@@ -175,13 +227,15 @@ def train_and_evaluate(
             reckpt.update_dataloder_state(position, batch.position)
             if writer is not None and step % max(t.log_step_count_steps, 1) == 0:
                 writer.add_scalar("loss", loss_value, step)
-            bar.update(
-                step, loss_value, (step + 1) * cfg.data.batch_size * world / max(time.time() - start, 1e-9)
-            )
+            done = step + 1 - first  # steps trained by this run (a resumed run starts later)
+            bar.update(step, loss_value, done * cfg.data.batch_size * world / max(time.time() - start, 1e-9))
             if mgr.maybe_save(step, model, optimizer, dataloader_state=position):
                 after_save(step)
             if step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if preemption.requested():
+                preempted = True
+                break
             if t.num_steps and step + 1 >= t.num_steps:
                 break
         else:  # the data pass ended
@@ -192,9 +246,23 @@ def train_and_evaluate(
             ):
                 after_save(step)
     bar.close()
-    if mgr.maybe_save(step, model, optimizer, dataloader_state=position, final=True):
+    if preempted:
+        if rank == 0:
+            name = signal.Signals(preemption.signum).name if preemption.signum else "a signal on another rank"
+            print(f"{name}: saving step {step} and stopping (resume with --continue-train)", file=sys.stderr)
+        mgr.maybe_save(
+            step, model, optimizer, dataloader_state=position, final=True
+        )  # no eval: time is short
+    elif mgr.maybe_save(step, model, optimizer, dataloader_state=position, final=True):
         after_save(step)
-    mgr.close()
+    mgr.close()  # waits for an async save's commit
+    stack.close()
+    if step + 1 == first and rank == 0:
+        print(
+            f"nothing to train: model_dir {cfg.model_dir} is already at step {step}"
+            f" (num_steps {t.num_steps}, num_epochs {t.num_epochs})",
+            file=sys.stderr,
+        )
     if writer is not None:
         writer.close()
     checkpoints = mgr.list_checkpoints()
@@ -209,7 +277,12 @@ def train_and_evaluate(
 def summary_table(
     checkpoints: list[reckpt.CheckpointInfo], latest: str | None, best: str | None, loss: float
 ) -> str:
-    lines = [f"final train loss {loss:.4f}", f"{'step':>8}  {'state':<10} {'auc':>8} {'logloss':>8}  marks"]
+    head = (
+        f"final train loss {loss:.4f}"
+        if loss == loss
+        else "final train loss n/a (no step trained by this run)"
+    )
+    lines = [head, f"{'step':>8}  {'state':<10} {'auc':>8} {'logloss':>8}  marks"]
     for c in checkpoints:
         marks = " ".join(m for m, p in (("latest", latest), ("best", best)) if p == c.path)
         a, ll = c.metrics.get("auc", float("nan")), c.metrics.get("logloss", float("nan"))
