@@ -425,3 +425,34 @@ def test_resume_says_what_it_did(tmp_path: Path, data: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"nothing to train: model_dir {run} is already at step {STEPS - 1}" in again.stderr
     assert "final train loss n/a (no step trained by this run)" in again.stdout and "nan" not in again.stdout
+
+
+def test_data_position_matches_relative_and_absolute_paths(tmp_path: Path, data: Path) -> None:
+    """A run saved with absolute data paths resumes exactly with relative ones (same files);
+    a position naming other files is refused instead of silently re-reading data."""
+    import shutil
+
+    straight = tmp_path / "straight"
+    cfg = write_config(tmp_path / "a.toml", data, straight)
+    assert cli("train", cfg).returncode == 0
+    resumed = tmp_path / "resumed"
+    abs_cfg = write_config(tmp_path / "b.toml", data, resumed)
+    assert cli("train", abs_cfg, env={"RECKPT_TRAIN_KILL_AT_STEP": "45"}).returncode != 0
+    rel = Path(os.path.relpath(data, tmp_path))
+    rel_cfg = tmp_path / "c.toml"
+    rel_cfg.write_text(Path(abs_cfg).read_text().replace(str(data), str(rel)))
+    assert str(rel) in rel_cfg.read_text() and str(data) not in rel_cfg.read_text()
+    proc = cli("train", str(rel_cfg), "--continue-train", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_bitwise_equal(final_state(straight), final_state(resumed))
+
+    other = tmp_path / "copy"
+    shutil.copytree(data, other)
+    moved = tmp_path / "moved"
+    moved_cfg = write_config(tmp_path / "d.toml", data, moved)
+    assert cli("train", moved_cfg, env={"RECKPT_TRAIN_KILL_AT_STEP": "25"}).returncode != 0
+    elsewhere = tmp_path / "e.toml"
+    elsewhere.write_text(Path(moved_cfg).read_text().replace(str(data), str(other)))
+    proc = cli("train", str(elsewhere), "--continue-train")
+    assert proc.returncode != 0
+    assert "the saved data position names" in proc.stderr and "--fine-tune-checkpoint" in proc.stderr

@@ -127,8 +127,12 @@ class ParquetReader:
     ):
         import pyarrow.parquet as pq
 
-        self.files, self.cfg, self.table_rows = files, cfg, table_rows
+        # Positions are keyed by the real path, so relative and absolute spellings of the same
+        # file (a config's "data/train" and the demo's absolute path) name the same position.
+        self.files, self.cfg, self.table_rows = [os.path.realpath(f) for f in files], cfg, table_rows
+        self.world_size = world_size
         self.ranges: list[tuple[int, int]] = []
+        self._per: list[int] = []
         needed = [cfg.label, *cfg.dense_columns, *cfg.sparse_columns]
         for f in files:
             meta = pq.ParquetFile(f)
@@ -142,6 +146,7 @@ class ParquetReader:
             # so every rank runs the same number of batches: DMP's collectives stay in lockstep.
             per = meta.metadata.num_rows // world_size
             self.ranges.append((rank * per, (rank + 1) * per))
+            self._per.append(per)
         if sum(hi - lo for lo, hi in self.ranges) == 0:
             raise ConfigError(
                 f"{', '.join(files)}: no rows to read for rank {rank} of {world_size} (empty Parquet)"
@@ -149,6 +154,44 @@ class ParquetReader:
 
     def key(self, i: int) -> str:
         return f"{self.files[i]}:{self.ranges[i][0]}"
+
+    def adopt(self, position: dict[str, Any], source: str) -> dict[str, Any]:
+        """A saved data position in this reader's keys; refuses one it cannot match.
+
+        Keys are matched by the file's real path (a relative key is taken relative to the
+        working directory). Every ``"<file>:<range start>"`` key must be one of the keys this
+        run's ranks use (same files, same number of processes): otherwise resuming would
+        re-read or skip data without a word.
+
+        Raises:
+            ConfigError: a key names another file or another row range (``source`` names the
+                checkpoint in the message).
+        """
+        ours = {
+            f"{f}:{r * per}"
+            for f, per in zip(self.files, self._per, strict=True)
+            for r in range(self.world_size)
+        }
+        out: dict[str, Any] = {}
+        unmatched = []
+        for key, value in position.items():
+            if key.startswith("__"):
+                out[key] = value
+                continue
+            file, sep, start = key.rpartition(":")
+            mine = f"{os.path.realpath(file)}:{start}" if sep else key
+            if mine not in ours:
+                unmatched.append(key)
+            out[mine] = value
+        if unmatched:
+            raise ConfigError(
+                f"{source}: the saved data position names {sorted(unmatched)[:3]}, which this run does not"
+                f" read ({len(self.files)} file(s) in {os.path.dirname(self.files[0])}, {self.world_size}"
+                " process(es)); resuming would re-read or skip data. Resume with the same input paths and"
+                " number of processes, or start a new model_dir with --fine-tune-checkpoint (weights"
+                " only, the data pass restarts)"
+            )
+        return out
 
     def batches(self, position: dict[str, Any] | None = None) -> Iterator[Batch]:
         """Batches after ``position`` (exclusive), to the end of this rank's data."""

@@ -188,6 +188,7 @@ def train_and_evaluate(
                 f"model_dir {cfg.model_dir}: no committed checkpoint to resume from"
             )
         position, step = dict(resumed.dataloader_state or {EPOCHS_KEY: 0}), resumed.step
+        position = reader.adopt(position, resumed.path)
         logger.info("resumed from %s at step %d", resumed.path, step)
     elif ckpt is not None:
         report = reckpt.restore_model(ckpt, model, restore_opt, param_map)
