@@ -68,3 +68,15 @@ def test_read_part_verifies_unless_told_not_to(tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match=r"(?s)model/__0_0\.distcp: checksum .*--no-verify"):
         read_part(str(ckpt), "model")
     assert set(read_part(str(ckpt), "model", verify=False)) == set(trained()[0].state_dict())
+
+
+def test_every_command_has_a_description_and_no_rst_in_help() -> None:
+    from reckpt.cli import build_parser
+
+    parser = build_parser()
+    assert "``" not in parser.format_help()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, command in sub.choices.items():  # type: ignore[union-attr]
+        text = command.format_help()
+        assert command.description, name
+        assert "``" not in text, name

@@ -33,10 +33,11 @@ __all__ = ["main"]
 def build_parser() -> argparse.ArgumentParser:
     from reckpt.cli import _checkpoints, _convert, _train
 
+    doc = __doc__.replace("``", "")  # the module docstring's RST markup is not for a terminal
     parser = argparse.ArgumentParser(
         prog="reckpt",
-        description=__doc__.splitlines()[0],
-        epilog="examples:" + __doc__.split("Examples:")[1],
+        description=doc.split("Examples:")[0].strip(),
+        epilog="examples:" + doc.split("Examples:")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoints.register(sub)
     _convert.register(sub)
     _train.register(sub)
+    for action in sub._choices_actions:  # each command's --help opens with its one-line help
+        command = sub.choices[action.dest]
+        if not command.description and action.help:
+            command.description = action.help[:1].upper() + action.help[1:] + "."
     return parser
 
 
