@@ -421,6 +421,9 @@ def test_resume_says_what_it_did(tmp_path: Path, data: Path) -> None:
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"--continue-train: no checkpoint in model_dir {run} (it does not exist);" in first.stderr
     assert "training starts from scratch" in first.stderr
+    # saves, evals and an ETA are shown without -v
+    assert f"step {EVERY}: saved {run}/model.ckpt-{EVERY}; eval auc " in first.stderr
+    assert " eta " in first.stderr
     again = cli("train", cfg, "--continue-train")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"nothing to train: model_dir {run} is already at step {STEPS - 1}" in again.stderr

@@ -209,7 +209,8 @@ def train_and_evaluate(
             for k, v in metrics.items():
                 writer.add_scalar(f"metric/{k}", v, s)
         if rank == 0:
-            logger.info("step %d eval: %s", s, metrics)
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            bar.note(f"step {s}: saved {mgr.checkpoint_dir(s)}; eval {shown}")
 
     stack = contextlib.ExitStack()
     preemption = stack.enter_context(Preemption())
@@ -303,6 +304,13 @@ def _summary_writer(model_dir: str) -> Any:
     return SummaryWriter(log_dir=local)
 
 
+def _duration(seconds: float) -> str:
+    """``3725`` -> ``"1h02m"``, ``125`` -> ``"2m05s"``, ``7`` -> ``"7s"``."""
+    m, sec = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
 class _progress:
     """Rank 0's progress (step, loss, examples/s): a tqdm bar on a terminal, else a line every
     ``log_every`` steps."""
@@ -310,6 +318,7 @@ class _progress:
     def __init__(self, rank: int, total: int | None, initial: int, log_every: int) -> None:
         self.bar = None
         self.rank, self.log_every = rank, max(log_every, 1)
+        self.total, self.initial, self.started = total, initial, time.time()
         if rank == 0 and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -321,8 +330,19 @@ class _progress:
             self.bar.update(step + 1 - self.last)
             self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{eps:,.0f}")
         elif self.rank == 0 and step % self.log_every == 0:
-            print(f"step {step} loss {loss:.4f} examples/s {eps:,.0f}", file=sys.stderr, flush=True)
+            eta = ""
+            if self.total and self.started is not None and step + 1 > self.initial:
+                rate = (step + 1 - self.initial) / max(time.time() - self.started, 1e-9)
+                eta = f" eta {_duration((self.total - step - 1) / rate)}"
+            print(f"step {step} loss {loss:.4f} examples/s {eps:,.0f}{eta}", file=sys.stderr, flush=True)
         self.last = step + 1
+
+    def note(self, line: str) -> None:
+        """A line of its own (a save, an eval), shown without -v."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        elif self.rank == 0:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
