@@ -182,9 +182,15 @@ SHAPE = (
     "<dir>/model.ckpt-1/model: 2 key(s) cannot be loaded because their shapes differ:\n"
     "  emb.user.weight: checkpoint 'emb.user.weight' has shape [50, 4], the current value [50, 6]\n"
     "  tower.0.weight: checkpoint 'tower.0.weight' has shape [8, 4], the current value [8, 6]\n"
-    "A table whose row count changed loads its overlapping rows with allow_row_resize=True;"
-    " otherwise map the key elsewhere or drop it."
+    "strict_shapes=True refuses shape changes: restore without it to load the overlapping block of"
+    " each (the rest keeps its current values), or map the key elsewhere or drop it."
 )
+
+
+def _flat_tower(d: Path) -> None:
+    m = fresh()[0]
+    m.tower[0].weight = torch.nn.Parameter(torch.zeros(32))  # [8, 4] in the checkpoint
+    reckpt.restore_model(_saved(d), m)
 
 
 def _faulty_save(d: Path, faults: list[Fault]) -> None:
@@ -335,10 +341,19 @@ MISTAKES: list[Mistake] = [
         " one, e.g. latest_checkpoint(model_dir)",
     ),
     Mistake(
-        "restore: a tensor's shape changed",
-        lambda d: reckpt.restore_model(_saved(d), fresh(dim=6)[0]),
+        "restore: a tensor's shape changed, with strict_shapes",
+        lambda d: reckpt.restore_model(_saved(d), fresh(dim=6)[0], strict_shapes=True),
         errors.ShapeMismatchError,
         SHAPE,
+    ),
+    Mistake(
+        "restore: a tensor's number of dimensions changed",
+        _flat_tower,
+        errors.ShapeMismatchError,
+        "<dir>/model.ckpt-1/model: 1 key(s) cannot be loaded because their shapes differ:\n"
+        "  tower.0.weight: checkpoint 'tower.0.weight' has shape [8, 4], the current value [32]\n"
+        "A key whose number of dimensions (or tensor-ness) changed cannot be loaded: map it to another"
+        " checkpoint key, or keep its initial value with a '<key> -' line in the parameter map.",
     ),
     Mistake(
         "restore: strict and keys are missing",
@@ -526,11 +541,10 @@ MISTAKES: list[Mistake] = [
         "keep_checkpoint_max must be >= 0, got -1",
     ),
     Mistake(
-        "manager: event-time triggers",
-        lambda d: reckpt.CheckpointManager(str(d)).set_save_policy(ts_interval_s=60),
+        "manager: an event-time trigger with a quorum outside (0, 1]",
+        lambda d: reckpt.CheckpointManager(str(d)).set_save_policy(ts_interval_s=60, ts_quorum=0),
         errors.ConfigError,
-        "event-time save triggers (ts_interval_s / ts_targets) are not supported by reckpt yet; use save_steps,"
-        " save_epochs or save_interval_s",
+        "ts_quorum must be in (0, 1] when ts_interval_s or ts_targets is set, got 0; pass the fraction of ranks whose data must reach a boundary, e.g. 0.5",
     ),
     Mistake(
         "retention: keep the last 0", lambda d: reckpt.LatestN(0), ValueError, "LatestN.n must be >= 1, got 0"

@@ -18,6 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from reckpt._version import __version__
 
+# TorchEasyRec's flag "NVIDIA dynamicemb is importable", which its save_model consults. reckpt
+# never calls that package (its own dynamic tables, reckpt.DynamicEmbedding, are always
+# saved); the name exists so code and tests that patch it keep working.
+has_dynamicemb = False
+
 _EXPORTS = {
     # TorchEasyRec checkpoint_util surface
     "save_model": "reckpt.save",
@@ -27,8 +32,15 @@ _EXPORTS = {
     "list_distcp_param": "reckpt.inspection",
     "PartialLoadPlanner": "reckpt.planner",
     "CheckpointManager": "reckpt.manager",
+    "save_dataloader_state": "reckpt.dataloader_state",
     "restore_dataloader_state": "reckpt.dataloader_state",
     "update_dataloder_state": "reckpt.dataloader_state",
+    "DATALOADER_CKPT_FILENAME": "reckpt.dataloader_state",
+    "DATA_TS_WATERMARK": "reckpt.dataloader_state",
+    "EPOCHS_COMPLETED": "reckpt.dataloader_state",
+    "should_save_on_timestamp": "reckpt.policy",
+    "quorum_event_time": "reckpt.policy",
+    "remap_input_tile_user_key": "reckpt.remap",
     # reckpt's own
     "LoadReport": "reckpt.report",
     "PartReport": "reckpt.report",
@@ -55,7 +67,7 @@ _EXPORTS = {
     "save_delta": "reckpt.delta",
 }
 
-__all__ = ["__version__", "errors", *_EXPORTS]
+__all__ = ["__version__", "errors", "has_dynamicemb", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
@@ -77,7 +89,19 @@ if TYPE_CHECKING:
     from reckpt import errors as errors
     from reckpt.commit import is_committed as is_committed
     from reckpt.dataloader_state import (
+        DATA_TS_WATERMARK as DATA_TS_WATERMARK,
+    )
+    from reckpt.dataloader_state import (
+        DATALOADER_CKPT_FILENAME as DATALOADER_CKPT_FILENAME,
+    )
+    from reckpt.dataloader_state import (
+        EPOCHS_COMPLETED as EPOCHS_COMPLETED,
+    )
+    from reckpt.dataloader_state import (
         restore_dataloader_state as restore_dataloader_state,
+    )
+    from reckpt.dataloader_state import (
+        save_dataloader_state as save_dataloader_state,
     )
     from reckpt.dataloader_state import (
         update_dataloder_state as update_dataloder_state,
@@ -126,6 +150,9 @@ if TYPE_CHECKING:
     from reckpt.policy import (
         PinnedSteps as PinnedSteps,
     )
+    from reckpt.policy import quorum_event_time as quorum_event_time
+    from reckpt.policy import should_save_on_timestamp as should_save_on_timestamp
+    from reckpt.remap import remap_input_tile_user_key as remap_input_tile_user_key
     from reckpt.report import LoadReport as LoadReport
     from reckpt.report import PartReport as PartReport
     from reckpt.restore import restore_model as restore_model

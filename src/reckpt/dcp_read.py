@@ -52,6 +52,32 @@ def _validate_storage_data(md: Metadata, source: str) -> None:
             )
 
 
+def _validate_chunk_sizes(md: Metadata, source: str) -> None:
+    """Refuse a tensor chunk that claims more bytes than its stored item holds.
+
+    Items are stored uncompressed, so a chunk's bytes fit in its record; a larger claim
+    (a crafted shape of terabytes) would otherwise be loaded as its overlapping block.
+    """
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+    storage_data = md.storage_data or {}
+    for fqn, entry in md.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            continue
+        itemsize = torch.empty((), dtype=entry.properties.dtype).element_size()
+        for chunk in entry.chunks:
+            info = storage_data.get(MetadataIndex(fqn, chunk.offsets))
+            if info is None or getattr(info, "transform_descriptors", None):
+                continue  # no record of its own, or a compressed one: sizes differ legitimately
+            claimed = itemsize * int(torch.Size(chunk.sizes).numel())
+            if claimed > int(info.length):
+                raise UnsafeCheckpointError(
+                    f"{source}: entry {fqn!r} claims a chunk of shape {list(chunk.sizes)} ({claimed} bytes)"
+                    f" stored in {int(info.length)} bytes; the metadata is corrupt or crafted, refusing"
+                    " to read it"
+                )
+
+
 def read_dcp_metadata(storage: Storage, dcp_dir: str) -> Metadata:
     """Read and validate a DCP directory's ``.metadata`` without executing code.
 
@@ -62,6 +88,7 @@ def read_dcp_metadata(storage: Storage, dcp_dir: str) -> Metadata:
     path = Storage.join(dcp_dir, DCP_METADATA_FILE)
     md = cast(Metadata, load_metadata(storage.read_bytes(path), path))
     _validate_storage_data(md, path)
+    _validate_chunk_sizes(md, path)
     return md
 
 

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from reckpt.best import BestRule, best_step, default_larger_is_better, resolve_metric_name
 from reckpt.commit import checkpoint_state
 from reckpt.errors import CheckpointNotFoundError, ConfigError, IncompleteCheckpointError, IntegrityError
 from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME, read_checkpoint_metrics, read_eval_results
@@ -23,10 +24,17 @@ from reckpt.naming import (
     parse_delta_step,
     parse_step,
 )
-from reckpt.policy import CheckpointInfo, best_step, resolve_metric_name
+from reckpt.policy import CheckpointInfo
 from reckpt.storage import Storage, storage_for
 
-__all__ = ["latest_checkpoint", "best_checkpoint", "list_checkpoints", "committed_steps", "scan"]
+__all__ = [
+    "latest_checkpoint",
+    "best_checkpoint",
+    "best_rule",
+    "list_checkpoints",
+    "committed_steps",
+    "scan",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -159,16 +167,28 @@ def list_checkpoints(
     return infos
 
 
-def _export_fields(export_config: Any) -> tuple[str | None, bool, str | None]:
+def _export_fields(export_config: Any) -> tuple[str | None, bool | None, str | None]:
+    """``(metric, larger_is_better, exporter_type)`` of an ``ExportConfig``-like; ``None``: unset."""
     if export_config is None:
-        return None, True, None
+        return None, None, None
     has_field = getattr(export_config, "HasField", None)
     if callable(has_field):  # a protobuf ExportConfig: its "auc" default only counts when set
         metric = export_config.best_exporter_metric if has_field("best_exporter_metric") else None
     else:
         metric = getattr(export_config, "best_exporter_metric", None)
-    larger = bool(getattr(export_config, "metric_larger_is_better", True))
-    return metric or None, larger, getattr(export_config, "exporter_type", None)
+    larger = getattr(export_config, "metric_larger_is_better", None)
+    exporter_type = getattr(export_config, "exporter_type", None)
+    return metric or None, None if larger is None else bool(larger), exporter_type
+
+
+def best_rule(export_config: Any) -> BestRule:
+    """The :class:`~reckpt.best.BestRule` pruning applies for an ``ExportConfig``-like (or ``None``).
+
+    Its metric and direction are the config's; with ``exporter_type == "best"`` a best that
+    cannot be told stops pruning (as TorchEasyRec's failing best lookup does).
+    """
+    metric, larger, exporter_type = _export_fields(export_config)
+    return BestRule(metric, larger, required=exporter_type == "best")
 
 
 def best_checkpoint(
@@ -189,7 +209,9 @@ def best_checkpoint(
         eval_result_filename: the JSON-lines results file inside ``model_dir``.
         metric: the metric name (overrides ``export_config``). Unset: a single recorded metric
             is used; among several, ``auc``; otherwise a :class:`ConfigError` lists them.
-        larger_is_better: direction (overrides ``export_config``; default True).
+        larger_is_better: direction (overrides ``export_config``); unset in both, by the
+            metric's name (:func:`reckpt.best.default_larger_is_better`: losses are
+            smaller-is-better, everything else larger).
 
     Falls back to :func:`latest_checkpoint` when no metrics are recorded at all. When the best
     step's checkpoint was pruned or is incomplete, the best committed one is returned with a
@@ -200,7 +222,7 @@ def best_checkpoint(
     """
     cfg_metric, cfg_larger, _ = _export_fields(export_config)
     metric = metric if metric is not None else cfg_metric
-    larger = cfg_larger if larger_is_better is None else larger_is_better
+    larger_arg = cfg_larger if larger_is_better is None else larger_is_better
     root = model_dir.rstrip("/") or model_dir
     checkpoints, by_step = scan(
         root, storage_options, eval_result_filename=eval_result_filename, with_size=False
@@ -213,6 +235,7 @@ def best_checkpoint(
         name = resolve_metric_name(metric, names, Storage.join(root, eval_result_filename))
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    larger = default_larger_is_better(name) if larger_arg is None else larger_arg
     committed = {c.step: c.path for c in checkpoints if c.committed}
     best = best_step(by_step, name, larger)
     if best is not None and best in committed:

@@ -52,11 +52,13 @@ class UnsafeCheckpointError(CheckpointError, ValueError):
     """A checkpoint file carries something reckpt refuses to load (e.g. a pickle payload)."""
 
 
-class KeyMismatchError(CheckpointError, KeyError):
+class KeyMismatchError(CheckpointError, KeyError, RuntimeError):
     """Keys requested by the model are missing from the checkpoint (strict mode).
 
-    ``KeyError`` quotes its message with ``repr``; ``__str__`` is overridden so the
-    multi-line message stays readable.
+    It is both a ``KeyError`` (reckpt's earlier contract) and a ``RuntimeError`` (what
+    TorchEasyRec's ``restore_model(..., error_on_missing_keys=True)`` raises), so callers
+    written for either keep catching it. ``KeyError`` quotes its message with ``repr``;
+    ``__str__`` is overridden so the multi-line message stays readable.
     """
 
     def __str__(self) -> str:

@@ -15,36 +15,34 @@ about it change with the plan:
   row's columns, so the value of a column range ``[a, b)`` built from shards ``[c_i, d_i)``
   that tile it exactly is ``sum_i (d_i - c_i) / (b - a) * m_i``: column-wise -> table-wise /
   row-wise is exact. The reverse needs each shard's share of the squared gradient, which
-  the checkpoint does not hold: such state is re-initialised, and said so.
+  the checkpoint does not hold: such state is re-initialised, and said so. A table that
+  changed size loads its overlapping rows (and the column shards the saved width covers)
+  shard by shard; the rest keeps its current values, as for any resized key.
 
-:func:`plan_conversions` decides, per current key, what to do; :func:`apply_conversions` is
-the collective that reads the checkpoint's state and writes the converted values in place.
+:func:`plan_conversions` decides, per current key, what to do;
+:func:`reckpt.fused_fill.fill_conversions` is the collective that reads the checkpoint's state
+and writes the converted values in place.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from reckpt.report import PartReport, ShapeMismatch
-
 __all__ = [
-    "fill_conversions",
     "Splits",
     "RowwiseConversion",
     "column_splits",
     "convert_rowwise",
+    "rowwise_parts",
     "dense_fused_rename_rule",
     "plan_conversions",
     "flat_state",
 ]
-
-logger = logging.getLogger(__name__)
 
 Splits = tuple[tuple[int, int], ...]
 """Column ranges ``(start, end)`` of a table's shards, in column order."""
@@ -101,25 +99,33 @@ def _current_splits(weight: Any) -> tuple[int, Splits] | None:
     return None if splits is None else (int(size[0]), splits)
 
 
-def convert_rowwise(
-    src: torch.Tensor, rows: int, src_splits: Splits, dst_splits: Splits
-) -> torch.Tensor | None:
-    """Row-wise state laid out for ``src_splits``, recomputed for ``dst_splits``; ``None`` if lossy.
+def rowwise_parts(
+    src: torch.Tensor, src_rows: int, rows: int, src_splits: Splits, dst_splits: Splits
+) -> list[torch.Tensor | None] | None:
+    """Each destination column shard's row-wise state, from state laid out for ``src_splits``.
 
-    Each destination column range must be tiled exactly by source ranges; its value is the
-    width-weighted mean of theirs (a single source range is copied bit for bit).
+    A destination range ``[a, b)`` takes the part of it the checkpoint covers, ``[a, min(b,
+    W))`` with ``W`` the saved width; the source ranges must tile that part exactly, and its
+    value is their width-weighted mean (a single source range is copied bit for bit). Only
+    the first ``min(rows, src_rows)`` rows come from the checkpoint (a table that changed
+    size loads its overlapping rows, shard by shard). Returns, per destination range, those
+    rows, or ``None`` for a range wholly beyond the saved width; ``None`` if a source range
+    straddles a destination range (lossy).
 
     Example:
         >>> m = torch.tensor([1.0, 2.0, 3.0, 4.0])  # 2 rows, 2 column shards of width 4
-        >>> convert_rowwise(m, 2, ((0, 4), (4, 8)), ((0, 8),))
-        tensor([2., 3.])
-        >>> convert_rowwise(torch.tensor([1.0, 2.0]), 2, ((0, 8),), ((0, 4), (4, 8))) is None
-        True
+        >>> rowwise_parts(m, 2, 3, ((0, 4), (4, 8)), ((0, 4), (4, 8), (8, 12)))
+        [tensor([1., 2.]), tensor([3., 4.]), None]
     """
-    if src.numel() != rows * len(src_splits):
+    if src.numel() != src_rows * len(src_splits):
         return None
-    out = []
-    for a, b in dst_splits:
+    width, n = src_splits[-1][1], min(rows, src_rows)
+    out: list[torch.Tensor | None] = []
+    for a, full_b in dst_splits:
+        b = min(full_b, width)
+        if a >= b:
+            out.append(None)
+            continue
         parts: list[tuple[int, int]] = []
         for i, (c, d) in enumerate(src_splits):
             if a <= c and d <= b:
@@ -130,13 +136,33 @@ def convert_rowwise(
             return None
         if len(parts) == 1:
             i = parts[0][0]
-            out.append(src[i * rows : (i + 1) * rows].clone())
+            out.append(src[i * src_rows : i * src_rows + n].clone())
             continue
-        acc = torch.zeros(rows, dtype=src.dtype)
+        acc = torch.zeros(n, dtype=src.dtype)
         for i, w in parts:
-            acc += src[i * rows : (i + 1) * rows] * (w / (b - a))
+            acc += src[i * src_rows : i * src_rows + n] * (w / (b - a))
         out.append(acc)
-    return torch.cat(out)
+    return out
+
+
+def convert_rowwise(
+    src: torch.Tensor, rows: int, src_splits: Splits, dst_splits: Splits
+) -> torch.Tensor | None:
+    """Row-wise state laid out for ``src_splits``, recomputed for ``dst_splits``; ``None`` if lossy.
+
+    The same table (rows and width) under another column layout: see :func:`rowwise_parts`.
+
+    Example:
+        >>> m = torch.tensor([1.0, 2.0, 3.0, 4.0])  # 2 rows, 2 column shards of width 4
+        >>> convert_rowwise(m, 2, ((0, 4), (4, 8)), ((0, 8),))
+        tensor([2., 3.])
+        >>> convert_rowwise(torch.tensor([1.0, 2.0]), 2, ((0, 8),), ((0, 4), (4, 8))) is None
+        True
+    """
+    parts = rowwise_parts(src, rows, rows, src_splits, dst_splits)
+    if parts is None or any(p is None for p in parts):
+        return None
+    return torch.cat([p for p in parts if p is not None])
 
 
 def dense_fused_rename_rule(key: str, saved_keys: Collection[str]) -> str | None:
@@ -181,7 +207,8 @@ class RowwiseConversion:
         fqn: the table's weight; ``name``: the state's name under it.
         source: the checkpoint key read.
         source_shape: its saved shape.
-        rows: the table's row count.
+        shape: its current shape.
+        rows: the table's row count; ``src_rows``: the saved table's.
         src_splits: the saved column shards (``None``: unknown, so not convertible).
         dst_splits: the current column shards.
     """
@@ -191,14 +218,36 @@ class RowwiseConversion:
     name: str
     source: str
     source_shape: tuple[int, ...]
+    shape: tuple[int, ...]
     rows: int
+    src_rows: int
     src_splits: Splits | None
     dst_splits: Splits
 
-    def convert(self, src: torch.Tensor) -> torch.Tensor | None:
+    @property
+    def partial(self) -> bool:
+        """The table changed size: only the overlapping rows (and columns) are loaded."""
+        wider = self.src_splits is not None and self.dst_splits[-1][1] > self.src_splits[-1][1]
+        return self.rows != self.src_rows or wider
+
+    def convert(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(values, loaded)`` over the current flat layout; ``None`` if not convertible.
+
+        ``loaded`` marks the entries that come from the checkpoint; the others keep their
+        current values (rows or column shards the saved table did not have).
+        """
         if self.src_splits is None:
             return None
-        return convert_rowwise(src.reshape(-1), self.rows, self.src_splits, self.dst_splits)
+        parts = rowwise_parts(src.reshape(-1), self.src_rows, self.rows, self.src_splits, self.dst_splits)
+        if parts is None:
+            return None
+        values = torch.zeros(self.rows * len(self.dst_splits), dtype=src.dtype)
+        loaded = torch.zeros(values.shape, dtype=torch.bool)
+        for i, part in enumerate(parts):
+            if part is not None:
+                values[i * self.rows : i * self.rows + len(part)] = part
+                loaded[i * self.rows : i * self.rows + len(part)] = True
+        return values, loaded
 
     def describe(self) -> str:
         def fmt(s: Splits | None) -> str:
@@ -206,7 +255,8 @@ class RowwiseConversion:
                 return "unknown column shards"
             return "1 column shard" if len(s) == 1 else f"{len(s)} column shards"
 
-        return f"{self.source} ({fmt(self.src_splits)}) -> {self.key} ({fmt(self.dst_splits)})"
+        rows = f", rows 0:{min(self.rows, self.src_rows)} of each shard" if self.partial else ""
+        return f"{self.source} ({fmt(self.src_splits)}) -> {self.key} ({fmt(self.dst_splits)}){rows}"
 
 
 def _rowwise_source(key: str, name: str, fqn: str, saved: Mapping[str, Any], dense: bool) -> str | None:
@@ -227,12 +277,19 @@ def plan_conversions(
     saved_optim: Metadata,
     saved_model: Metadata | None,
     skip: Collection[str] = (),
+    overlap: bool = True,
 ) -> dict[str, RowwiseConversion]:
     """Current row-wise optimizer keys whose saved layout differs (``key -> conversion``).
 
     A key is listed when its checkpoint counterpart has another name (dense <-> fused), another
     shape, or the same shape over other column shards (which DCP would load positionally,
     wrongly). Keys in ``skip`` (explicitly mapped by the user) are left alone.
+
+    A table that changed size loads its overlapping rows (``overlap``, the default): one
+    column shard on both sides is left to DCP, which loads the first rows positionally, as
+    for any resized key; a column-sharded table is converted shard by shard
+    (:func:`rowwise_parts`), where DCP's positional overlap of the flat state would mix
+    shards. With ``overlap=False`` (``strict_shapes``) such state is not convertible.
     """
     saved = saved_optim.state_dict_metadata
     out: dict[str, RowwiseConversion] = {}
@@ -257,111 +314,15 @@ def plan_conversions(
         if not isinstance(entry, TensorStorageMetadata):
             continue
         got = _saved_splits(saved_model, fqn) if saved_model is not None else None
-        src_splits = got[1] if got is not None and got[0] == rows else None
+        src_rows, src_splits = got if got is not None else (rows, None)
+        if not overlap and (src_rows != rows or (src_splits and src_splits[-1][1] < dst[-1][1])):
+            src_splits = None
         shape = tuple(entry.size)
-        if src_splits is not None and shape not in ((rows * len(src_splits),), (rows, 1)):
+        if src_splits is not None and shape not in ((src_rows * len(src_splits),), (src_rows, 1)):
             src_splits = None
         if source == key and shape == size and src_splits == dst:
             continue
-        out[key] = RowwiseConversion(key, fqn, name, source, shape, rows, src_splits, dst)
-    return out
-
-
-def write_local(value: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy the rows this rank holds of ``full`` (the whole state) into ``value``, in place."""
-    if hasattr(value, "local_shards"):
-        for shard in value.local_shards():
-            off, n = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
-            shard.tensor.copy_(full[off : off + n].view_as(shard.tensor))
-    else:
-        value.copy_(full.view_as(value))
-
-
-def read_sources(
-    wanted: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-    storage: Any,
-    dcp_dir: str,
-    metadata: Metadata,
-    d: Any,
-    process_group: Any,
-) -> dict[str, torch.Tensor]:
-    """Collective: every rank reads the whole checkpoint tensors it names (may be none)."""
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-
-    from reckpt.dcp_io import dcp_call
-    from reckpt.dcp_read import SafeReader
-
-    out = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in wanted.items()}
-    dcp_call(
-        dcp_load,
-        f"reading optimizer state to convert from {dcp_dir}",
-        out,
-        storage_reader=SafeReader(dcp_dir, storage, metadata),
-        planner=DefaultLoadPlanner(allow_partial_load=True),
-        process_group=process_group,
-        no_dist=not d.active,
-    )
-    return out
-
-
-def apply_conversions(
-    conversions: Mapping[str, RowwiseConversion],
-    optim_sd: Mapping[str, Any],
-    sources: Mapping[str, torch.Tensor],
-) -> tuple[list[RowwiseConversion], list[RowwiseConversion]]:
-    """Write converted state into ``optim_sd`` in place; returns ``(converted, not convertible)``."""
-    values = {key: value for key, _, _, value in flat_state(optim_sd)}
-    done, lossy = [], []
-    for key, conv in sorted(conversions.items()):
-        full = conv.convert(sources[conv.source])
-        if full is None:
-            lossy.append(conv)
+        if overlap and source == key and src_splits is not None and len(src_splits) == len(dst) == 1:
             continue
-        write_local(values[key], full)
-        done.append(conv)
-    return done, lossy
-
-
-def fill_conversions(
-    conversions: Mapping[str, RowwiseConversion],
-    optim_sd: Mapping[str, Any],
-    pr: PartReport,
-    saved: Mapping[str, Any],
-    read: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
-    notes: list[str],
-    where: str,
-) -> None:
-    """Collective: read the sources, write the converted state, report each key.
-
-    Converted keys are ``loaded`` (and ``remapped`` when renamed); the others are
-    ``reinitialized`` and ``shape_mismatched``, logged and noted.
-
-    Args:
-        conversions: this rank's keys (may be empty; every rank must call).
-        optim_sd: the optimizer state dict being loaded (written in place).
-        pr: the optimizer part's report.
-        saved: the checkpoint's ``optimizer/`` metadata entries (``state_dict_metadata``).
-        read: collective reader of whole saved tensors (``{key: (shape, dtype)} -> tensors``).
-        notes: the load report's notes.
-        where: the optimizer directory, for messages.
-    """
-    wanted: dict[str, Any] = {}
-    for c in conversions.values():
-        entry = saved[c.source]
-        dtype = entry.properties.dtype if isinstance(entry, TensorStorageMetadata) else torch.float32
-        wanted[c.source] = (c.source_shape, dtype)
-    done, lossy = apply_conversions(conversions, optim_sd, read(wanted))
-    for c in done:
-        pr.loaded.append(c.key)
-        if c.source != c.key:
-            pr.remapped[c.key] = c.source
-        notes.append(f"optimizer: converted {c.describe()}")
-    for c in lossy:
-        pr.reinitialized.append(c.key)
-        pr.shape_mismatched.append(ShapeMismatch(c.key, c.source, c.source_shape, None))
-        why = f"{c.describe()} cannot be converted exactly; re-initialised"
-        logger.warning("%s: %s", where, why)
-        notes.append(f"optimizer: {why}")
-    pr.loaded.sort()
-    pr.reinitialized.sort()
+        out[key] = RowwiseConversion(key, fqn, name, source, shape, size, rows, src_rows, src_splits, dst)
+    return out

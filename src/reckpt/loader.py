@@ -20,7 +20,7 @@ from reckpt.dcp_io import dcp_call
 from reckpt.dcp_read import SafeReader, read_dcp_metadata
 from reckpt.dist import Dist
 from reckpt.errors import KeyMismatchError
-from reckpt.fused_state import read_sources
+from reckpt.fused_fill import read_sources
 from reckpt.mch import MchPlan
 from reckpt.naming import DCP_METADATA_FILE
 from reckpt.planner import PartialLoadPlanner, saved_shapes
@@ -45,6 +45,7 @@ class LoadJob:
     report_as: str | None = None
     extra_rules: Sequence[RenameRule] = ()
     exclude_keys: Sequence[str] = ()
+    strict_shapes: bool = False
     allow_row_resize: bool = False
     reinit_on_mismatch: bool = False
     error_on_missing_keys: bool = False
@@ -97,6 +98,7 @@ class PartLoader:
             param_map=self.param_map,
             rename_rules=[*self.rules, *job.extra_rules, ec_list_to_ec_dict_rule(saved_shapes(md))],
             exclude_keys=job.exclude_keys,
+            strict_shapes=job.strict_shapes,
             allow_row_resize=job.allow_row_resize,
             reinit_on_mismatch=job.reinit_on_mismatch,
             source=Storage.join(self.ckpt, job.part),

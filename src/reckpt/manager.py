@@ -1,39 +1,36 @@
 """``CheckpointManager``: save cadence, async save, retention, leases, eval results, resume.
 
-Orchestration only: decisions come from :mod:`reckpt.policy`, storage from
-:mod:`reckpt.storage`, the save and restore engines from :mod:`reckpt.save` and
-:mod:`reckpt.restore`. Every collective method is called by all ranks in lockstep (the
-save decision is identical on every rank); rank 0 alone writes results, sidecars and
-deletes.
+Orchestration only: decisions come from :mod:`reckpt.policy` (event time:
+:mod:`reckpt.event_time`), storage from :mod:`reckpt.storage`, the save and restore
+engines from :mod:`reckpt.save` and :mod:`reckpt.restore`; what runs between calls (the
+async save, pruning, the writer lock) is :mod:`reckpt.background`'s, drained by
+:meth:`CheckpointManager.close` or, failing that, when the manager is collected or the
+interpreter exits. Every collective method is called by all ranks in lockstep (the save
+decision is identical on every rank); rank 0 alone writes results, sidecars and deletes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from reckpt.async_save import AsyncSaver
-from reckpt.dataloader_state import (
-    DATALOADER_STATE_SIDECAR,
-    merge_dataloader_states,
-    restore_dataloader_state,
-)
-from reckpt.discovery import best_checkpoint, latest_checkpoint, list_checkpoints
+from reckpt.background import Background
+from reckpt.dataloader_state import restore_dataloader_state, save_dataloader_state
+from reckpt.discovery import best_checkpoint, best_rule, latest_checkpoint, list_checkpoints
 from reckpt.dist import Dist
 from reckpt.dynamic import dynamic_writer
 from reckpt.errors import ConfigError, IntegrityError, UnsafeCheckpointError
-from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME, append_eval_result, write_checkpoint_metrics
+from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME
+from reckpt.event_time import EventTimeTrigger, stamp_watermark
 from reckpt.incremental import Incremental, latest_restorable
 from reckpt.leases import lease
-from reckpt.manifest import write_sidecar
 from reckpt.naming import checkpoint_name, parse_step
 from reckpt.plan import model_plan
 from reckpt.policy import (
-    BestN,
     CheckpointInfo,
     IncrementalPolicy,
     LatestN,
@@ -41,12 +38,10 @@ from reckpt.policy import (
     SaveDecision,
     should_save,
 )
-from reckpt.pruner import Pruner
 from reckpt.restore import restore_model
 from reckpt.resume import TRAIN_STATE, ResumeInfo, TrainState, manager_extras
-from reckpt.run_lock import model_dir_lock
 from reckpt.save import collect_parts, save_parts
-from reckpt.storage import Storage, storage_for
+from reckpt.storage import Storage
 
 __all__ = ["CheckpointManager", "ResumeInfo"]
 
@@ -57,8 +52,11 @@ class CheckpointManager:
     """Periodic, crash-safe checkpoints of one run, with retention and exact resume.
 
     The constructor does no I/O. TorchEasyRec's arguments keep their meaning:
-    ``keep_checkpoint_max > 0`` keeps that many newest checkpoints (0 keeps all), plus the
-    best one when ``export_config.exporter_type == "best"``.
+    ``keep_checkpoint_max > 0`` keeps that many newest checkpoints (0 keeps all). The best
+    checkpoint is never pruned while it is known: by ``export_config.best_exporter_metric``,
+    else the only metric recorded, else ``auc`` (with ``exporter_type == "best"``, a best
+    that cannot be told stops pruning instead). A manager never closed is closed when it is
+    garbage-collected or the interpreter exits (with a warning when work was pending).
 
     Args:
         model_dir: the run directory (local path or URL).
@@ -67,7 +65,8 @@ class CheckpointManager:
             ``best_exporter_metric``, ``metric_larger_is_better``).
         eval_result_filename: the JSON-lines results file written by :meth:`record_eval`.
         retention: explicit retention policies (their union is kept).
-        save_steps, save_epochs, save_interval_s: :meth:`maybe_save` triggers (all off by default).
+        save_steps, save_epochs, save_interval_s: :meth:`maybe_save` triggers (all off by
+            default; event-time triggers: :meth:`set_save_policy`).
         async_save: make :meth:`save` asynchronous by default.
         async_snapshot: how an async save freezes the state: ``"copy"`` (default) or
             ``"fork"`` (see :mod:`reckpt.async_save` for the trade-off).
@@ -107,19 +106,26 @@ class CheckpointManager:
         self.eval_result_filename = eval_result_filename
         self.storage_options = dict(storage_options or {})
         self._pg = process_group
-        self._best_protected = getattr(export_config, "exporter_type", None) == "best"
         if retention is not None:
-            self._policies = list(retention)
+            policies = list(retention)
         else:
-            self._policies = [LatestN(keep_checkpoint_max)] if keep_checkpoint_max > 0 else []
-        self._best_protected |= any(isinstance(p, BestN) for p in self._policies)
+            policies = [LatestN(keep_checkpoint_max)] if keep_checkpoint_max > 0 else []
+        self._event_time = EventTimeTrigger()
         self.set_save_policy(save_steps, save_epochs, save_interval_s=save_interval_s)
         self._async = async_save
-        self._saver = AsyncSaver(async_snapshot)  # also holds a host copy reused between saves
-        self._lock: contextlib.ExitStack | None = None
-        self._pruner: Pruner | None = None
-        self._sidecar_lock = threading.Lock()
-        self._protected: dict[str, contextlib.ExitStack] = {}
+        self._bg = Background(
+            self.model_dir,
+            self.storage_options,
+            process_group,
+            policies,
+            best_rule(export_config),
+            eval_result_filename,
+            async_snapshot,
+        )
+        self._saver = self._bg.saver
+        # Closes what close() would when the manager is collected or the interpreter exits
+        # without close(); it holds the Background only, never the manager.
+        self._finalizer = weakref.finalize(self, self._bg.drain_at_exit)
         self._last_ckpt_step = -1
         self._last_ckpt_dir: str | None = None
         self._last_save_time: float | None = None
@@ -142,20 +148,36 @@ class CheckpointManager:
         *,
         save_interval_s: float = 0.0,
     ) -> None:
-        """TorchEasyRec's ``set_save_policy``; event-time triggers are not supported yet."""
-        if ts_interval_s or ts_targets:
-            raise ConfigError(
-                "event-time save triggers (ts_interval_s / ts_targets) are not supported by reckpt yet;"
-                " use save_steps, save_epochs or save_interval_s"
-            )
-        self._decision = SaveDecision(
+        """TorchEasyRec's ``set_save_policy``: when :meth:`maybe_save` saves.
+
+        Collective when an event-time trigger is on under a process group (the first such
+        call creates the gloo group event times are gathered on). Leaves the event-time
+        reference alone, so a watermark seeded by a restore survives.
+
+        Args:
+            save_steps: save at steps divisible by this (0: off).
+            save_epochs: save at the end of every this many epochs (0: off).
+            ts_interval_s: save when the data's event time crosses a multiple of this many
+                seconds since the Unix epoch (0: off; see :mod:`reckpt.event_time`).
+            ts_targets: save once when the data's event time reaches each of these Unix times.
+            ts_quorum: the fraction of ranks, in (0, 1], whose data must have reached a time.
+            save_interval_s: save when this many wall-clock seconds passed (reckpt's own).
+
+        Raises:
+            ValueError: a negative interval, or (a ``ConfigError``) an event-time trigger
+                with ``ts_quorum`` outside (0, 1].
+        """
+        decision = SaveDecision(
             save_steps=save_steps, save_epochs=save_epochs, save_interval_s=save_interval_s
         )
+        self._event_time.configure(ts_interval_s, ts_targets, ts_quorum, self._pg)
+        self._decision = decision
+
+    def needs_worker_timestamps(self) -> bool:
+        """Whether :meth:`maybe_save` needs every rank's ``data_timestamp`` (event-time triggers on)."""
+        return self._event_time.enabled
 
     # -- save --------------------------------------------------------------------------
-    def _storage(self) -> Storage:
-        return storage_for(self.model_dir, self.storage_options)
-
     def checkpoint_dir(self, step: int) -> str:
         return Storage.join(self.model_dir, checkpoint_name(step))
 
@@ -185,7 +207,8 @@ class CheckpointManager:
         """
         start = time.time()
         self._saver.wait()
-        self._take_lock()
+        self._arm()
+        self._bg.take_lock()
         extras = manager_extras(
             extra_states, lr_scheduler, grad_scaler, TrainState(step, epoch or 0, self._pg)
         )
@@ -200,7 +223,7 @@ class CheckpointManager:
                 user_metadata=user_metadata,
             )
             if delta is not None:
-                self._after_commit(delta, start, time.time() - start, False)
+                self._bg.committed(delta, time.time() - start, time.time() - start, False)
                 self._last_ckpt_step, self._last_ckpt_dir, self._last_save_time = step, delta, time.time()
                 return delta
         parts = collect_parts(model, optimizer, dense_ema, extras, "name")
@@ -218,43 +241,17 @@ class CheckpointManager:
             kwargs["file_writers"] = [dynamic]
         if not (self._async if async_save is None else async_save):
             save_parts(path, parts, process_group=self._pg, **kwargs)
-            self._after_commit(path, start, time.time() - start, False)
+            self._bg.committed(path, time.time() - start, time.time() - start, False)
         else:
-            group = self._saver.group(Dist(self._pg).active)
-            # The previous save finished (waited for above).
-            staged, snapshot = self._saver.freeze(parts, Dist(self._pg).is_coordinator, self._storage())
-            del parts
-            stall = time.time() - start
-
-            def job() -> None:
-                save_parts(path, staged, process_group=group, snapshot=snapshot, **kwargs)
-                self._after_commit(path, start, stall, True)
-
-            self._saver.submit(step, job)
-            logger.info("async save of %s staged; caller blocked %.3fs", path, stall)
+            self._bg.save_async(step, path, parts, kwargs, start)  # the previous save finished
         if self._incremental is not None:
             self._incremental.saved_full(path)
         self._last_ckpt_step, self._last_ckpt_dir, self._last_save_time = step, path, time.time()
         return path
 
-    def _take_lock(self) -> None:
-        """Rank 0, at the first save: the model_dir's writer lock (released by close())."""
-        if self._lock is None and Dist(self._pg).is_coordinator:
-            lock = contextlib.ExitStack()
-            lock.enter_context(model_dir_lock(self._storage(), self.model_dir))
-            self._lock = lock
-
-    def _after_commit(self, path: str, start: float, stall: float, is_async: bool) -> None:
-        total = time.time() - start
-        if Dist(self._pg).is_coordinator:
-            with self._sidecar_lock:
-                write_checkpoint_metrics(
-                    self._storage(), path, "save", {"stall_s": stall, "total_s": total, "async": is_async}
-                )
-            logger.info(
-                "saved %s: caller blocked %.3fs, total %.3fs (async=%s)", path, stall, total, is_async
-            )
-            self.prune()
+    def _arm(self) -> None:
+        if not self._finalizer.alive:  # run by hand (TorchEasyRec's tests do): re-arm for exit
+            self._finalizer = weakref.finalize(self, self._bg.drain_at_exit)
 
     def maybe_save(
         self,
@@ -265,16 +262,26 @@ class CheckpointManager:
         dense_ema: Any = None,
         *,
         epoch: int | None = None,
+        data_timestamp: float = -1.0,
         final: bool = False,
         **kwargs: Any,
     ) -> bool:
         """Collective: save when a trigger fires and ``step`` was not saved yet; returns whether it saved.
 
+        Triggers: ``final``, ``save_steps``, ``save_epochs`` (when ``epoch`` is given),
+        ``save_interval_s`` (rank 0's clock decides) and event time. With an event-time
+        trigger on, every rank passes the event time of the data it consumed
+        (``data_timestamp``, Unix seconds; ``-1.0``: none); the quorum time
+        (:mod:`reckpt.event_time`) is stamped as ``__data_ts_watermark__`` into a copy of
+        ``dataloader_state`` (the caller's dict is not changed). The first quorum time only
+        sets the reference: it never saves.
+
         A repeated step is not saved twice; at an end of pass (``final`` or ``epoch`` given)
         the newer dataloader state goes into a sidecar of the existing checkpoint, which
-        stays immutable.
+        stays immutable. Extra keyword arguments go to :meth:`save`.
         """
-        d = Dist(self._pg)
+        data_ts = self._event_time.reconcile(data_timestamp)
+        state = stamp_watermark(dataloader_state, data_ts)
         want = should_save(
             self._decision,
             step=step,
@@ -284,18 +291,23 @@ class CheckpointManager:
             last_save_time=self._last_save_time or self._started,
         )
         if self._decision.save_interval_s > 0:
-            want = bool(d.broadcast(want))  # wall clocks differ between ranks: rank 0 decides
+            want = bool(Dist(self._pg).broadcast(want))  # wall clocks differ: rank 0 decides
+        want = self._event_time.fires(data_ts) or want  # first: the first time seeds the reference
         if not want:
             return False
         if step == self._last_ckpt_step:
-            if (final or epoch is not None) and dataloader_state is not None and self._last_ckpt_dir:
-                merged = merge_dataloader_states(d.all_gather(dict(dataloader_state)))
-                if d.is_coordinator:
-                    if self._saver.in_flight_step == step:
-                        self._saver.wait()
-                    write_sidecar(self._storage(), self._last_ckpt_dir, DATALOADER_STATE_SIDECAR, merged)
+            if (final or epoch is not None) and state is not None and self._last_ckpt_dir:
+                if self._saver.in_flight_step == step:
+                    self._saver.wait()
+                if data_ts is None:  # keep the checkpoint's watermark (the reference since it)
+                    state = stamp_watermark(state, self._event_time.last)
+                save_dataloader_state(
+                    self._last_ckpt_dir, state, storage_options=self.storage_options, process_group=self._pg
+                )
             return False
-        self.save(step, model, optimizer, dataloader_state, dense_ema, epoch=epoch, **kwargs)
+        self.save(step, model, optimizer, state, dense_ema, epoch=epoch, **kwargs)
+        self._last_ckpt_step = step
+        self._event_time.saved(data_ts)
         return True
 
     def wait(self) -> None:
@@ -347,7 +359,18 @@ class CheckpointManager:
         if self._incremental is not None:
             self._incremental.restored(path, model)
         dl_state = restore_dataloader_state(path, self.storage_options)
+        self._event_time.seed(dl_state)
         return ResumeInfo(path, step, train_state.epoch if has_state else 0, dl_state, report)
+
+    def restore_dataloader_state(self, checkpoint_dir: str) -> dict[str, Any] | None:
+        """The checkpoint's dataloader state (:func:`reckpt.restore_dataloader_state`).
+
+        Also seeds the event-time reference from its ``__data_ts_watermark__`` (unset when
+        it has none), so the event-time trigger resumes where the saved run was.
+        """
+        state = restore_dataloader_state(checkpoint_dir, self.storage_options)
+        self._event_time.seed(state)
+        return state
 
     def restore_latest(self, model: Any, optimizer: Any = None, **kwargs: Any) -> ResumeInfo | None:
         """Collective: resume from the newest checkpoint that verifies; ``None`` when there is none.
@@ -396,39 +419,15 @@ class CheckpointManager:
 
     def record_eval(self, step: int, metrics: Mapping[str, float]) -> None:
         """Rank 0: append an eval result line and put the metrics into the step's sidecar."""
-        if not Dist(self._pg).is_coordinator:
-            return
-        storage = self._storage()
-        append_eval_result(storage, Storage.join(self.model_dir, self.eval_result_filename), step, metrics)
-        if self._saver.in_flight_step == step:
-            self._saver.wait()
         # the checkpoint of this step: a full one, or the delta the last save wrote
-        ckpt = (
-            self._last_ckpt_dir
-            if self._last_ckpt_step == step and self._last_ckpt_dir
-            else self.checkpoint_dir(step)
-        )
-        if storage.exists(Storage.join(ckpt, "reckpt.json")):
-            with self._sidecar_lock:
-                write_checkpoint_metrics(storage, ckpt, "eval", dict(metrics))
+        last = self._last_ckpt_step == step and self._last_ckpt_dir
+        self._bg.record_eval(step, metrics, last or self.checkpoint_dir(step))
 
     # -- retention ---------------------------------------------------------------------
-    def _protected_steps(self) -> set[int]:
-        protected = {self._saver.in_flight_step} if self._saver.in_flight_step is not None else set()
-        if self._best_protected:
-            _, best = self.best_checkpoint()  # raises on a bad results file: the pass is skipped
-            if best >= 0:
-                protected.add(best)
-        return protected
-
     def prune(self) -> None:
         """Rank 0: queue a pruning pass on the background worker (no-op without policies)."""
-        if not self._policies or not Dist(self._pg).is_coordinator:
-            return
-        if self._pruner is None:
-            args = (self._storage(), self._policies, self._protected_steps, self.eval_result_filename)
-            self._pruner = Pruner(self.model_dir, *args)
-        self._pruner.request()
+        self._arm()
+        self._bg.prune()
 
     def lease(self, checkpoint_dir: str, *, ttl_s: float = 600.0, holder: str = "") -> Any:
         """Context manager holding a checkpoint against pruning (see :func:`reckpt.leases.lease`)."""
@@ -437,35 +436,32 @@ class CheckpointManager:
     def protect_checkpoint(self, path: str) -> None:
         """TorchEasyRec's ``protect_checkpoint``: hold a lease until :meth:`unprotect_checkpoint`."""
         key = path.rstrip("/")
-        if key not in self._protected:
-            stack = contextlib.ExitStack()
-            stack.enter_context(self.lease(key, holder="protect_checkpoint"))
-            self._protected[key] = stack
+        self._bg.protect(key, self.lease(key, holder="protect_checkpoint"))
 
     def unprotect_checkpoint(self, path: str) -> None:
-        stack = self._protected.pop(path.rstrip("/"), None)
-        if stack is not None:
-            stack.close()
+        self._bg.unprotect(path.rstrip("/"))
 
     def close(self) -> None:
-        """Wait for the async save, drain pruning, release protections (idempotent).
+        """Wait for the async save, drain pruning, release protections and the lock (idempotent).
 
         Raises the background save's failure, if any, after everything is drained.
         """
-        try:
-            self._saver.wait()
-        finally:
-            if self._pruner is not None:
-                self._pruner.close()
-            for key in list(self._protected):
-                self.unprotect_checkpoint(key)
-            if self._lock is not None:
-                self._lock.close()
-                self._lock = None
-            self._saver.release()
+        self._bg.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # TorchEasyRec's private names, for code (and tests) written against its manager.
+    @property
+    def _last_data_ts(self) -> float | None:
+        return self._event_time.last
+
+    def _reconcile_event_time(self, data_timestamp: float) -> float | None:
+        return self._event_time.reconcile(data_timestamp)
+
+    @property
+    def _prune_worker(self) -> threading.Thread | None:
+        return None if self._bg.pruner is None else self._bg.pruner.worker

@@ -3,9 +3,15 @@
 For every key of the current (flattened) state dict it asks :func:`reckpt.remap.resolve_keys`
 which checkpoint key fills it, then builds DCP read items against that key and points
 their destination back at the current key. Keys the checkpoint lacks are skipped (and
-listed in ``skipped_keys``); checkpoint keys nobody asked for are ignored. Unlike
-TorchEasyRec's planner, shapes are checked before anything is read, and non-tensor
-items are unpickled with ``weights_only=True``.
+listed in ``skipped_keys``); checkpoint keys nobody asked for are ignored.
+
+Shapes: like TorchEasyRec's planner, a key whose shape changed loads the overlapping block
+(every dimension from 0 to the smaller size; DCP plans its reads by chunk overlap, so this
+holds for plain tensors, ``ShardedTensor`` and ``DTensor`` alike) and keeps its other
+values. Unlike it, every such key is reported (``resolution.shape_mismatched``) and logged
+once, a key whose number of dimensions changed is refused before anything is read, and
+``strict_shapes=True`` refuses any shape change. Non-tensor items are unpickled with
+``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from torch.distributed.checkpoint.planner_helpers import _create_read_items
 from torch.distributed.tensor import DTensor
 
 from reckpt.errors import ShapeMismatchError
-from reckpt.remap import RenameRule, Resolution, parse_param_map, resolve_keys
+from reckpt.remap import RenameRule, Resolution, overlap_block, parse_param_map, resolve_keys
+from reckpt.report import ShapeMismatch, format_shape
 from reckpt.safe_pickle import load_item_bytes
 
 __all__ = ["PartialLoadPlanner", "saved_shapes", "current_shapes"]
@@ -65,8 +72,11 @@ class PartialLoadPlanner(DefaultLoadPlanner):
         param_map: explicit ``current -> checkpoint`` renames (merged over the file's).
         rename_rules: rules tried for keys the checkpoint lacks (see :mod:`reckpt.remap`).
         exclude_keys: current keys never requested (kept as they are).
-        allow_row_resize: load overlapping rows of tables whose row count changed.
-        reinit_on_mismatch: keep current values for other shape mismatches instead of raising.
+        strict_shapes: refuse any shape change (default: load the overlapping block).
+        allow_row_resize: with ``strict_shapes``, still load the overlapping rows of tables
+            whose row count (first dimension) alone changed.
+        reinit_on_mismatch: keep current values for shape mismatches that are not loaded
+            instead of raising.
         source: the checkpoint directory, for messages.
 
     Attributes:
@@ -85,6 +95,7 @@ class PartialLoadPlanner(DefaultLoadPlanner):
         param_map: Mapping[str, str] | None = None,
         rename_rules: Sequence[RenameRule] = (),
         exclude_keys: Collection[str] = (),
+        strict_shapes: bool = False,
         allow_row_resize: bool = False,
         reinit_on_mismatch: bool = False,
         source: str = "",
@@ -100,6 +111,7 @@ class PartialLoadPlanner(DefaultLoadPlanner):
         self.warn_on_missing_keys = warn_on_missing_keys
         self.rename_rules = tuple(rename_rules)
         self.exclude_keys = frozenset(exclude_keys)
+        self.strict_shapes = strict_shapes
         self.allow_row_resize = allow_row_resize
         self.reinit_on_mismatch = reinit_on_mismatch
         self.source = source
@@ -121,24 +133,38 @@ class PartialLoadPlanner(DefaultLoadPlanner):
             saved_shapes(self.metadata),
             param_map=self.param_map,
             rules=self.rename_rules,
+            load_overlap=not self.strict_shapes,
             allow_row_resize=self.allow_row_resize,
             reinit_on_mismatch=self.reinit_on_mismatch,
         )
         if res.errors:
-            lines = [
-                f"  {m.key}: checkpoint {m.checkpoint_key!r} has shape {_fmt(m.saved)},"
-                f" the current value {_fmt(m.current)}"
-                for m in res.errors
-            ]
-            hint = (
-                "A table whose row count changed loads its overlapping rows with"
-                " allow_row_resize=True; otherwise map the key elsewhere or drop it."
-            )
-            raise ShapeMismatchError(
-                f"{self.source}: {len(lines)} key(s) cannot be loaded because their shapes"
-                " differ:\n" + "\n".join(lines) + "\n" + hint
-            )
+            raise ShapeMismatchError(self._mismatch_message(res.errors))
         return res
+
+    def _mismatch_message(self, errors: list[ShapeMismatch]) -> str:
+        lines = [
+            f"  {m.key}: checkpoint {m.checkpoint_key!r} has shape {format_shape(m.saved)},"
+            f" the current value {format_shape(m.current)}"
+            for m in errors
+        ]
+        if any(overlap_block(m.saved, m.current) is None for m in errors):
+            hint = (
+                "A key whose number of dimensions (or tensor-ness) changed cannot be loaded:"
+                " map it to another checkpoint key, or keep its initial value with a"
+                " '<key> -' line in the parameter map."
+            )
+        else:
+            hint = (
+                "strict_shapes=True refuses shape changes: restore without it to load the"
+                " overlapping block of each (the rest keeps its current values), or map the"
+                " key elsewhere or drop it."
+            )
+        return (
+            f"{self.source}: {len(lines)} key(s) cannot be loaded because their shapes differ:\n"
+            + "\n".join(lines)
+            + "\n"
+            + hint
+        )
 
     def create_local_plan(self) -> LoadPlan:
         if self.metadata is None:
@@ -151,6 +177,12 @@ class PartialLoadPlanner(DefaultLoadPlanner):
                 logger.warning("Skip restore state [%s]: not in checkpoint %s", key, self.source)
         for cur, old in res.remapped.items():
             logger.info("Remap restore state [%s] from checkpoint key [%s]", cur, old)
+        for m in res.overlaps:
+            logger.warning(
+                "%s: shape changed, loading the overlap: %s; the rest keeps its current values",
+                self.source,
+                m.describe(),
+            )
         requests: list[ReadItem] = []
         for fqn, ckpt_key in res.loads.items():
             obj = self.state_dict[fqn]
@@ -172,7 +204,3 @@ class PartialLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
-
-
-def _fmt(shape: tuple[int, ...] | None) -> str:
-    return "(non-tensor)" if shape is None else str(list(shape))

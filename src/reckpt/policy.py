@@ -14,6 +14,9 @@ policy                                 keeps
 ``EveryNSeconds(3600)``                the first checkpoint of every hour
 ``PinnedSteps({0, 5000})``             exactly these steps
 =====================================  =========================================
+
+Whatever the policies, no prune deletes the best checkpoint while it is known
+(:class:`reckpt.best.BestRule`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from reckpt.best import (
+    BestRule,
+    best_step,
+    default_larger_is_better,
+    find_best,
+    is_finite_number,
+    resolve_metric_name,
+)
 from reckpt.errors import ConfigError
 
 __all__ = [
@@ -34,6 +45,9 @@ __all__ = [
     "EveryNSeconds",
     "PinnedSteps",
     "steps_to_delete",
+    "BestRule",
+    "find_best",
+    "default_larger_is_better",
     "best_step",
     "resolve_metric_name",
     "SaveDecision",
@@ -112,7 +126,7 @@ class BestN:
             raise ValueError(f"BestN.n must be >= 1, got {self.n}")
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[int]:
-        scored = [c for c in _committed(checkpoints) if _finite(c.metrics.get(self.metric))]
+        scored = [c for c in _committed(checkpoints) if is_finite_number(c.metrics.get(self.metric))]
         sign = -1.0 if self.larger_is_better else 1.0
         scored.sort(key=lambda c: (sign * float(c.metrics[self.metric]), c.step))
         return {c.step for c in scored[: self.n]}
@@ -157,28 +171,31 @@ class PinnedSteps:
         return {c.step for c in checkpoints if c.step in self.steps}
 
 
-def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def steps_to_delete(
     checkpoints: Sequence[CheckpointInfo],
     policies: Sequence[RetentionPolicy],
     *,
     now: float,
     protected: Iterable[int] = (),
+    best: BestRule | None = None,
 ) -> list[int]:
     """Committed steps no policy keeps and nothing protects, ascending.
 
-    Never deleted, whatever the policies: the newest committed checkpoint, every link a kept
-    delta checkpoint needs (its base and earlier deltas), every step in ``protected`` (the
-    save in flight, leased steps), and uncommitted directories (crash debris is the commit
-    protocol's to clean). With no policy at all nothing is deleted.
+    Never deleted, whatever the policies: the newest committed checkpoint, the best one by
+    ``best`` (default ``BestRule()``: the only metric recorded, else ``auc``; see
+    :func:`find_best`), every link a kept delta checkpoint needs (its base and earlier
+    deltas), every step in ``protected`` (the save in flight, leased steps), and uncommitted
+    directories (crash debris is the commit protocol's to clean). With no policy at all
+    nothing is deleted.
+
+    Raises:
+        ValueError: ``best.required`` and the best cannot be told (nothing may be deleted).
 
     Example:
-        >>> cks = [CheckpointInfo(s, f"m/model.ckpt-{s}") for s in (10, 20, 30)]
+        >>> cks = [CheckpointInfo(s, f"m/model.ckpt-{s}", metrics={"auc": a})
+        ...        for s, a in ((10, 0.7), (20, 0.6), (30, 0.5))]
         >>> steps_to_delete(cks, [LatestN(1)], now=0.0)
-        [10, 20]
+        [20]
     """
     if not policies:
         return []
@@ -186,47 +203,15 @@ def steps_to_delete(
     if not committed:
         return []
     keep = {committed[-1].step, *protected}
+    found = find_best({c.step: c.metrics for c in committed}, best or BestRule())
+    if found is not None:
+        keep.add(found[0])
     for policy in policies:
         keep |= policy.keep(committed, now)
     for c in committed:  # a kept delta keeps its whole chain
         if c.step in keep:
             keep |= set(c.needs)
     return [c.step for c in committed if c.step not in keep]
-
-
-def resolve_metric_name(metric: str | None, available: Iterable[str], source: str) -> str:
-    """The metric best selection uses.
-
-    An explicit name must be available. Without one: a single metric is used as is;
-    among several, ``auc`` when present; otherwise a ``ValueError`` lists them.
-    """
-    names = sorted(set(available))
-    if metric is not None:
-        if metric not in names:
-            raise ValueError(
-                f"{source}: metric {metric!r} is not recorded; recorded metrics: {names or 'none'}."
-                " Pick one of them (best_exporter_metric / --metric)."
-            )
-        return metric
-    if len(names) == 1:
-        return names[0]
-    if "auc" in names:
-        return "auc"
-    raise ValueError(
-        f"{source}: several metrics are recorded ({', '.join(names)}) and none was named;"
-        " set best_exporter_metric (or metric=) to one of them"
-    )
-
-
-def best_step(
-    metrics_by_step: Mapping[int, Mapping[str, float]], metric: str, larger_is_better: bool = True
-) -> int | None:
-    """The step with the best finite ``metric`` (ties: the earliest step), ``None`` if none."""
-    scored = [(s, float(m[metric])) for s, m in metrics_by_step.items() if _finite(m.get(metric))]
-    if not scored:
-        return None
-    sign = -1.0 if larger_is_better else 1.0
-    return min(scored, key=lambda sv: (sign * sv[1], sv[0]))[0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -285,21 +270,53 @@ def should_save(
 def should_save_on_timestamp(
     ts: float, last: float | None, interval: float, targets: Sequence[float]
 ) -> bool:
-    """TorchEasyRec's event-time trigger: a Unix-epoch aligned bucket or a target was crossed."""
+    """TorchEasyRec's event-time trigger: whether event time ``ts`` crossed a boundary since ``last``.
+
+    A boundary is a multiple of ``interval`` seconds since the Unix epoch (0: none) or a
+    target in ``(last, ts]``. ``last is None`` (no reference yet) never fires.
+
+    ========  ========  ==========  ===========  =====
+    ts        last      interval    targets      fires
+    ========  ========  ==========  ===========  =====
+    1000      None      600         (500,)       no
+    3600      3599      3600        ()           yes
+    3500      3000      3600        ()           no
+    1500      1000      0           (1500,)      yes
+    2000      1500      0           (1500,)      no
+    1600      1000      3600        (1500,)      yes
+    ========  ========  ==========  ===========  =====
+    """
     if last is None:
         return False
-    if interval > 0 and math.floor(ts / interval) > math.floor(last / interval):
+    if interval > 0 and ts // interval > last // interval:
         return True
     return any(last < t <= ts for t in targets)
 
 
 def quorum_event_time(values: Sequence[float], q: float) -> float | None:
-    """The event time at least a fraction ``q`` of ranks have passed (``-1`` = no data yet)."""
+    """The largest event time at least a fraction ``q`` of the ranks has reached.
+
+    With ``m`` values that is the ``k``-th largest, ``k = ceil(q * m)`` (clamped to
+    ``[1, m]``): ``q = 1`` gives the minimum, ``q`` near 0 the maximum, 0.5 a median that
+    one far-off value cannot move. A rank without a time passes ``-1``, which counts as
+    "not there yet"; the result is negative when too few ranks have one.
+
+    ======================  =====  ======
+    values                  q      result
+    ======================  =====  ======
+    ``[]``                  0.5    None
+    ``[10, 20, 30, 40]``    1.0    10
+    ``[10, 20, 30, 40]``    0.5    30
+    ``[100, 101, 1e18]``    0.5    101
+    ``[100, 101, -1]``      0.5    100
+    ``[100, -1, -1]``       0.5    -1
+    ======================  =====  ======
+    """
     if not values:
         return None
     ordered = sorted(values)
     m = len(ordered)
-    k = min(max(math.ceil(q * m - 1e-9), 1), m)
+    k = min(max(math.ceil(q * m - 1e-9), 1), m)  # the epsilon: 0.28 * 25 is 7.000000000000001
     return ordered[m - k]
 
 

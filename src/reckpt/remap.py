@@ -4,7 +4,9 @@ A restore asks, for every key of the current state dict, which checkpoint key fi
 it. The answer comes from, in order: the parameter-map file (explicit renames), the
 identity, then pluggable rename rules tried only for keys the checkpoint lacks (the
 legacy ``ec_list`` -> ``ec_dict`` rule, TorchEasyRec's ``INPUT_TILE`` twins, the
-index-keyed optimizer layout). Shapes are then compared.
+index-keyed optimizer layout; a rename may be finished by a later rule). Shapes are then
+compared: a key whose shape changed with the same number of dimensions loads the block
+both shapes share, as TorchEasyRec does, unless the caller asks for strict shapes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "Resolution",
     "parse_param_map",
     "resolve_keys",
+    "overlap_block",
     "ec_list_to_ec_dict_rule",
     "input_tile_rule",
     "remap_input_tile_user_key",
@@ -85,6 +88,21 @@ class Resolution(PartReport):
         return [m for m in self.shape_mismatched if m.key not in handled]
 
 
+def overlap_block(saved: Shape | None, current: Shape | None) -> Shape | None:
+    """The block two shapes share (per dimension, the smaller size); ``None`` if ranks differ.
+
+    This is what a resized key loads: every dimension from 0 to the smaller size, as DCP's
+    chunk-overlap planning (and so TorchEasyRec) does.
+
+    Example:
+        >>> overlap_block((2, 4), (3, 6)), overlap_block((4,), (2, 2))
+        ((2, 4), None)
+    """
+    if saved is None or current is None or len(saved) != len(current):
+        return None
+    return tuple(min(a, b) for a, b in zip(saved, current, strict=True))
+
+
 def _row_resizable(saved: Shape | None, current: Shape | None) -> bool:
     return (
         saved is not None
@@ -95,23 +113,50 @@ def _row_resizable(saved: Shape | None, current: Shape | None) -> bool:
     )
 
 
+def _apply_rules(key: str, rules: Sequence[RenameRule], saved_keys: Collection[str]) -> str | None:
+    """The first checkpoint key the rules reach from ``key``, or ``None``.
+
+    Rules are tried in order. A rule whose candidate is not in the checkpoint hands it on to
+    the rules after it, so renames compose: an ``INPUT_TILE`` twin of a legacy ``ec_list``
+    key (``ec_dict_user`` -> ``ec_dict`` -> ``ec_list``) is found, as in TorchEasyRec.
+    """
+    for i, rule in enumerate(rules):
+        candidate = rule(key, saved_keys)
+        if candidate is None or candidate == key:
+            continue
+        if candidate in saved_keys:
+            return candidate
+        found = _apply_rules(candidate, rules[i + 1 :], saved_keys)
+        if found is not None:
+            return found
+    return None
+
+
 def resolve_keys(
     current: Mapping[str, Shape | None],
     saved: Mapping[str, Shape | None],
     *,
     param_map: Mapping[str, str] | None = None,
     rules: Sequence[RenameRule] = (),
+    load_overlap: bool = False,
     allow_row_resize: bool = False,
     reinit_on_mismatch: bool = False,
 ) -> Resolution:
     """Match current keys to checkpoint keys.
 
+    A key whose shape changed but whose number of dimensions did not is *resized* when
+    ``load_overlap`` (any dimension) or ``allow_row_resize`` (the first one only) allows it:
+    it loads the overlapping block (:func:`overlap_block`) and keeps its other values. Other
+    mismatches are re-initialised (``reinit_on_mismatch``) or errors.
+
     Args:
         current: current key -> tensor shape (``None`` for a non-tensor value).
         saved: checkpoint key -> shape (``None`` for a non-tensor item).
         param_map: explicit ``current -> checkpoint`` renames (wins over everything).
-        rules: rename rules tried, in order, for keys the checkpoint lacks.
-        allow_row_resize: load the overlapping rows when only the first dimension differs.
+        rules: rename rules tried, in order, for keys the checkpoint lacks (they compose, see
+            :func:`_apply_rules`).
+        load_overlap: resize keys whose shape changed in any dimension (TorchEasyRec's rule).
+        allow_row_resize: resize keys whose shape changed in the first dimension only.
         reinit_on_mismatch: mark other mismatches re-initialised instead of errors (used for
             optimizer state whose shape depends on the sharding plan).
 
@@ -120,8 +165,8 @@ def resolve_keys(
 
     Example:
         >>> r = resolve_keys({"w": (2, 3)}, {"w": (4, 3)}, allow_row_resize=True)
-        >>> r.resized, r.loads
-        (['w'], {'w': 'w'})
+        >>> r.resized, r.loads, r.shape_mismatched[0].block
+        (['w'], {'w': 'w'}, (2, 3))
     """
     param_map = param_map or {}
     saved_keys = saved.keys()
@@ -133,11 +178,7 @@ def resolve_keys(
             res.reinitialized.append(key)
             continue
         if ckpt_key not in saved_keys:
-            for rule in rules:
-                candidate = rule(ckpt_key, saved_keys)
-                if candidate is not None and candidate in saved_keys:
-                    ckpt_key = candidate
-                    break
+            ckpt_key = _apply_rules(ckpt_key, rules, saved_keys) or ckpt_key
         if ckpt_key not in saved_keys:
             res.missing.append(key)
             continue
@@ -145,8 +186,14 @@ def resolve_keys(
             res.remapped[key] = ckpt_key
         saved_shape = saved[ckpt_key]
         if saved_shape != shape:
-            res.shape_mismatched.append(ShapeMismatch(key, ckpt_key, saved_shape, shape))
-            if allow_row_resize and _row_resizable(saved_shape, shape):
+            block = overlap_block(saved_shape, shape)
+            resize = block is not None and (
+                load_overlap or (allow_row_resize and _row_resizable(saved_shape, shape))
+            )
+            res.shape_mismatched.append(
+                ShapeMismatch(key, ckpt_key, saved_shape, shape, block if resize else None)
+            )
+            if resize:
                 res.resized.append(key)
             else:
                 if reinit_on_mismatch:
@@ -219,8 +266,15 @@ def remap_input_tile_user_key(fqn: str, valid_keys: Collection[str] | None = Non
 
 
 def input_tile_rule(key: str, saved_keys: Collection[str]) -> str | None:
-    """Rename rule form of :func:`remap_input_tile_user_key`."""
+    """Rename rule form of :func:`remap_input_tile_user_key`.
+
+    Prefers a twin present in the checkpoint; otherwise returns the first matching
+    pattern's twin (as TorchEasyRec does), which later rules may rename further (a legacy
+    ``ec_list`` checkpoint read by an ``INPUT_TILE=3`` model).
+    """
     out = remap_input_tile_user_key(key, saved_keys)
+    if out == key:
+        out = remap_input_tile_user_key(key)
     return out if out != key else None
 
 

@@ -4,17 +4,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["LoadReport", "PartReport", "ShapeMismatch"]
+__all__ = ["LoadReport", "PartReport", "ShapeMismatch", "format_shape"]
 
 
 @dataclass(frozen=True, slots=True)
 class ShapeMismatch:
-    """A key whose checkpoint shape differs from the current tensor's shape."""
+    """A key whose checkpoint shape differs from the current tensor's shape.
+
+    Attributes:
+        key: the current key.
+        checkpoint_key: the checkpoint key it was matched to.
+        saved: the checkpoint's shape (``None`` for a non-tensor item).
+        current: the current shape (``None`` for a non-tensor value or unknown).
+        block: the block that was loaded, every dimension from 0 to this size (the smaller
+            of the two shapes); the rest of the current tensor kept its values. ``None`` when
+            nothing was loaded. For row-wise optimizer state of a column-sharded table the
+            block is the rows loaded into each column shard's part.
+    """
 
     key: str
     checkpoint_key: str
     saved: tuple[int, ...] | None
     current: tuple[int, ...] | None
+    block: tuple[int, ...] | None = None
+
+    def describe(self) -> str:
+        """One line: ``key <- checkpoint_key: saved [..], current [..], loaded [0:a, 0:b]``."""
+        src = "" if self.checkpoint_key == self.key else f" <- {self.checkpoint_key}"
+        what = "nothing" if self.block is None else "[" + ", ".join(f"0:{n}" for n in self.block) + "]"
+        return (
+            f"{self.key}{src}: saved {format_shape(self.saved)}, current {format_shape(self.current)},"
+            f" loaded {what}"
+        )
+
+
+def format_shape(shape: tuple[int, ...] | None) -> str:
+    """``[2, 4]``, or ``(non-tensor)`` for ``None``."""
+    return "(non-tensor)" if shape is None else str(list(shape))
 
 
 @dataclass(slots=True)
@@ -27,10 +53,15 @@ class PartReport:
         unused: checkpoint keys no current key asked for.
         remapped: current key -> checkpoint key, where the two differ.
         shape_mismatched: keys whose shapes differ (resized or re-initialised, see below).
-        resized: keys whose overlapping rows were loaded (row count changed, opted in).
+        resized: keys whose shape changed (same number of dimensions) and whose overlapping
+            block was loaded, the rest keeping its current values; ``shape_mismatched``
+            holds both shapes and the block.
         reinitialized: keys that could not be loaded and keep freshly initialised values
             (optimizer state whose shape depends on a changed sharding plan, optimizer state of
             parameters the checkpoint does not know).
+        not_applied: keys read from the checkpoint that could not be put into an object
+            without ``load_state_dict`` (non-tensor values; tensors are copied in place), so
+            the object kept its own value.
         skipped: why the whole part was skipped (``meta`` flag, missing directory), or ``None``.
     """
 
@@ -41,7 +72,14 @@ class PartReport:
     shape_mismatched: list[ShapeMismatch] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     reinitialized: list[str] = field(default_factory=list)
+    not_applied: list[str] = field(default_factory=list)
     skipped: str | None = None
+
+    @property
+    def overlaps(self) -> list[ShapeMismatch]:
+        """The resized keys' mismatches (both shapes and the block loaded), by key."""
+        resized = set(self.resized)
+        return sorted((m for m in self.shape_mismatched if m.key in resized), key=lambda m: m.key)
 
 
 @dataclass(slots=True)
@@ -93,7 +131,11 @@ class LoadReport:
                 lines.append(f"    missing: {key}")
             for cur, old in p.remapped.items():
                 lines.append(f"    remapped: {cur} <- {old}")
+            for m in p.overlaps:
+                lines.append(f"    resized: {m.describe()}")
             for key in p.reinitialized:
                 lines.append(f"    reinitialized: {key}")
+            for key in p.not_applied:
+                lines.append(f"    not applied: {key}")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from reckpt.dist import Dist
 from reckpt.errors import CheckpointNotFoundError, ConfigError
-from reckpt.fused_state import (
-    RowwiseConversion,
-    dense_fused_rename_rule,
-    fill_conversions,
-    plan_conversions,
-)
 from reckpt.loader import LoadJob, PartLoader
 from reckpt.manifest import read_json_object, read_manifest
-from reckpt.mch import has_managed_collision, plan_mch
 from reckpt.naming import (
     DENSE_EMA_DIR,
     META_FILE,
@@ -28,145 +20,21 @@ from reckpt.naming import (
     OPTIMIZER_DIR,
     validate_extra_name,
 )
-from reckpt.optim import (
-    init_optimizer_state,
-    is_index_keyed,
-    is_keyed_optimizer,
-    load_optimizer_state_dict,
-    optimizer_param_names,
-    optimizer_state_dict,
-)
 from reckpt.read_verify import ReadVerifier
-from reckpt.remap import (
-    RenameRule,
-    index_keyed_optimizer_rule,
-    input_tile_rule,
-    parse_param_map,
-)
-from reckpt.report import LoadReport, PartReport
+from reckpt.remap import RenameRule, input_tile_rule, parse_param_map
+from reckpt.report import LoadReport
+from reckpt.restore_jobs import OptimizerJob, managed_collision, state_applier
 from reckpt.storage import Storage, storage_for
-from reckpt.unsharded import read_rows
 from reckpt.verification import require_committed, verify_collective
 
 __all__ = ["restore_model", "read_meta"]
 
 logger = logging.getLogger(__name__)
 
-_GROUP_PARAMS = re.compile(r"param_groups\.[0-9]+\.params")
-
 
 def read_meta(storage: Storage, checkpoint_dir: str) -> dict[str, Any]:
     """The checkpoint's ``meta`` flags (``{}`` when absent)."""
     return read_json_object(storage, Storage.join(checkpoint_dir, META_FILE)) or {}
-
-
-def _applier(obj: Any) -> Callable[[dict[str, Any], PartReport], None]:
-    """``finish`` callback that hands the loaded state dict to ``obj.load_state_dict``."""
-
-    def apply(sd: dict[str, Any], pr: PartReport) -> None:
-        obj.load_state_dict(sd)
-
-    return apply
-
-
-class _OptimizerJob:
-    """The optimizer's restore: initialise state once (no data), load, apply, tidy up."""
-
-    def __init__(self, ld: PartLoader, model: torch.nn.Module, optimizer: Any) -> None:
-        self.model, self.optimizer = model, optimizer
-        self.keyed = is_keyed_optimizer(optimizer)
-        self.created: list[Any] | None = None
-        rules: list[RenameRule] = []
-        if not self.keyed and is_index_keyed(ld.metadata(OPTIMIZER_DIR).state_dict_metadata):
-            names = optimizer_param_names(model, optimizer)
-            rules.append(index_keyed_optimizer_rule({n: i for i, n in enumerate(names)}))
-        if self.keyed:
-            rules.append(dense_fused_rename_rule)
-        groups = len(optimizer.param_groups)
-        self.ld = ld
-        self.conversions: dict[str, RowwiseConversion] | None = None
-        self.job = LoadJob(
-            OPTIMIZER_DIR,
-            self.target,
-            self.finish,
-            extra_rules=rules,
-            exclude_keys=[f"param_groups.{i}.params" for i in range(groups)],
-            reinit_on_mismatch=True,
-        )
-
-    def target(self) -> dict[str, Any]:
-        if self.created is None:
-            self.created = init_optimizer_state(self.optimizer)
-        sd = optimizer_state_dict(self.model, self.optimizer, "name")
-        if self.conversions is None:
-            # Row-wise state laid out for another plan is converted after the load, not by DCP
-            # (which would load it positionally); decided once, before the keys are checked.
-            model_md = self.ld.metadata(MODEL_DIR) if self.ld.has(MODEL_DIR) else None
-            optim_md = self.ld.metadata(OPTIMIZER_DIR)
-            self.conversions = plan_conversions(
-                sd, self.model.state_dict(), optim_md, model_md, skip=self.ld.param_map
-            )
-            self.job.exclude_keys = [*self.job.exclude_keys, *self.conversions]
-        return sd
-
-    def finish(self, sd: dict[str, Any], pr: PartReport) -> None:
-        # Saved parameter lists are replaced by the current ones on purpose: not "unused".
-        pr.unused = [k for k in pr.unused if not _GROUP_PARAMS.fullmatch(k)]
-        self._convert(sd, pr)
-        self._move_mch_rows(sd)
-        load_optimizer_state_dict(self.model, self.optimizer, sd)
-        if self.keyed or not self.created:
-            return
-        # State that init_optimizer_state created for parameters the checkpoint does not know
-        # is dropped, so their first real step initialises it exactly as in a fresh run.
-        missing = set(pr.missing)
-        created_ids = {id(p) for p in self.created}
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for name, p in zip(optimizer_param_names(self.model, self.optimizer), params, strict=True):
-            keys = [f"state.{name}.{k}" for k in self.optimizer.state.get(p, {})]
-            if id(p) in created_ids and keys and all(k in missing for k in keys):
-                self.optimizer.state.pop(p, None)
-                pr.reinitialized.append(f"state.{name}")
-
-    def _move_mch_rows(self, sd: dict[str, Any]) -> None:
-        """Collective: optimizer rows of redistributed managed-collision tables follow their ids."""
-        if self.ld.mch is not None and self.ld.mch.moves:
-            md = self.ld.metadata(OPTIMIZER_DIR).state_dict_metadata
-            self.ld.mch.move_optimizer_rows(sd, md, self.ld.reader(OPTIMIZER_DIR))
-
-    def _convert(self, sd: dict[str, Any], pr: PartReport) -> None:
-        """Collective: fill the plan-dependent keys (see :mod:`reckpt.fused_state`)."""
-        conversions = self.conversions or {}
-        if any(self.ld.d.all_gather(bool(conversions))):
-            md = self.ld.metadata(OPTIMIZER_DIR).state_dict_metadata
-            where = Storage.join(self.ld.ckpt, OPTIMIZER_DIR)
-            read = self.ld.reader(OPTIMIZER_DIR)
-            fill_conversions(conversions, sd, pr, md, read, self.ld.report.notes, where)
-
-
-def _managed_collision(ld: PartLoader, model: torch.nn.Module, jobs: list[LoadJob]) -> None:
-    """Collective: fit managed-collision state to this world size (see :mod:`reckpt.mch`)."""
-    job = next((j for j in jobs if j.part == MODEL_DIR), None)
-    if job is None or not has_managed_collision(model):
-        return
-    md = ld.metadata(MODEL_DIR)
-    dcp_dir = Storage.join(ld.ckpt, MODEL_DIR)
-
-    def rows(key: str, which: torch.Tensor) -> torch.Tensor | None:
-        return read_rows(ld.storage, dcp_dir, md, key, which)
-
-    plan = plan_mch(model, model.state_dict(), md, ld.reader(MODEL_DIR), rows, ld.d.rank, ld.d.world_size)
-    if not plan.moves:
-        return
-    ld.mch = plan
-    job.exclude_keys = [*job.exclude_keys, *plan.exclude]
-
-    def finish(sd: dict[str, Any], pr: PartReport) -> None:
-        plan.apply_model(sd)
-        model.load_state_dict(sd)
-
-    job.finish = finish
-    ld.report.notes.extend(plan.notes)
 
 
 def restore_model(
@@ -181,6 +49,7 @@ def restore_model(
     extra_states: Mapping[str, Any] | None = None,
     load_optimizer: bool = True,
     verify: bool | str = True,
+    strict_shapes: bool = False,
     allow_row_resize: bool = False,
     param_map: Mapping[str, str] | None = None,
     rename_rules: Sequence[RenameRule] = (),
@@ -204,15 +73,23 @@ def restore_model(
         ckpt_param_map_path: parameter-map file (``current_name checkpoint_name`` per line),
             applied to every part; local path or URL.
         error_on_missing_keys: raise listing every model key the checkpoint lacks.
-        dense_ema: TorchEasyRec Dense EMA object: ``reset()``, then load ``dense_ema/``.
+        dense_ema: TorchEasyRec Dense EMA object: ``reset()``, then load ``dense_ema/``
+            (filled in place when it has no ``load_state_dict()``, as TorchEasyRec's).
         use_dense_ema: overlay ``dense_ema/`` values onto the model's parameters (eval/export).
-        extra_states: name -> object with ``state_dict()``/``load_state_dict()``.
+        extra_states: name -> object with ``state_dict()`` (and ``load_state_dict()``, or
+            filled in place like ``dense_ema``).
         load_optimizer: ``False`` restores weights only.
         verify: check sizes and checksums against the manifest: ``True`` (default) checks
             data files while loading them and raises afterwards if one is damaged (the
             objects may then hold part of it); ``"first"`` checks every file before anything
             changes (each byte read twice); ``False`` checks nothing.
-        allow_row_resize: load the overlapping rows of tables whose row count changed.
+        strict_shapes: refuse, before anything is loaded, any key whose shape changed. By
+            default such a key loads its overlapping block (every dimension from 0 to the
+            smaller size; optimizer state alike) and keeps its other values, as TorchEasyRec
+            does; each is reported (``PartReport.resized`` / ``shape_mismatched``) and logged.
+            A key whose number of dimensions changed is refused either way.
+        allow_row_resize: with ``strict_shapes``, still load the overlapping rows of tables
+            whose row count alone changed (without it, the default already does).
         param_map: renames given directly (merged over the file's).
         rename_rules: further rename rules (see :mod:`reckpt.remap`).
         storage_options: fsspec options for URLs.
@@ -230,8 +107,10 @@ def restore_model(
         IncompleteCheckpointError: the checkpoint was never committed.
         IntegrityError: a file's size or checksum does not match the manifest.
         UnsafeCheckpointError: a file carries a pickle payload or points outside the checkpoint.
-        ShapeMismatchError: a model key's shape differs (nothing has been loaded).
-        KeyMismatchError: with ``error_on_missing_keys``, keys are missing (nothing loaded).
+        ShapeMismatchError: a model key's number of dimensions differs or, with
+            ``strict_shapes``, its shape differs (nothing has been loaded).
+        KeyMismatchError: with ``error_on_missing_keys``, keys are missing (nothing loaded);
+            also a ``RuntimeError``, as TorchEasyRec raises.
         ParamMapError: a bad line in the parameter-map file.
 
     Example:
@@ -257,6 +136,7 @@ def restore_model(
             "extra_states": extra_states,
             "load_optimizer": load_optimizer,
             "verify": verify,
+            "strict_shapes": strict_shapes,
             "allow_row_resize": allow_row_resize,
             "param_map": param_map,
             "rename_rules": rename_rules,
@@ -304,7 +184,8 @@ def restore_model(
             LoadJob(
                 MODEL_DIR,
                 model.state_dict,
-                _applier(model),
+                state_applier(model, MODEL_DIR, report),
+                strict_shapes=strict_shapes,
                 allow_row_resize=allow_row_resize,
                 error_on_missing_keys=error_on_missing_keys,
             )
@@ -318,7 +199,7 @@ def restore_model(
         elif not ld.has(OPTIMIZER_DIR):
             ld.skip(OPTIMIZER_DIR, "the checkpoint has no optimizer/; optimizer state starts fresh")
         else:
-            jobs.append(_OptimizerJob(ld, model, optimizer).job)
+            jobs.append(OptimizerJob(ld, model, optimizer, strict_shapes=strict_shapes).job)
 
     if dense_ema is not None:
         if ld.has(DENSE_EMA_DIR):
@@ -326,7 +207,8 @@ def restore_model(
                 LoadJob(
                     DENSE_EMA_DIR,
                     dense_ema.state_dict,
-                    _applier(dense_ema),
+                    state_applier(dense_ema, DENSE_EMA_DIR, report),
+                    strict_shapes=strict_shapes,
                     warn_on_missing_keys=False,
                 )
             )
@@ -339,6 +221,7 @@ def restore_model(
                     DENSE_EMA_DIR,
                     lambda: dict(model.named_parameters()),
                     report_as="dense_ema_overlay",
+                    strict_shapes=strict_shapes,
                     warn_on_missing_keys=False,
                 )
             )
@@ -352,12 +235,14 @@ def restore_model(
         if not ld.has(name):
             ld.skip(name, f"the checkpoint has no {name}/; {name} keeps its current state")
             continue
-        jobs.append(LoadJob(name, obj.state_dict, _applier(obj)))
+        jobs.append(
+            LoadJob(name, obj.state_dict, state_applier(obj, name, report), strict_shapes=strict_shapes)
+        )
 
     if verifier is not None:
         verifier.before_load(job.part for job in jobs)
         ld.verifier = verifier
-    _managed_collision(ld, model, jobs)
+    managed_collision(ld, model, jobs)
     ld.check(jobs)
     from reckpt.dynamic.load import restore_step  # imports reckpt.save
 

@@ -45,6 +45,19 @@ def test_a_slice_of_a_saved_tensor_takes_dcp_path(tmp_path: Path) -> None:
     assert torch.equal(small.state_dict()["emb.user.weight"], big.state_dict()["emb.user.weight"][:40])
 
 
+def test_a_grown_table_reads_its_saved_rows_in_place(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    small = TinyRec(rows=40)
+    ck = reckpt.save_model(str(tmp_path / "model.ckpt-1"), small)
+    big = TinyRec(rows=60)
+    init = big.state_dict()["emb.user.weight"].clone()
+    sd = big.state_dict()
+    reader = _load(ck, sd)  # overlap is the default: the saved rows are the destination's first
+    assert reader.direct_items == len(sd) and reader.dcp_items == 0
+    got = big.state_dict()["emb.user.weight"]
+    assert torch.equal(got[:40], small.state_dict()["emb.user.weight"]) and torch.equal(got[40:], init[40:])
+
+
 def test_restore_on_every_backend_uses_the_direct_path(root: str) -> None:
     m, o = trained()
     ck = reckpt.save_model(f"{root}/model.ckpt-1", m, o)

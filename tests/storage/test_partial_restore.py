@@ -48,6 +48,9 @@ def test_error_on_missing_keys_lists_all_and_loads_nothing(saved) -> None:
     with pytest.raises(KeyMismatchError, match=r"extra\.bias, extra\.weight") as ei:
         reckpt.restore_model(ckpt, m2, error_on_missing_keys=True)
     assert isinstance(ei.value, KeyError)
+    assert isinstance(ei.value, RuntimeError)  # TorchEasyRec raises RuntimeError
+    with pytest.raises(RuntimeError, match=r"extra\.weight"):
+        reckpt.restore_model(ckpt, m2, error_on_missing_keys=True)
     assert state_dicts_equal(before, m2.state_dict())
 
 
@@ -85,18 +88,22 @@ def test_shape_mismatch_names_key_and_shapes_before_loading(saved) -> None:
     m2, _ = fresh(dim=6)
     before = {k: v.clone() for k, v in m2.state_dict().items()}
     with pytest.raises(ShapeMismatchError, match=r"emb\.user\.weight.*\[50, 4\].*\[50, 6\]"):
-        reckpt.restore_model(ckpt, m2)
+        reckpt.restore_model(ckpt, m2, strict_shapes=True)
     assert state_dicts_equal(before, m2.state_dict())
 
 
 @pytest.mark.parametrize("rows", [30, 80])
-def test_row_resize_loads_overlap_when_opted_in(saved, rows) -> None:
+@pytest.mark.parametrize(
+    "flags", [{}, {"allow_row_resize": True}, {"allow_row_resize": True, "strict_shapes": True}]
+)
+def test_row_resize_loads_overlap(saved, rows, flags) -> None:
+    """The default, the old opt-in flag (now implied) and its strict-mode exception agree."""
     ckpt, m, _ = saved
     m2, _ = fresh(rows=rows)
-    with pytest.raises(ShapeMismatchError, match="allow_row_resize=True"):
-        reckpt.restore_model(ckpt, m2)
+    with pytest.raises(ShapeMismatchError, match="strict_shapes=True refuses"):
+        reckpt.restore_model(ckpt, m2, strict_shapes=True)
     init = m2.emb["user"].weight.detach().clone()
-    report = reckpt.restore_model(ckpt, m2, allow_row_resize=True)
+    report = reckpt.restore_model(ckpt, m2, **flags)
     n = min(rows, 50)
     assert torch.equal(m2.emb["user"].weight[:n], m.emb["user"].weight[:n])
     assert torch.equal(m2.emb["user"].weight[n:], init[n:])
@@ -243,15 +250,19 @@ def test_restore_without_ema_dir_warns(saved) -> None:
     assert int(ema.n) == 0
 
 
-def test_every_part_is_checked_before_any_is_loaded(tmp_path) -> None:
+@pytest.mark.parametrize("strict", [True, False])
+def test_every_part_is_checked_before_any_is_loaded(tmp_path, strict) -> None:
     """A mismatch in an extra state stops the restore before the model is touched."""
     m, o = trained()
     ckpt = str(tmp_path / "model.ckpt-1")
     reckpt.save_model(ckpt, m, o, extra_states={"head": torch.nn.Linear(3, 2)})
     m2, o2 = fresh()
     before = {k: v.clone() for k, v in m2.state_dict().items()}
-    with pytest.raises(ShapeMismatchError, match=r"(?s)head.*weight.*\[2, 3\].*\[4, 3\]"):
-        reckpt.restore_model(ckpt, m2, o2, extra_states={"head": torch.nn.Linear(3, 4)})
+    # strict: any shape change; default: a change in the number of dimensions
+    head = torch.nn.Linear(3, 4) if strict else torch.nn.Bilinear(3, 3, 2)
+    want = r"\[2, 3\].*\[4, 3\]" if strict else r"\[2, 3\].*\[2, 3, 3\]"
+    with pytest.raises(ShapeMismatchError, match=rf"(?s)head.*weight.*{want}"):
+        reckpt.restore_model(ckpt, m2, o2, extra_states={"head": head}, strict_shapes=strict)
     assert state_dicts_equal(before, m2.state_dict())
     assert o2.state == {} or all(float(v["exp_avg"].abs().sum()) == 0 for v in o2.state.values())
 

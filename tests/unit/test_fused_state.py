@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reckpt.fused_state import column_splits, convert_rowwise, dense_fused_rename_rule
+from reckpt.fused_state import (
+    RowwiseConversion,
+    column_splits,
+    convert_rowwise,
+    dense_fused_rename_rule,
+    rowwise_parts,
+)
 
 HALVES = ((0, 4), (4, 8))
 WHOLE = ((0, 8),)
@@ -57,3 +63,44 @@ def test_dense_fused_rename_rule() -> None:
     key = "state.ebc.embedding_bags.t.weight.t.momentum2"
     assert dense_fused_rename_rule(key, dense) == "state.ebc.embedding_bags.t.weight.exp_avg_sq"
     assert dense_fused_rename_rule("model.weight", dense) is None
+
+
+def test_rowwise_parts_of_a_grown_column_sharded_table_are_per_shard() -> None:
+    """12 rows -> 16 rows, two column shards: each shard's first 12 rows, not the flat overlap."""
+    saved = torch.arange(24, dtype=torch.float32)  # shard 0: rows 0-11, shard 1: rows 0-11
+    parts = rowwise_parts(saved, 12, 16, HALVES, HALVES)
+    assert parts is not None
+    assert torch.equal(parts[0], saved[:12]) and torch.equal(parts[1], saved[12:])
+    shrunk = rowwise_parts(saved, 12, 5, HALVES, HALVES)
+    assert shrunk is not None and torch.equal(shrunk[1], saved[12:17])
+
+
+def test_rowwise_parts_of_a_wider_table_keep_the_new_columns() -> None:
+    saved = torch.arange(6, dtype=torch.float32)  # 3 rows x HALVES (width 8)
+    parts = rowwise_parts(saved, 3, 3, HALVES, ((0, 4), (4, 8), (8, 12)))
+    assert parts is not None and parts[2] is None
+    assert torch.equal(parts[0], saved[:3]) and torch.equal(parts[1], saved[3:])
+    # (4, 12) covers saved (4, 8) only: its value comes from that part alone.
+    wide = rowwise_parts(saved, 3, 3, HALVES, ((0, 4), (4, 12)))
+    assert wide is not None and torch.equal(wide[1], saved[3:])
+    assert rowwise_parts(saved, 3, 3, HALVES, ((0, 6), (6, 12))) is None  # (4, 8) straddles 6
+
+
+def test_conversion_marks_what_it_loads() -> None:
+    conv = RowwiseConversion(
+        key="state.w.t.momentum1",
+        fqn="w",
+        name="t.momentum1",
+        source="state.w.t.momentum1",
+        source_shape=(6,),
+        shape=(8,),
+        rows=4,
+        src_rows=3,
+        src_splits=HALVES,
+        dst_splits=HALVES,
+    )
+    got = conv.convert(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+    assert got is not None and conv.partial
+    values, loaded = got
+    assert values[loaded].tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert loaded.tolist() == [True, True, True, False, True, True, True, False]

@@ -6,6 +6,7 @@ import pytest
 
 from reckpt.policy import (
     BestN,
+    BestRule,
     CheckpointInfo,
     EveryNSeconds,
     EveryNSteps,
@@ -30,23 +31,53 @@ def ck(
 CKS = [ck(1, 0.70, 0), ck(2, 0.80, 1000), ck(10, 0.75, 3700), ck(20, 0.60, 3800), ck(30, None, 7300)]
 
 
+# By auc (larger is better) the best committed checkpoint is step 2: every prune keeps it.
 @pytest.mark.parametrize(
     ("policies", "protected", "deleted"),
     [
         ([], (), []),
-        ([LatestN(2)], (), [1, 2, 10]),
-        ([LatestN(1)], (), [1, 2, 10, 20]),
+        ([LatestN(2)], (), [1, 10]),
+        ([LatestN(1)], (), [1, 10, 20]),
         ([LatestN(1), BestN(1, "auc")], (), [1, 10, 20]),
         ([LatestN(1), BestN(2, "auc")], (), [1, 20]),
-        ([BestN(1, "auc", larger_is_better=False)], (), [1, 2, 10]),  # newest always kept
-        ([EveryNSteps(10)], (), [1, 2]),
-        ([EveryNSeconds(3600)], (), [2, 20]),
+        ([BestN(1, "auc", larger_is_better=False)], (), [1, 10]),  # newest and best always kept
+        ([EveryNSteps(10)], (), [1]),
+        ([EveryNSeconds(3600)], (), [20]),
         ([PinnedSteps(frozenset({2}))], (1,), [10, 20]),
-        ([LatestN(1)], (10,), [1, 2, 20]),
+        ([LatestN(1)], (10,), [1, 20]),
     ],
 )
 def test_steps_to_delete(policies, protected, deleted) -> None:
     assert steps_to_delete(CKS, policies, now=9999.0, protected=protected) == deleted
+
+
+@pytest.mark.parametrize(
+    ("best", "deleted"),
+    [
+        (BestRule(), [1, 10, 20]),  # auc, larger is better: step 2
+        (BestRule("auc", larger_is_better=False), [1, 2, 10]),  # lowest auc: step 20
+        (BestRule("logloss"), [1, 2, 20]),  # a loss: smaller is better, step 10
+        (BestRule("logloss", larger_is_better=True), [1, 2, 10]),
+        (BestRule("ndcg"), [1, 2, 10, 20]),  # recorded nowhere: the best is not known
+    ],
+)
+def test_steps_to_delete_never_deletes_the_best(best, deleted) -> None:
+    cks = [
+        CheckpointInfo(s, f"m/model.ckpt-{s}", metrics={"auc": a, "logloss": ll})
+        for s, a, ll in ((1, 0.7, 0.4), (2, 0.8, 0.5), (10, 0.75, 0.3), (20, 0.6, 0.6), (30, 0.65, 0.45))
+    ]
+    assert steps_to_delete(cks, [LatestN(1)], now=0.0, best=best) == deleted
+
+
+def test_best_that_cannot_be_told_deletes_nothing_when_required() -> None:
+    cks = [CheckpointInfo(s, f"m/model.ckpt-{s}", metrics={"gauc": 0.5, "logloss": 0.3}) for s in (1, 2, 3)]
+    # Several metrics and none of them auc: not known, so only the policies decide...
+    assert steps_to_delete(cks, [LatestN(1)], now=0.0) == [1, 2]
+    # ...unless the export config demands a best (exporter_type "best"): then nothing goes.
+    with pytest.raises(ValueError, match="gauc, logloss"):
+        steps_to_delete(cks, [LatestN(1)], now=0.0, best=BestRule(required=True))
+    with pytest.raises(ValueError, match="'auc' is not recorded"):
+        steps_to_delete(cks, [LatestN(1)], now=0.0, best=BestRule("auc", required=True))
 
 
 def test_uncommitted_never_counted_nor_deleted() -> None:
@@ -125,33 +156,43 @@ def test_should_save(decision, step, epoch, final, elapsed, want) -> None:
     )
 
 
+# TorchEasyRec's cases (compat §11, #27): (event time, last save's, interval, targets) -> save?
 @pytest.mark.parametrize(
     ("ts", "last", "interval", "targets", "want"),
     [
-        (3600, None, 3600, (), False),
-        (3600, 3599, 3600, (), True),
-        (3700, 3650, 3600, (), False),
-        (10, 5, 0, (), False),
-        (100, 50, 0, (100,), True),
-        (150, 50, 0, (100,), True),
-        (90, 50, 0, (100,), False),
-        (150, 120, 0, (100,), False),
+        pytest.param(1000, None, 600, [500], False, id="no reference yet: only seeds"),
+        pytest.param(3600, 3599, 3600, [], True, id="interval boundary crossed"),
+        pytest.param(3500, 3000, 3600, [], False, id="same interval bucket"),
+        pytest.param(10000, 0, 0, [], False, id="interval off"),
+        pytest.param(1500, 1000, 0, [1500], True, id="target reached exactly"),
+        pytest.param(1600, 1000, 0, [1500], True, id="target passed"),
+        pytest.param(1400, 1000, 0, [1500], False, id="target not reached"),
+        pytest.param(2000, 1500, 0, [1500], False, id="target never fires twice"),
+        pytest.param(1600, 1000, 0, [900, 1500, 5000], True, id="one of several targets"),
+        pytest.param(1600, 1000, 3600, [1500], True, id="target inside one interval bucket"),
+        pytest.param(7199.5, 3600.0, 3600, [], False, id="float times, same bucket"),
+        pytest.param(7200.0, 7199.5, 3600, [], True, id="float times, next bucket"),
     ],
 )
 def test_should_save_on_timestamp(ts, last, interval, targets, want) -> None:
     assert should_save_on_timestamp(ts, last, interval, targets) is want
 
 
+# TorchEasyRec's cases (compat §11, #28): per-rank event times and quorum -> reconciled time.
 @pytest.mark.parametrize(
     ("values", "q", "want"),
     [
-        ([], 0.5, None),
-        ([5.0], 0.5, 5.0),
-        ([1.0, 2.0, 3.0], 1.0, 1.0),
-        ([1.0, 2.0, 3.0], 0.01, 3.0),
-        ([1.0, 2.0, 3.0, 4.0], 0.5, 3.0),
-        ([100, 101, -1], 0.5, 100),
-        ([100, -1, -1], 0.5, -1),
+        pytest.param([], 0.5, None, id="no ranks"),
+        pytest.param([42.0], 0.5, 42.0, id="one rank"),
+        pytest.param([5.0, 5.0, 5.0], 0.5, 5.0, id="all equal"),
+        pytest.param([10.0, 20.0, 30.0, 40.0], 1.0, 10.0, id="full quorum: the minimum"),
+        pytest.param([10.0, 20.0, 30.0, 40.0], 0.01, 40.0, id="tiny quorum: the maximum"),
+        pytest.param([10.0, 20.0, 30.0, 40.0], 0.5, 30.0, id="half of four: 2nd largest"),
+        pytest.param([10.0, 30.0, 20.0], 0.5, 20.0, id="half of three: the median"),
+        pytest.param([100.0, 101.0, 1e18], 0.5, 101.0, id="one far-off value ignored"),
+        pytest.param([100.0, 101.0, -1.0], 0.5, 100.0, id="a rank without time, quorum met"),
+        pytest.param([100.0, -1.0, -1.0], 0.5, -1.0, id="quorum not met: negative"),
+        pytest.param([float(v) for v in range(1, 26)], 0.28, 19.0, id="0.28 * 25 counts as 7, not 8"),
     ],
 )
 def test_quorum_event_time(values, q, want) -> None:

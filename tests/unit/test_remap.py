@@ -6,6 +6,8 @@ from reckpt.errors import ParamMapError
 from reckpt.remap import (
     ec_list_to_ec_dict_rule,
     index_keyed_optimizer_rule,
+    input_tile_rule,
+    overlap_block,
     parse_param_map,
     remap_input_tile_user_key,
     resolve_keys,
@@ -98,3 +100,66 @@ def test_dash_in_param_map_keeps_initial_value() -> None:
         {"layer.weight": (4, 5), "b": (1,)}, {"layer.weight": (4, 3), "b": (1,)}, param_map=mapping
     )
     assert r.reinitialized == ["layer.weight"] and r.loads == {"b": "b"} and not r.errors
+
+
+@pytest.mark.parametrize(
+    ("saved", "current", "strict", "resize", "outcome", "block"),
+    [
+        ((4, 3), (6, 5), False, False, "resized", (4, 3)),  # the default: any dimension
+        ((6, 5), (4, 3), False, False, "resized", (4, 3)),
+        ((4, 3), (2, 5), False, False, "resized", (2, 3)),
+        ((4,), (8,), False, False, "resized", (4,)),
+        ((4, 3), (12,), False, False, "error", None),  # another number of dimensions
+        ((), (1,), False, False, "error", None),
+        (None, (4,), False, False, "error", None),  # a non-tensor item
+        ((4, 3), (6, 3), True, False, "error", None),  # strict
+        ((4, 3), (6, 3), True, True, "resized", (4, 3)),  # strict, rows allowed
+        ((4, 3), (6, 5), True, True, "error", None),
+    ],
+)
+def test_overlap_outcomes(saved, current, strict, resize, outcome, block) -> None:
+    r = resolve_keys({"k": current}, {"k": saved}, load_overlap=not strict, allow_row_resize=resize)
+    got = "error" if r.errors else "resized" if r.resized else "load"
+    assert got == outcome
+    (m,) = r.shape_mismatched
+    assert (m.saved, m.current, m.block) == (saved, current, block)
+
+
+def test_overlap_block() -> None:
+    assert overlap_block((2, 4), (3, 6)) == (2, 4)
+    assert overlap_block((5,), (3,)) == (3,)
+    assert overlap_block((2, 4), (8,)) is None and overlap_block(None, (1,)) is None
+
+
+def test_input_tile_twin_of_a_legacy_ec_list_key_composes() -> None:
+    """INPUT_TILE=3 renames ``ec_dict_user`` -> ``ec_dict``; the ec_list rule finishes the job."""
+    saved = {"group.ec_list.0.weight": (2, 4), "group.ebc.embedding_bags.t.weight": (3, 4)}
+    rules = [input_tile_rule, ec_list_to_ec_dict_rule(saved)]
+    r = resolve_keys(
+        {
+            "group.ec_dict_user.4.weight": (2, 4),
+            "group.ebc_user.embedding_bags.t.weight": (3, 4),
+            "group.ec_dict_user.8.weight": (2, 8),  # no table of that dimension
+        },
+        saved,
+        rules=rules,
+    )
+    assert r.loads == {
+        "group.ec_dict_user.4.weight": "group.ec_list.0.weight",
+        "group.ebc_user.embedding_bags.t.weight": "group.ebc.embedding_bags.t.weight",
+    }
+    assert r.missing == ["group.ec_dict_user.8.weight"]
+    # Without the tile rule, the twin key stays missing.
+    assert resolve_keys({"group.ec_dict_user.4.weight": (2, 4)}, saved, rules=rules[1:]).missing
+
+
+def test_input_tile_rule_prefers_a_present_twin() -> None:
+    assert (
+        input_tile_rule("g.ebc_user.embedding_bags.t.w", {"g.ebc.embedding_bags.t.w"})
+        == "g.ebc.embedding_bags.t.w"
+    )
+    assert input_tile_rule("g.ec_dict_user.4.w", ()) == "g.ec_dict.4.w"  # handed on to later rules
+    assert input_tile_rule("g.dense.w", ()) is None
+    assert remap_input_tile_user_key("g.ebc_user.embedding_bags.t.w", {"g.ebc.embedding_bags.t.w"}) == (
+        "g.ebc.embedding_bags.t.w"
+    )

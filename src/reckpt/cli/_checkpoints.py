@@ -198,7 +198,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         None,
         args.eval_result_filename,
         metric=args.metric,
-        larger_is_better=not args.smaller_is_better,
+        larger_is_better=False if args.smaller_is_better else None,  # None: by the metric's name
     )
     if path is None:
         raise CheckpointNotFoundError(f"{args.model_dir}: no committed checkpoint")
@@ -264,44 +264,51 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from reckpt.discovery import best_checkpoint
+    from reckpt.best import BestRule, default_larger_is_better, find_best, resolve_metric_name
+    from reckpt.discovery import list_checkpoints
     from reckpt.errors import ConfigError
     from reckpt.policy import BestN, EveryNSteps, LatestN, RetentionPolicy
     from reckpt.pruner import Pruner
     from reckpt.storage import storage_for
 
+    larger = False if args.smaller_is_better else None  # None: by the metric's name
     policies: list[RetentionPolicy] = []
     if args.keep_last:
         policies.append(LatestN(args.keep_last))
     for metric in args.keep_best or []:
-        policies.append(BestN(args.keep_best_n, metric, not args.smaller_is_better))
+        direction = default_larger_is_better(metric) if larger is None else larger
+        policies.append(BestN(args.keep_best_n, metric, direction))
     if args.keep_every_steps:
         policies.append(EveryNSteps(args.keep_every_steps))
     if not policies:
         raise ConfigError("prune: give at least one of --keep-last, --keep-best, --keep-every-steps")
-
-    def protected() -> set[int]:
-        steps = set()
-        for metric in args.keep_best or []:
-            _, step = best_checkpoint(
-                args.model_dir, metric=metric, larger_is_better=not args.smaller_is_better
-            )
-            steps.add(step)
-        return steps
-
-    pruner = Pruner(
-        args.model_dir, storage_for(args.model_dir), policies, protected, args.eval_result_filename
-    )
+    # The best checkpoint is never deleted while it is known (--metric, else the only metric
+    # recorded, else auc); a metric named here but not recorded stops the prune.
+    best = BestRule(args.metric, larger, required=args.metric is not None)
+    infos = list_checkpoints(args.model_dir, eval_result_filename=args.eval_result_filename, with_size=False)
+    metrics = {c.step: c.metrics for c in infos if c.committed}
+    recorded = {k for m in metrics.values() for k in m}
+    try:
+        for metric in (args.keep_best or []) if recorded else []:
+            resolve_metric_name(metric, recorded, args.model_dir)  # a typo must not keep nothing
+        found = find_best(metrics, best)
+    except ValueError as e:
+        raise ConfigError(f"prune: {e}") from e
+    storage = storage_for(args.model_dir)
+    pruner = Pruner(args.model_dir, storage, policies, set, args.eval_result_filename, best)
     doomed = pruner.plan()
     if not args.dry_run:
         pruner.run_once()
     verb = "would delete" if args.dry_run else "deleted"
     lines = [f"{verb} {c.path}" for c in doomed] or ["nothing to delete"]
+    if found is not None:
+        lines.append(f"kept the best checkpoint by {found[1]}: step {found[0]}")
     _emit(
         args,
         {
             "dry_run": args.dry_run,
             "deleted" if not args.dry_run else "would_delete": [c.path for c in doomed],
+            "best": None if found is None else {"step": found[0], "metric": found[1]},
         },
         lines,
     )
@@ -358,7 +365,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("model_dir")
     p.add_argument("--metric", default=None, help="metric name (default: the only one, else auc)")
-    flag(p, "smaller-is-better", action="store_true")
+    flag(p, "smaller-is-better", action="store_true", help="default: losses and errors only")
     flag(p, "eval-result-filename", default="train_eval_result_v2.txt")
     p = add(
         "diff",
@@ -379,6 +386,12 @@ def register(sub: Any) -> None:
     flag(p, "keep-best", action="append", metavar="METRIC")
     flag(p, "keep-best-n", type=int, default=1)
     flag(p, "keep-every-steps", type=int, default=0)
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="the metric that tells the best checkpoint, which is never deleted"
+        " (default: the only one recorded, else auc)",
+    )
     flag(p, "smaller-is-better", action="store_true")
     flag(p, "eval-result-filename", default="train_eval_result_v2.txt")
     flag(p, "dry-run", action="store_true")

@@ -182,7 +182,9 @@ def train_and_evaluate(
     param_map = t.fine_tune_ckpt_param_map or None
     if ckpt is not None and not fine_tune:
         # The newest checkpoint that verifies: a damaged one is skipped (and logged).
-        resumed = mgr.restore_latest(model, restore_opt, ckpt_param_map_path=param_map)
+        # A resume continues the same model: a changed shape is a mistake (another model's
+        # model_dir), not a fine-tune, so nothing is loaded by overlap here.
+        resumed = mgr.restore_latest(model, restore_opt, ckpt_param_map_path=param_map, strict_shapes=True)
         if resumed is None:
             raise CheckpointNotFoundError(
                 f"model_dir {cfg.model_dir}: no committed checkpoint to resume from"
