@@ -259,7 +259,7 @@ def remap_input_tile_user_key(fqn: str, valid_keys: Collection[str] | None = Non
     """
     for user, shared in _INPUT_TILE_TWINS:
         if user in fqn:
-            candidate = fqn.replace(user, shared, 1)
+            candidate = fqn.replace(user, shared)  # every occurrence, as TorchEasyRec
             if valid_keys is None or candidate in valid_keys:
                 return candidate
     return fqn

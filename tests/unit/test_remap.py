@@ -84,6 +84,7 @@ def test_input_tile_twins() -> None:
     assert remap_input_tile_user_key("g.ebc_user.embedding_bags.t.weight") == "g.ebc.embedding_bags.t.weight"
     assert remap_input_tile_user_key("g.mc_ec_dict_user.x") == "g.mc_ec_dict.x"
     assert remap_input_tile_user_key("g.dense.w") == "g.dense.w"
+    assert remap_input_tile_user_key("a.ec_dict_user.b.ec_dict_user.c") == "a.ec_dict.b.ec_dict.c"
     assert remap_input_tile_user_key("g.ec_dict_user.x", valid_keys={"nope"}) == "g.ec_dict_user.x"
 
 
