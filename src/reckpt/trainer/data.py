@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from reckpt.dataloader_state import EPOCHS_COMPLETED
 from reckpt.errors import CheckpointNotFoundError, ConfigError
 from reckpt.trainer.config import DataConfig
 
 __all__ = ["make_data", "Batch", "ParquetReader", "input_files"]
 
-EPOCHS_KEY = "__epochs_completed__"
+EPOCHS_KEY = EPOCHS_COMPLETED  # TorchEasyRec's key of completed data passes
 
 
 def make_data(
