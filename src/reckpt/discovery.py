@@ -13,6 +13,7 @@ from typing import Any
 
 from reckpt.best import BestRule, best_step, default_larger_is_better, resolve_metric_name
 from reckpt.commit import checkpoint_state
+from reckpt.damage import is_marked_damaged
 from reckpt.errors import CheckpointNotFoundError, ConfigError, IncompleteCheckpointError, IntegrityError
 from reckpt.eval_results import TRAIN_EVAL_RESULT_FILENAME, read_checkpoint_metrics, read_eval_results
 from reckpt.manifest import chain_names, read_manifest
@@ -59,7 +60,8 @@ def latest_checkpoint(
 
     TorchEasyRec semantics with its sharp edges fixed: an explicit checkpoint path
     (``…/model.ckpt-<step>``, trailing ``/`` allowed) is returned only when it is committed;
-    only committed checkpoints count; names are parsed with one full-match parser. A legacy
+    only committed checkpoints that are not marked damaged count (:mod:`reckpt.damage`); names
+    are parsed with one full-match parser. A legacy
     layout with ``model/`` or ``optimizer/`` directly in ``model_dir`` is returned as step 0.
 
     Raises:
@@ -74,15 +76,16 @@ def latest_checkpoint(
     path = model_dir.rstrip("/") or model_dir
     step = parse_step(path)
     if step is not None:
-        state = checkpoint_state(storage, path)
+        state: str = checkpoint_state(storage, path)
         if state == "absent":
             raise CheckpointNotFoundError(f"{path}: checkpoint does not exist")
         if state == "incomplete":
             raise IncompleteCheckpointError(f"{path}: checkpoint was never committed")
         return path, step
-    steps = committed_steps(path, storage)
-    if steps:
-        return Storage.join(path, checkpoint_name(steps[-1])), steps[-1]
+    for step in reversed(committed_steps(path, storage)):  # a known-damaged one is skipped
+        found = Storage.join(path, checkpoint_name(step))
+        if not is_marked_damaged(storage, found):
+            return found, step
     if any(storage.isdir(Storage.join(path, p)) for p in (MODEL_DIR, OPTIMIZER_DIR)):
         return path, 0
     return None, -1
@@ -114,9 +117,11 @@ def scan(
         if step is None:
             continue
         path = Storage.join(root, name)
-        state = checkpoint_state(storage, path)
+        state: str = checkpoint_state(storage, path)
         if state == "absent":  # a file that merely carries the name
             continue
+        if state in ("committed", "legacy") and is_marked_damaged(storage, path):
+            state = "damaged"  # failed verification: never latest, best or counted as kept
         created, size = None, None
         needs: tuple[int, ...] = ()
         try:

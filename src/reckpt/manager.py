@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from reckpt.background import Background
+from reckpt.damage import is_marked_damaged, mark_damaged
 from reckpt.dataloader_state import restore_dataloader_state, save_dataloader_state
 from reckpt.discovery import best_checkpoint, best_rule, latest_checkpoint, list_checkpoints
 from reckpt.dist import Dist
@@ -41,7 +42,7 @@ from reckpt.policy import (
 from reckpt.restore import restore_model
 from reckpt.resume import TRAIN_STATE, ResumeInfo, TrainState, manager_extras
 from reckpt.save import collect_parts, save_parts
-from reckpt.storage import Storage
+from reckpt.storage import Storage, storage_for
 
 __all__ = ["CheckpointManager", "ResumeInfo"]
 
@@ -228,7 +229,8 @@ class CheckpointManager:
                 return delta
         parts = collect_parts(model, optimizer, dense_ema, extras, "name")
         path = self.checkpoint_dir(step)
-        overwrite = overwrite or path in self._damaged
+        # A known-damaged checkpoint of this step (this run's resume, or its mark) is replaced.
+        overwrite = overwrite or path in self._damaged or self._marked_damaged(path)
         kwargs: dict[str, Any] = {
             "plan": model_plan(model),
             "dataloader_state": dataloader_state,
@@ -372,6 +374,12 @@ class CheckpointManager:
         self._event_time.seed(state)
         return state
 
+    def _marked_damaged(self, path: str) -> bool:
+        """Collective: rank 0 looks for the damaged mark (ranks must agree on ``overwrite``)."""
+        d = Dist(self._pg)
+        mine = d.is_coordinator and is_marked_damaged(storage_for(self.model_dir, self.storage_options), path)
+        return bool(d.broadcast(mine))
+
     def restore_latest(self, model: Any, optimizer: Any = None, **kwargs: Any) -> ResumeInfo | None:
         """Collective: resume from the newest checkpoint that verifies; ``None`` when there is none.
 
@@ -393,6 +401,8 @@ class CheckpointManager:
             except (IntegrityError, UnsafeCheckpointError) as e:
                 logger.warning("resume: skipping %s, it does not verify: %s", info.path, e)
                 self._damaged.add(info.path)
+                if Dist(self._pg).is_coordinator:  # known-bad from now on (reckpt.damage)
+                    mark_damaged(storage_for(self.model_dir, self.storage_options), info.path, [str(e)])
                 first = first or e
         if first is not None:
             raise first

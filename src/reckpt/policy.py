@@ -66,7 +66,8 @@ class CheckpointInfo:
     Attributes:
         step: the step in its name.
         path: its directory.
-        state: ``committed``, ``legacy`` or ``incomplete``.
+        state: ``committed``, ``legacy``, ``incomplete`` or ``damaged`` (committed, but failed
+            verification: see :mod:`reckpt.damage`).
         created_at: Unix seconds (manifest time), ``None`` when unknown (legacy).
         size: bytes on storage, ``None`` when not computed.
         metrics: eval metrics (sidecar, else eval-results file), empty when none.
@@ -186,7 +187,9 @@ def steps_to_delete(
     :func:`find_best`), every link a kept delta checkpoint needs (its base and earlier
     deltas), every step in ``protected`` (the save in flight, leased steps), and uncommitted
     directories (crash debris is the commit protocol's to clean). With no policy at all
-    nothing is deleted.
+    nothing is deleted. Damaged checkpoints (``state == "damaged"``: they failed
+    verification) count toward no policy and are deleted unless protected, so a damaged
+    checkpoint never outlives a good one.
 
     Raises:
         ValueError: ``best.required`` and the best cannot be told (nothing may be deleted).
@@ -199,9 +202,10 @@ def steps_to_delete(
     """
     if not policies:
         return []
+    damaged = [c.step for c in checkpoints if c.state == "damaged" and c.step not in set(protected)]
     committed = _committed(checkpoints)
     if not committed:
-        return []
+        return sorted(damaged)
     keep = {committed[-1].step, *protected}
     found = find_best({c.step: c.metrics for c in committed}, best or BestRule())
     if found is not None:
@@ -211,7 +215,7 @@ def steps_to_delete(
     for c in committed:  # a kept delta keeps its whole chain
         if c.step in keep:
             keep |= set(c.needs)
-    return [c.step for c in committed if c.step not in keep]
+    return sorted([c.step for c in committed if c.step not in keep] + damaged)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

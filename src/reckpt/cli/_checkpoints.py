@@ -135,7 +135,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from reckpt.damage import clear_damaged, mark_damaged
     from reckpt.discovery import list_checkpoints
+    from reckpt.storage import storage_for
     from reckpt.verification import verify
 
     paths = (
@@ -150,6 +152,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     results, lines = [], []
     for path in progress(paths, "verify"):
         r = verify(path)
+        if r.problems and r.state in ("committed", "legacy"):  # known-bad from now on (reckpt.damage)
+            mark_damaged(storage_for(path), path, r.problems)
+        elif r.ok:
+            clear_damaged(storage_for(path), path)
         results.append(
             {
                 "checkpoint": path,

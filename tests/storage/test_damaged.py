@@ -1,0 +1,90 @@
+"""Known-bad never outranks good: a checkpoint that failed verification is marked damaged
+(its files untouched), is never latest or best, counts toward no retention, and goes first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import reckpt
+from reckpt.policy import CheckpointInfo, LatestN, steps_to_delete
+from tests.helpers import fresh, trained
+
+
+def _flip(ckpt: Path) -> None:
+    f = ckpt / "model" / "__0_0.distcp"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    f.write_bytes(bytes(raw))
+
+
+def _run(root: Path) -> None:
+    for step in (10, 20, 30):
+        reckpt.save_model(str(root / f"model.ckpt-{step}"), *trained(seed=step))
+    lines = [f'{{"global_step": {s}, "auc": {a}}}' for s, a in ((10, 0.6), (20, 0.7), (30, 0.9))]
+    (root / "train_eval_result_v2.txt").write_text("\n".join(lines) + "\n")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reckpt.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_retention_counts_only_good_checkpoints() -> None:
+    cks = [
+        CheckpointInfo(10, "m/model.ckpt-10"),
+        CheckpointInfo(20, "m/model.ckpt-20"),
+        CheckpointInfo(30, "m/model.ckpt-30", state="damaged"),
+    ]
+    assert steps_to_delete(cks, [LatestN(2)], now=0.0) == [30]
+    assert steps_to_delete(cks, [LatestN(2)], now=0.0, protected=[30]) == []
+    assert steps_to_delete([cks[2]], [LatestN(1)], now=0.0) == [30]
+
+
+def test_a_damaged_newest_checkpoint_is_shown_skipped_and_pruned_first(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _run(run)
+    _flip(run / "model.ckpt-30")
+    out = _cli("verify", str(run))
+    assert out.returncode != 0
+    states = {c.step: c.state for c in reckpt.list_checkpoints(str(run))}
+    assert states == {10: "committed", 20: "committed", 30: "damaged"}
+    assert "damaged" in _cli("ls", str(run)).stdout
+    assert reckpt.latest_checkpoint(str(run)) == (str(run / "model.ckpt-20"), 20)
+    assert reckpt.best_checkpoint(str(run))[1] == 20  # 30 has the best auc, but is damaged
+    assert _cli("prune", str(run), "--keep-last", "2").returncode == 0
+    assert [c.step for c in reckpt.list_checkpoints(str(run))] == [10, 20]  # both good ones stay
+
+
+def test_resume_marks_a_damaged_checkpoint_and_a_new_save_replaces_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _run(run)
+    _flip(run / "model.ckpt-30")
+    with reckpt.CheckpointManager(str(run), keep_checkpoint_max=2) as mgr:
+        m, o = fresh()
+        info = mgr.restore_latest(m, o)
+        assert info is not None and info.step == 20
+        assert {c.step: c.state for c in mgr.list_checkpoints()}[30] == "damaged"
+        mgr.save(30, *trained(seed=31))  # the redone save of the damaged step
+    states = {c.step: c.state for c in reckpt.list_checkpoints(str(run))}
+    assert states == {20: "committed", 30: "committed"}
+    assert reckpt.verify(str(run / "model.ckpt-30")).ok
+    # a checkpoint that verifies again loses the mark
+    _flip(run / "model.ckpt-20")
+    _cli("verify", str(run / "model.ckpt-20"))
+    assert {c.step: c.state for c in reckpt.list_checkpoints(str(run))}[20] == "damaged"
+    _flip(run / "model.ckpt-20")  # flipped back
+    assert _cli("verify", str(run / "model.ckpt-20")).returncode == 0
+    assert {c.step: c.state for c in reckpt.list_checkpoints(str(run))}[20] == "committed"
+
+
+def test_a_new_run_replaces_a_step_marked_damaged(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _run(run)
+    _flip(run / "model.ckpt-30")
+    assert _cli("verify", str(run)).returncode != 0
+    with reckpt.CheckpointManager(str(run)) as mgr:  # knows nothing of the damage but the mark
+        mgr.save(30, *trained(seed=32))
+    assert {c.step: c.state for c in reckpt.list_checkpoints(str(run))}[30] == "committed"
