@@ -459,3 +459,25 @@ def test_data_position_matches_relative_and_absolute_paths(tmp_path: Path, data:
     proc = cli("train", str(elsewhere), "--continue-train")
     assert proc.returncode != 0
     assert "the saved data position names" in proc.stderr and "--fine-tune-checkpoint" in proc.stderr
+
+
+def test_a_flipped_bit_in_the_newest_checkpoint_costs_no_good_checkpoint(tmp_path: Path, data: Path) -> None:
+    """The newest checkpoint is damaged; --continue-train falls back to the previous one, marks
+    the damaged one (ls shows it), redoes its step and retention keeps every good checkpoint."""
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "a.toml", data, run, train="keep_checkpoint_max = 2")
+    assert cli("train", cfg).returncode == 0
+    kept = [c.step for c in reckpt.list_checkpoints(str(run))]
+    assert kept[-2:] == [40, STEPS - 1]
+    data_file = next((run / f"model.ckpt-{STEPS - 1}" / "model").glob("*.distcp"))
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    data_file.write_bytes(bytes(raw))
+    assert cli("verify", str(run)).returncode != 0
+    ls = cli("ls", str(run)).stdout
+    assert any(line.split()[:1] == [str(STEPS - 1)] and "damaged" in line for line in ls.splitlines()), ls
+    proc = cli("train", cfg, "--continue-train")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = {c.step: c.state for c in reckpt.list_checkpoints(str(run))}
+    assert after == {s: "committed" for s in kept}, after  # the good ones, and the redone step
+    assert all(reckpt.verify(str(run / f"model.ckpt-{s}")).ok for s in kept)
