@@ -52,6 +52,17 @@ def _extra_state_over_a_users_file(d: Path) -> None:
     _saved(d, extra_states={"lr_scheduler": torch.nn.Linear(1, 1)})
 
 
+def _convert_damaged(d: Path) -> None:
+    from reckpt.cli._convert import verified
+
+    ck = _saved(d)
+    f = Path(ck) / "model" / "__0_0.distcp"
+    raw = bytearray(f.read_bytes())
+    raw[100] ^= 1
+    f.write_bytes(bytes(raw))
+    verified(ck)
+
+
 def _convert_over(d: Path) -> None:
     from reckpt.cli._convert import output_file
 
@@ -548,6 +559,23 @@ MISTAKES: list[Mistake] = [
     ),
     Mistake(
         "retention: keep the last 0", lambda d: reckpt.LatestN(0), ValueError, "LatestN.n must be >= 1, got 0"
+    ),
+    Mistake(
+        "best: a metric of unknown direction, and no direction given",
+        lambda d: reckpt.BestN(1, "ctr_score"),
+        ValueError,
+        "metric 'ctr_score' has no built-in direction (larger is better: auc, gauc, grouped_auc, accuracy, acc,"
+        " recall, precision, ndcg, mrr, f1; smaller: loss, logloss, mse, mae, rmse); say which way is better:"
+        " metric_larger_is_better= / larger_is_better=, or --larger-is-better / --smaller-is-better",
+    ),
+    Mistake(
+        "convert: a damaged checkpoint",
+        lambda d: _convert_damaged(d),
+        errors.IntegrityError,
+        "<dir>/model.ckpt-1: integrity check failed (1 file(s)):\n"
+        "  <dir>/model.ckpt-1/model/__0_0.distcp: checksum <xxh3> differs from the manifest's <xxh3> (corrupted)\n"
+        "Refusing to convert a damaged checkpoint: convert another one, or pass --no-verify to salvage what is"
+        " readable.",
     ),
     Mistake(
         "config: an unknown key",

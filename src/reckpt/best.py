@@ -6,7 +6,8 @@ rules, so the checkpoint ``best_checkpoint`` returns is the one no prune deletes
 - the metric: the configured one (TorchEasyRec's ``best_exporter_metric``); unnamed, the
   only one recorded, else ``auc`` (:func:`resolve_metric_name`);
 - its direction: the configured one (``metric_larger_is_better``); unset, by name
-  (:func:`default_larger_is_better`: losses and errors are smaller-is-better);
+  (:func:`default_larger_is_better`: losses and errors are smaller-is-better, AUC and
+  accuracy larger; a metric of unknown direction is an error where it is asked for);
 - the best step: the best finite value, ties to the older step (:func:`best_step`).
 """
 
@@ -51,19 +52,50 @@ class BestRule:
 
 
 _SMALLER_IS_BETTER = ("loss", "logloss", "mse", "mae", "rmse")
+_LARGER_IS_BETTER = (
+    "auc",
+    "gauc",
+    "grouped_auc",
+    "accuracy",
+    "acc",
+    "recall",
+    "precision",
+    "ndcg",
+    "mrr",
+    "f1",
+)
+
+
+def _named(metric: str, names: tuple[str, ...]) -> bool:
+    return any(metric == m or metric.startswith((m + "_", m + "@")) for m in names)
 
 
 def default_larger_is_better(metric: str) -> bool:
-    """A metric's direction when none is configured: losses and errors are smaller-is-better.
+    """A known metric's direction, for when none is configured.
 
     =====================================================  ================
-    metric (``<name>``, or a tower's ``<name>_<tower>``)   larger is better
+    metric (``<name>``, a tower's ``<name>_<tower>``,      larger is better
+    a cut-off's ``<name>@<k>``)
     =====================================================  ================
-    ``auc``, ``grouped_auc``, ``auc_ctr``, ``recall``      yes
-    ``logloss``, ``loss``, ``logloss_ctr``, ``mse``        no
+    ``auc``, ``gauc``, ``grouped_auc``, ``accuracy``,      yes
+    ``recall@k``, ``precision``, ``ndcg``, ``mrr``, ``f1``
+    ``loss``, ``logloss``, ``mse``, ``mae``, ``rmse``      no
     =====================================================  ================
+
+    Raises:
+        ValueError: the metric is none of these: its direction must be given
+            (``metric_larger_is_better``, ``--larger-is-better`` / ``--smaller-is-better``),
+            never guessed, or a wrong guess would keep the worst checkpoint as the best.
     """
-    return not any(metric == m or metric.startswith(m + "_") for m in _SMALLER_IS_BETTER)
+    if _named(metric, _SMALLER_IS_BETTER):
+        return False
+    if _named(metric, _LARGER_IS_BETTER):
+        return True
+    raise ValueError(
+        f"metric {metric!r} has no built-in direction (larger is better: {', '.join(_LARGER_IS_BETTER)};"
+        f" smaller: {', '.join(_SMALLER_IS_BETTER)}); say which way is better: metric_larger_is_better="
+        " / larger_is_better=, or --larger-is-better / --smaller-is-better"
+    )
 
 
 def resolve_metric_name(metric: str | None, available: Iterable[str], source: str) -> str:
@@ -126,6 +158,13 @@ def find_best(metrics_by_step: Mapping[int, Mapping[str, float]], rule: BestRule
         if rule.required:
             raise
         return None
-    larger = default_larger_is_better(name) if rule.larger_is_better is None else rule.larger_is_better
+    larger = rule.larger_is_better
+    if larger is None:
+        try:
+            larger = default_larger_is_better(name)
+        except ValueError:
+            if rule.required:
+                raise
+            return None  # a metric of unknown direction: the best is not known
     step = best_step(metrics_by_step, name, larger)
     return None if step is None else (step, name)

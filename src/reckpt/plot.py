@@ -17,12 +17,17 @@ def plot_metrics(
     output: str,
     *,
     metric: str | None = None,
+    larger_is_better: bool | None = None,
     eval_result_filename: str = TRAIN_EVAL_RESULT_FILENAME,
 ) -> dict[str, Any]:
     """Draw the metric curve to a PNG; returns the plotted data (steps, values, checkpoints, best).
 
+    The best point follows the metric's direction: ``larger_is_better``, else the metric's
+    built-in one (losses smaller, AUC larger; :func:`reckpt.best.default_larger_is_better`).
+
     Raises:
-        ValueError: no metrics are recorded, or the metric cannot be chosen (listed in the message).
+        ValueError: no metrics are recorded, the metric cannot be chosen (listed in the
+            message), or it has no built-in direction and none was given.
     """
     import matplotlib
 
@@ -38,7 +43,9 @@ def plot_metrics(
     steps = sorted(s for s, m in by_step.items() if name in m)
     values = [by_step[s][name] for s in steps]
     committed = sorted(c.step for c in infos if c.committed)
-    _, best = best_checkpoint(root, metric=name, eval_result_filename=eval_result_filename)
+    _, best = best_checkpoint(
+        root, metric=name, larger_is_better=larger_is_better, eval_result_filename=eval_result_filename
+    )
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.plot(steps, values, marker="o", ms=3, lw=1.2, label=name)

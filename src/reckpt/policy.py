@@ -116,19 +116,28 @@ class LatestN:
 
 @dataclass(frozen=True, slots=True)
 class BestN:
-    """Keep the ``n`` best committed checkpoints by ``metric``; ties go to the older step."""
+    """Keep the ``n`` best committed checkpoints by ``metric``; ties go to the older step.
+
+    ``larger_is_better`` unset: the metric's built-in direction (losses smaller, AUC larger;
+    :func:`default_larger_is_better`); a metric without one must be given a direction.
+    """
 
     n: int
     metric: str
-    larger_is_better: bool = True
+    larger_is_better: bool | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"BestN.n must be >= 1, got {self.n}")
+        if self.larger_is_better is None:
+            default_larger_is_better(self.metric)  # raises for a metric of unknown direction
 
     def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[int]:
         scored = [c for c in _committed(checkpoints) if is_finite_number(c.metrics.get(self.metric))]
-        sign = -1.0 if self.larger_is_better else 1.0
+        larger = (
+            default_larger_is_better(self.metric) if self.larger_is_better is None else self.larger_is_better
+        )
+        sign = -1.0 if larger else 1.0
         scored.sort(key=lambda c: (sign * float(c.metrics[self.metric]), c.step))
         return {c.step for c in scored[: self.n]}
 

@@ -16,7 +16,9 @@ TWO = {1: {"auc": 0.8, "logloss": 0.3}, 2: {"auc": 0.7, "logloss": 0.2}, 3: {"au
         ("grouped_auc", True),
         ("auc_ctr", True),
         ("recall", True),
-        ("lossy_metric", True),  # only whole names (or a tower's <name>_<tower>) count
+        ("gauc", True),
+        ("accuracy", True),
+        ("recall@10", True),
         ("logloss", False),
         ("logloss_ctr", False),
         ("loss", False),
@@ -26,6 +28,18 @@ TWO = {1: {"auc": 0.8, "logloss": 0.3}, 2: {"auc": 0.7, "logloss": 0.2}, 3: {"au
 )
 def test_default_direction(metric: str, larger: bool) -> None:
     assert default_larger_is_better(metric) is larger
+
+
+@pytest.mark.parametrize("metric", ["lossy_metric", "ctr", "my_score"])
+def test_a_metric_of_unknown_direction_is_an_error(metric: str) -> None:
+    """Only whole names (or a tower's <name>_<tower>, a cut-off's <name>@k) count; a guess could
+    keep the worst checkpoint as the best."""
+    with pytest.raises(ValueError, match=f"metric '{metric}' has no built-in direction"):
+        default_larger_is_better(metric)
+    assert find_best({1: {metric: 0.1}, 2: {metric: 0.2}}, BestRule()) is None  # not known: not guessed
+    assert find_best({1: {metric: 0.1}, 2: {metric: 0.2}}, BestRule(larger_is_better=False)) == (1, metric)
+    with pytest.raises(ValueError, match="no built-in direction"):
+        find_best({1: {metric: 0.1}}, BestRule(metric, required=True))
 
 
 @pytest.mark.parametrize(

@@ -195,6 +195,27 @@ def cmd_latest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _direction(args: argparse.Namespace) -> bool | None:
+    """``--larger-is-better`` / ``--smaller-is-better``; ``None``: the metric's built-in direction."""
+    if getattr(args, "larger_is_better", False) and getattr(args, "smaller_is_better", False):
+        from reckpt.errors import ConfigError
+
+        raise ConfigError("give one of --larger-is-better and --smaller-is-better, not both")
+    if getattr(args, "larger_is_better", False):
+        return True
+    return False if getattr(args, "smaller_is_better", False) else None
+
+
+def _direction_flags(p: argparse.ArgumentParser) -> None:
+    flag(
+        p,
+        "larger-is-better",
+        action="store_true",
+        help="default: by the metric (auc, accuracy, recall@k ...)",
+    )
+    flag(p, "smaller-is-better", action="store_true", help="default: by the metric (loss, logloss, mse ...)")
+
+
 def cmd_best(args: argparse.Namespace) -> int:
     from reckpt.discovery import best_checkpoint
     from reckpt.errors import CheckpointNotFoundError
@@ -204,7 +225,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         None,
         args.eval_result_filename,
         metric=args.metric,
-        larger_is_better=False if args.smaller_is_better else None,  # None: by the metric's name
+        larger_is_better=_direction(args),  # None: by the metric's name
     )
     if path is None:
         raise CheckpointNotFoundError(f"{args.model_dir}: no committed checkpoint")
@@ -270,20 +291,19 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from reckpt.best import BestRule, default_larger_is_better, find_best, resolve_metric_name
+    from reckpt.best import BestRule, find_best, resolve_metric_name
     from reckpt.discovery import list_checkpoints
     from reckpt.errors import ConfigError
     from reckpt.policy import BestN, EveryNSteps, LatestN, RetentionPolicy
     from reckpt.pruner import Pruner
     from reckpt.storage import storage_for
 
-    larger = False if args.smaller_is_better else None  # None: by the metric's name
+    larger = _direction(args)  # None: by the metric's name (an unknown metric needs a direction)
     policies: list[RetentionPolicy] = []
     if args.keep_last:
         policies.append(LatestN(args.keep_last))
     for metric in args.keep_best or []:
-        direction = default_larger_is_better(metric) if larger is None else larger
-        policies.append(BestN(args.keep_best_n, metric, direction))
+        policies.append(BestN(args.keep_best_n, metric, larger))
     if args.keep_every_steps:
         policies.append(EveryNSteps(args.keep_every_steps))
     if not policies:
@@ -325,7 +345,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from reckpt.plot import plot_metrics
 
     data = plot_metrics(
-        args.model_dir, args.output, metric=args.metric, eval_result_filename=args.eval_result_filename
+        args.model_dir,
+        args.output,
+        metric=args.metric,
+        larger_is_better=_direction(args),
+        eval_result_filename=args.eval_result_filename,
     )
     _emit(args, data, [f"wrote {args.output} ({len(data['steps'])} points, best step {data['best_step']})"])
     return 0
@@ -371,7 +395,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("model_dir")
     p.add_argument("--metric", default=None, help="metric name (default: the only one, else auc)")
-    flag(p, "smaller-is-better", action="store_true", help="default: losses and errors only")
+    _direction_flags(p)
     flag(p, "eval-result-filename", default="train_eval_result_v2.txt")
     p = add(
         "diff",
@@ -398,7 +422,7 @@ def register(sub: Any) -> None:
         help="the metric that tells the best checkpoint, which is never deleted"
         " (default: the only one recorded, else auc)",
     )
-    flag(p, "smaller-is-better", action="store_true")
+    _direction_flags(p)
     flag(p, "eval-result-filename", default="train_eval_result_v2.txt")
     flag(p, "dry-run", action="store_true")
     p = add(
@@ -410,4 +434,5 @@ def register(sub: Any) -> None:
     p.add_argument("model_dir")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--metric", default=None)
+    _direction_flags(p)
     flag(p, "eval-result-filename", default="train_eval_result_v2.txt")

@@ -108,7 +108,7 @@ class EvalConfig:
 class ExportConfig:
     exporter_type: str = "latest"
     best_exporter_metric: str = "auc"
-    metric_larger_is_better: bool = True
+    metric_larger_is_better: bool | None = None  # unset: the metric's built-in direction
 
 
 @dataclass(kw_only=True, slots=True)
