@@ -332,6 +332,32 @@ MISTAKES: list[Mistake] = [
         "<dir>/map.txt:2: 'a' is mapped twice (to 'x' and 'y'); keep one line per current name",
     ),
     Mistake(
+        "parameter map: a typo in the current model's name",
+        lambda d: _restore_with_map(d, "emb.usr.weight emb.user.weight\n"),
+        errors.ParamMapError,
+        "<dir>/model.ckpt-1: 1 parameter-map line(s) name nothing:\n"
+        "  'emb.usr.weight emb.user.weight': the current model has no 'emb.usr.weight' (did you mean"
+        " 'emb.user.weight'?)\n"
+        "Fix the names, or pass lenient_param_map=True to skip such lines as TorchEasyRec does.",
+    ),
+    Mistake(
+        "parameter map: a typo in the checkpoint's name",
+        lambda d: _restore_with_map(d, "tower.0.weight tower.0.wieght\n"),
+        errors.ParamMapError,
+        "<dir>/model.ckpt-1: 1 parameter-map line(s) name nothing:\n"
+        "  'tower.0.weight tower.0.wieght': the checkpoint has no 'tower.0.wieght' (did you mean"
+        " 'tower.0.weight'?)\n"
+        "Fix the names, or pass lenient_param_map=True to skip such lines as TorchEasyRec does.",
+    ),
+    Mistake(
+        "restore: a checkpoint of another model (no key matches)",
+        lambda d: reckpt.restore_model(_saved(d), torch.nn.Sequential(torch.nn.Linear(3, 3))),
+        errors.KeyMismatchError,
+        "<dir>/model.ckpt-1/model: none of the model's 2 keys is in this checkpoint (model keys such as"
+        " ['0.bias', '0.weight'], checkpoint keys such as ['emb.user.weight', 'tower.0.bias', 'tower.0.weight'])."
+        " It is probably another model's checkpoint: check the path, or map the names with a parameter-map file",
+    ),
+    Mistake(
         "parameter map: the file does not exist",
         lambda d: reckpt.restore_model(_saved(d), fresh()[0], ckpt_param_map_path=str(d / "nomap.txt")),
         errors.CheckpointNotFoundError,

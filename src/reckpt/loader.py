@@ -21,8 +21,9 @@ from reckpt.dcp_read import SafeReader, read_dcp_metadata
 from reckpt.dist import Dist
 from reckpt.errors import KeyMismatchError
 from reckpt.fused_fill import read_sources
+from reckpt.key_checks import check_matched, check_param_map, resolved_keys
 from reckpt.mch import MchPlan
-from reckpt.naming import DCP_METADATA_FILE
+from reckpt.naming import DCP_METADATA_FILE, MODEL_DIR
 from reckpt.planner import PartialLoadPlanner, saved_shapes
 from reckpt.read_verify import ReadVerifier
 from reckpt.remap import RenameRule, ec_list_to_ec_dict_rule
@@ -69,9 +70,11 @@ class PartLoader:
         param_map: dict[str, str],
         rules: Sequence[RenameRule],
         report: LoadReport,
+        lenient_param_map: bool = False,
     ) -> None:
         self.storage, self.ckpt, self.d, self.pg = storage, ckpt, d, pg
         self.param_map, self.rules, self.report = param_map, list(rules), report
+        self.lenient_param_map = lenient_param_map
         self.mch: MchPlan | None = None
         self.verifier: ReadVerifier | None = None
         self._metadata: dict[str, Metadata] = {}
@@ -107,11 +110,25 @@ class PartLoader:
         return planner
 
     def check(self, jobs: Sequence[LoadJob]) -> None:
-        """Collective: resolve every job's keys on every rank; all ranks raise on any error."""
+        """Collective: resolve every job's keys on every rank; all ranks raise on any error.
+
+        Besides each job's own checks: every parameter-map line must name a key of the
+        current state and one of the checkpoint, and the model part must match at least one
+        key (:mod:`reckpt.key_checks`). Those use the keys of every rank: a rank that holds
+        no shard of a table may not list it.
+        """
         err: BaseException | None = None
+        current: set[str] = set()
+        saved: set[str] = set()
+        model_keys: set[str] = set()
+        model_loads: set[str] = set()
         try:
             for job in jobs:
                 res = self._planner(job, job.target()).resolve()
+                current |= resolved_keys(res)
+                saved |= set(saved_shapes(self.metadata(job.part)))
+                if job.part == MODEL_DIR and job.report_as is None:
+                    model_keys, model_loads = resolved_keys(res), set(res.loads)
                 if job.error_on_missing_keys and res.missing:
                     raise KeyMismatchError(
                         f"{Storage.join(self.ckpt, job.part)}: {len(res.missing)} key(s) of the current"
@@ -123,6 +140,22 @@ class PartLoader:
         except Exception as e:
             err = e
         self.d.raise_if_any(err, f"resolving keys of {self.ckpt}")
+        if not jobs:
+            return
+        gathered = self.d.all_gather((sorted(current), sorted(model_keys), sorted(model_loads)))
+        try:
+            everyone = set().union(*(set(c) for c, _, _ in gathered))
+            check_param_map(self.param_map, everyone, saved, self.ckpt, lenient=self.lenient_param_map)
+            if any(keys for _, keys, _ in gathered):
+                check_matched(
+                    set().union(*(set(k) for _, k, _ in gathered)),
+                    set().union(*(set(lo) for _, _, lo in gathered)),
+                    saved_shapes(self.metadata(MODEL_DIR)),
+                    Storage.join(self.ckpt, MODEL_DIR),
+                )
+        except Exception as e:
+            err = e
+        self.d.raise_if_any(err, f"checking the keys of {self.ckpt}")
 
     def load(self, job: LoadJob) -> None:
         """Collective: DCP-load one (checked) job and record its report."""

@@ -57,6 +57,7 @@ def restore_model(
     process_group: Any = None,
     follow_delta_chain: bool = True,
     allow_lossy: bool = False,
+    lenient_param_map: bool = False,
 ) -> LoadReport:
     """Restore a checkpoint into ``model`` (and optimizer, EMA, extra state), partially if needed.
 
@@ -98,6 +99,8 @@ def restore_model(
             chain: base, each link's rows, its own dense part (see :mod:`reckpt.delta`);
             ``False`` loads only the delta's own files.
         allow_lossy: allow a chain with int8/fp16 delta dumps (not lossless).
+        lenient_param_map: skip parameter-map lines that name no key (of the model or of the
+            checkpoint) with a warning, as TorchEasyRec does; by default they are an error.
 
     Returns:
         The :class:`~reckpt.report.LoadReport`.
@@ -111,7 +114,9 @@ def restore_model(
             ``strict_shapes``, its shape differs (nothing has been loaded).
         KeyMismatchError: with ``error_on_missing_keys``, keys are missing (nothing loaded);
             also a ``RuntimeError``, as TorchEasyRec raises.
-        ParamMapError: a bad line in the parameter-map file.
+        ParamMapError: a bad line in the parameter-map file, or a line naming no key.
+        KeyMismatchError: none of the model's keys is in the checkpoint (another model's);
+            fewer than half only warns.
 
     Example:
         >>> # report = restore_model("run/model.ckpt-100", model, optimizer)
@@ -140,6 +145,7 @@ def restore_model(
             "allow_row_resize": allow_row_resize,
             "param_map": param_map,
             "rename_rules": rename_rules,
+            "lenient_param_map": lenient_param_map,
             "storage_options": storage_options,
             "process_group": process_group,
         }
@@ -172,7 +178,7 @@ def restore_model(
     rules = list(rename_rules)
     if os.environ.get("INPUT_TILE", "").startswith("3"):
         rules.append(input_tile_rule)
-    ld = PartLoader(storage, ckpt, d, process_group, names, rules, report)
+    ld = PartLoader(storage, ckpt, d, process_group, names, rules, report, lenient_param_map)
     jobs: list[LoadJob] = []
 
     if meta.get("load_model", True) is False:

@@ -172,7 +172,8 @@ def test_input_tile_rule(tmp_path, monkeypatch) -> None:
             self.group.ebc_user.embedding_bags = torch.nn.ModuleDict({"table": torch.nn.Embedding(4, 2)})
 
     m = M()
-    reckpt.restore_model(str(tmp_path / "model.ckpt-0"), m)
+    with pytest.raises(KeyMismatchError, match="none of the model's 1 keys is in this checkpoint"):
+        reckpt.restore_model(str(tmp_path / "model.ckpt-0"), m)  # without the rule: nothing matches
     assert not torch.equal(
         m.group.ebc_user.embedding_bags["table"].weight, sd["group.ebc.embedding_bags.table.weight"]
     )

@@ -15,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 import reckpt
+from reckpt.errors import KeyMismatchError
 
 N_AVERAGED = "__n_averaged__"
 
@@ -190,8 +191,9 @@ def test_input_tile_restores_without_mapping_file(
     dcp.save(saved.state_dict(), checkpoint_id=str(tmp_path / "ckpt" / "model"), no_dist=True)
     model = _nested_embedding(target, 0.0)
     key = ".".join(target) + ".weight"
-    reckpt.restore_model(str(tmp_path / "ckpt"), model)
-    assert torch.equal(model.state_dict()[key], torch.zeros(2, 4))  # INPUT_TILE unset: skipped
+    with pytest.raises(KeyMismatchError, match="none of the model's 1 keys"):  # INPUT_TILE unset
+        reckpt.restore_model(str(tmp_path / "ckpt"), model)
+    assert torch.equal(model.state_dict()[key], torch.zeros(2, 4))
     monkeypatch.setenv("INPUT_TILE", "3")
     report = reckpt.restore_model(str(tmp_path / "ckpt"), model)
     assert torch.equal(model.state_dict()[key], saved.state_dict()[".".join(source) + ".weight"])
