@@ -65,6 +65,7 @@ _EXPORTS = {
     "RowTracker": "reckpt.row_tracker",
     "DynamicEmbedding": "reckpt.dynamic",
     "save_delta": "reckpt.delta",
+    "Preemption": "reckpt.preemption",
 }
 
 __all__ = ["__version__", "errors", "has_dynamicemb", *_EXPORTS]
@@ -152,6 +153,7 @@ if TYPE_CHECKING:
     )
     from reckpt.policy import quorum_event_time as quorum_event_time
     from reckpt.policy import should_save_on_timestamp as should_save_on_timestamp
+    from reckpt.preemption import Preemption as Preemption
     from reckpt.remap import remap_input_tile_user_key as remap_input_tile_user_key
     from reckpt.report import LoadReport as LoadReport
     from reckpt.report import PartReport as PartReport

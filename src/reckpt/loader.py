@@ -23,7 +23,7 @@ from reckpt.errors import KeyMismatchError
 from reckpt.fused_fill import read_sources
 from reckpt.key_checks import check_matched, check_param_map, resolved_keys
 from reckpt.mch import MchPlan
-from reckpt.naming import DCP_METADATA_FILE, MODEL_DIR
+from reckpt.naming import DCP_METADATA_FILE, MODEL_DIR, OPTIMIZER_DIR
 from reckpt.planner import PartialLoadPlanner, saved_shapes
 from reckpt.read_verify import ReadVerifier
 from reckpt.remap import RenameRule, ec_list_to_ec_dict_rule
@@ -34,6 +34,8 @@ from reckpt.verification import check_storage_bounds
 __all__ = ["LoadJob", "PartLoader"]
 
 logger = logging.getLogger(__name__)
+
+_OPTIMIZER_KEYS = ("state.", "param_groups.")  # the optimizer part's key layout
 
 
 @dataclass
@@ -145,7 +147,10 @@ class PartLoader:
         gathered = self.d.all_gather((sorted(current), sorted(model_keys), sorted(model_loads)))
         try:
             everyone = set().union(*(set(c) for c, _, _ in gathered))
-            check_param_map(self.param_map, everyone, saved, self.ckpt, lenient=self.lenient_param_map)
+            lines = self.param_map
+            if OPTIMIZER_DIR not in {job.part for job in jobs}:  # optimizer lines do not apply
+                lines = {k: v for k, v in lines.items() if not k.startswith(_OPTIMIZER_KEYS)}
+            check_param_map(lines, everyone, saved, self.ckpt, lenient=self.lenient_param_map)
             if any(keys for _, keys, _ in gathered):
                 check_matched(
                     set().union(*(set(k) for _, k, _ in gathered)),

@@ -209,7 +209,7 @@ class CheckpointManager:
         start = time.time()
         self._saver.wait()
         self._arm()
-        self._bg.take_lock()
+        self.start()
         extras = manager_extras(
             extra_states, lr_scheduler, grad_scaler, TrainState(step, epoch or 0, self._pg)
         )
@@ -379,6 +379,20 @@ class CheckpointManager:
         d = Dist(self._pg)
         mine = d.is_coordinator and is_marked_damaged(storage_for(self.model_dir, self.storage_options), path)
         return bool(d.broadcast(mine))
+
+    def start(self) -> None:
+        """Collective: take the model_dir's writer lock now (idempotent; a save takes it anyway).
+
+        Call it when training starts, so that a second job writing into the same model_dir
+        stops at once instead of at its first save. Rank 0 takes the lock; every rank raises
+        :class:`~reckpt.run_lock.ModelDirLockedError` when another live job holds it.
+        """
+        err: BaseException | None = None
+        try:
+            self._bg.take_lock()
+        except Exception as e:
+            err = e
+        Dist(self._pg).raise_if_any(err, f"locking {self.model_dir}")
 
     def restore_latest(self, model: Any, optimizer: Any = None, **kwargs: Any) -> ResumeInfo | None:
         """Collective: resume from the newest checkpoint that verifies; ``None`` when there is none.

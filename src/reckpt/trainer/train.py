@@ -25,12 +25,13 @@ from reckpt.errors import CheckpointNotFoundError, ConfigError
 from reckpt.incremental import latest_restorable
 from reckpt.plan import FORCE_LOAD_SHARDING_PLAN, plan_constraints, read_plan
 from reckpt.policy import IncrementalPolicy
+from reckpt.preemption import Preemption
 from reckpt.trainer.config import Config
 from reckpt.trainer.data import EPOCHS_KEY, ParquetReader, input_files
 from reckpt.trainer.metrics import auc, logloss
 from reckpt.trainer.model import build_model, init_distributed, shard_model, table_rows
 
-__all__ = ["train_and_evaluate", "evaluate", "TrainResult", "Preemption"]
+__all__ = ["train_and_evaluate", "evaluate", "TrainResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,38 +90,6 @@ def _exists(model_dir: str) -> bool:
     return storage_for(model_dir).isdir(model_dir)
 
 
-class Preemption:
-    """SIGTERM / SIGUSR1 (SLURM's requeue signal) ask for a save and a clean exit.
-
-    The handler only records the request; the training loop checks it after each step,
-    agreeing across ranks (one all-reduce) so that every rank saves at the same step.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> Preemption:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def requested(self) -> bool:
-        """Collective: whether any rank received a signal."""
-        flag = torch.tensor([1 if self.signum else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def evaluate(cfg: Config, model: torch.nn.Module) -> dict[str, float]:
     """Collective: AUC and log-loss over the whole eval input (every rank scores its slice)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -176,6 +145,7 @@ def train_and_evaluate(
             else None
         ),
     )
+    mgr.start()  # the writer lock: a second job in this model_dir stops now, not at its first save
     position: dict[str, Any] = {EPOCHS_KEY: 0}
     step = -1
     restore_opt = None if ignore_restore_optimizer else optimizer
