@@ -65,3 +65,13 @@ def fresh(seed: int = 99, lr: float = 0.5, **kw: Any) -> tuple[TinyRec, torch.op
     torch.manual_seed(seed)
     m = TinyRec(**kw)
     return m, torch.optim.Adam(m.parameters(), lr=lr)
+
+
+def flip_bit(checkpoint_dir: Any, at: int | None = None, part: str = "model") -> None:
+    """Flip one bit of a checkpoint's first data file (default: in its middle)."""
+    from pathlib import Path
+
+    f = Path(checkpoint_dir) / part / "__0_0.distcp"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2 if at is None else at] ^= 1
+    f.write_bytes(bytes(raw))

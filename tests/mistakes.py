@@ -19,7 +19,7 @@ import reckpt
 from reckpt import errors
 from reckpt.faults import Fault, disk_full, read_only
 from reckpt.storage import StorageError, storage_for
-from tests.helpers import fresh, train, trained
+from tests.helpers import flip_bit, fresh, train, trained
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,7 @@ def _convert_damaged(d: Path) -> None:
     from reckpt.cli._convert import verified
 
     ck = _saved(d)
-    f = Path(ck) / "model" / "__0_0.distcp"
-    raw = bytearray(f.read_bytes())
-    raw[100] ^= 1
-    f.write_bytes(bytes(raw))
+    flip_bit(ck, at=100)
     verified(ck)
 
 
@@ -73,10 +70,7 @@ def _convert_over(d: Path) -> None:
 
 def _flip_data_file(d: Path) -> None:
     ck = _saved(d)
-    f = Path(ck) / "model" / "__0_0.distcp"
-    raw = bytearray(f.read_bytes())
-    raw[100] ^= 1
-    f.write_bytes(bytes(raw))
+    flip_bit(ck, at=100)
     reckpt.restore_model(ck, fresh()[0])
 
 

@@ -9,14 +9,7 @@ from pathlib import Path
 
 import reckpt
 from reckpt.policy import CheckpointInfo, LatestN, steps_to_delete
-from tests.helpers import fresh, trained
-
-
-def _flip(ckpt: Path) -> None:
-    f = ckpt / "model" / "__0_0.distcp"
-    raw = bytearray(f.read_bytes())
-    raw[len(raw) // 2] ^= 1
-    f.write_bytes(bytes(raw))
+from tests.helpers import flip_bit, fresh, trained
 
 
 def _run(root: Path) -> None:
@@ -46,7 +39,7 @@ def test_retention_counts_only_good_checkpoints() -> None:
 def test_a_damaged_newest_checkpoint_is_shown_skipped_and_pruned_first(tmp_path: Path) -> None:
     run = tmp_path / "run"
     _run(run)
-    _flip(run / "model.ckpt-30")
+    flip_bit(run / "model.ckpt-30")
     out = _cli("verify", str(run))
     assert out.returncode != 0
     states = {c.step: c.state for c in reckpt.list_checkpoints(str(run))}
@@ -61,7 +54,7 @@ def test_a_damaged_newest_checkpoint_is_shown_skipped_and_pruned_first(tmp_path:
 def test_resume_marks_a_damaged_checkpoint_and_a_new_save_replaces_it(tmp_path: Path) -> None:
     run = tmp_path / "run"
     _run(run)
-    _flip(run / "model.ckpt-30")
+    flip_bit(run / "model.ckpt-30")
     with reckpt.CheckpointManager(str(run), keep_checkpoint_max=2) as mgr:
         m, o = fresh()
         info = mgr.restore_latest(m, o)
@@ -72,10 +65,10 @@ def test_resume_marks_a_damaged_checkpoint_and_a_new_save_replaces_it(tmp_path: 
     assert states == {20: "committed", 30: "committed"}
     assert reckpt.verify(str(run / "model.ckpt-30")).ok
     # a checkpoint that verifies again loses the mark
-    _flip(run / "model.ckpt-20")
+    flip_bit(run / "model.ckpt-20")
     _cli("verify", str(run / "model.ckpt-20"))
     assert {c.step: c.state for c in reckpt.list_checkpoints(str(run))}[20] == "damaged"
-    _flip(run / "model.ckpt-20")  # flipped back
+    flip_bit(run / "model.ckpt-20")  # flipped back
     assert _cli("verify", str(run / "model.ckpt-20")).returncode == 0
     assert {c.step: c.state for c in reckpt.list_checkpoints(str(run))}[20] == "committed"
 
@@ -83,7 +76,7 @@ def test_resume_marks_a_damaged_checkpoint_and_a_new_save_replaces_it(tmp_path: 
 def test_a_new_run_replaces_a_step_marked_damaged(tmp_path: Path) -> None:
     run = tmp_path / "run"
     _run(run)
-    _flip(run / "model.ckpt-30")
+    flip_bit(run / "model.ckpt-30")
     assert _cli("verify", str(run)).returncode != 0
     with reckpt.CheckpointManager(str(run)) as mgr:  # knows nothing of the damage but the mark
         mgr.save(30, *trained(seed=32))

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import reckpt
-from tests.helpers import trained
+from tests.helpers import flip_bit, trained
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -16,18 +16,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-def _flip(ckpt: Path) -> None:
-    f = ckpt / "model" / "__0_0.distcp"
-    raw = bytearray(f.read_bytes())
-    raw[len(raw) // 2] ^= 1
-    f.write_bytes(bytes(raw))
-
-
 def test_convert_refuses_a_damaged_checkpoint(tmp_path: Path) -> None:
     ckpt = tmp_path / "run" / "model.ckpt-1"
     reckpt.save_model(str(ckpt), *trained())
     assert _cli("convert", str(ckpt), str(tmp_path / "good.safetensors")).returncode == 0
-    _flip(ckpt)
+    flip_bit(ckpt)
     out = _cli("convert", str(ckpt), str(tmp_path / "w.safetensors"))
     assert out.returncode != 0
     assert "integrity check failed" in out.stderr and "--no-verify" in out.stderr, out.stderr
@@ -64,7 +57,7 @@ def test_read_part_verifies_unless_told_not_to(tmp_path: Path) -> None:
     ckpt = tmp_path / "model.ckpt-1"
     reckpt.save_model(str(ckpt), *trained())
     assert set(read_part(str(ckpt), "model")) == set(trained()[0].state_dict())
-    _flip(ckpt)
+    flip_bit(ckpt)
     with pytest.raises(IntegrityError, match=r"(?s)model/__0_0\.distcp: checksum .*--no-verify"):
         read_part(str(ckpt), "model")
     assert set(read_part(str(ckpt), "model", verify=False)) == set(trained()[0].state_dict())
