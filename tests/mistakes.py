@@ -594,7 +594,7 @@ MISTAKES: list[Mistake] = [
         errors.IntegrityError,
         "<dir>/model.ckpt-1: integrity check failed (1 file(s)):\n"
         "  <dir>/model.ckpt-1/model/__0_0.distcp: checksum <xxh3> differs from the manifest's <xxh3> (corrupted)\n"
-        "Refusing to convert a damaged checkpoint: convert another one, or pass --no-verify to salvage what is"
+        "Refusing to convert a damaged checkpoint: use another one, or pass --no-verify to salvage what is"
         " readable.",
     ),
     Mistake(

@@ -170,6 +170,15 @@ def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, worl
         assert not damaged.exists()
         proc = cli("export", cfg, "--export-dir", str(damaged), "--no-verify")
         assert proc.returncode == 0, proc.stderr[-3000:]
+        # predict checks the export's files against what export recorded
+        weights = export / "model.safetensors"
+        raw = bytearray(weights.read_bytes())
+        raw[-5] ^= 1
+        weights.write_bytes(bytes(raw))
+        args = ("predict", "--export-dir", str(export), "--input", str(data / "eval"), "--output", str(out))
+        proc = cli(*args)
+        assert proc.returncode != 0 and "the export is damaged" in proc.stderr, proc.stderr[-3000:]
+        assert cli(*args, "--no-verify").returncode == 0
 
 
 DYNAMIC = """

@@ -73,3 +73,14 @@ def test_every_command_has_a_description_and_no_rst_in_help() -> None:
         text = command.format_help()
         assert command.description, name
         assert "``" not in text, name
+
+
+def test_diff_verifies_both_checkpoints_once(tmp_path: Path) -> None:
+    a, b = tmp_path / "model.ckpt-1", tmp_path / "model.ckpt-2"
+    reckpt.save_model(str(a), *trained(seed=1))
+    reckpt.save_model(str(b), *trained(seed=2))
+    assert _cli("diff", str(a), str(b)).returncode == 0
+    flip_bit(b)
+    out = _cli("diff", str(a), str(b))
+    assert out.returncode != 0 and "Refusing to compare a damaged checkpoint" in out.stderr, out.stderr
+    assert _cli("diff", str(a), str(b), "--no-verify").returncode == 0

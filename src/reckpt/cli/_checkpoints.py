@@ -260,9 +260,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
                 )
             elif ea[k].shape is not None:
                 pairs.append((part, k))
+    if args.verify:  # once per checkpoint; the per-tensor reads below then skip it
+        from reckpt.cli._convert import verified
+
+        verified(args.a, "compare")
+        verified(args.b, "compare")
     for part, k in progress(pairs, "diff"):
-        ta = read_part(args.a, part, [k])[k].double()
-        tb = read_part(args.b, part, [k])[k].double()
+        ta = read_part(args.a, part, [k], verify=False)[k].double()
+        tb = read_part(args.b, part, [k], verify=False)[k].double()
         delta = (ta - tb).abs()
         max_abs = float(delta.max()) if delta.numel() else 0.0
         max_rel = float((delta / ta.abs().clamp_min(1e-12)).max()) if delta.numel() else 0.0
@@ -405,6 +410,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("a")
     p.add_argument("b")
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip checking both checkpoints' sizes and checksums first (salvage only)",
+    )
     p = add(
         "prune",
         cmd_prune,

@@ -163,8 +163,8 @@ def output_file(dst: str, overwrite: bool) -> Iterator[str]:
             st.fs.put_file(path, dst)
 
 
-def verified(checkpoint: str) -> None:
-    """Check a checkpoint's sizes and checksums before it is exported anywhere.
+def verified(checkpoint: str, action: str = "convert") -> None:
+    """Check a checkpoint's sizes and checksums before its values are used (``action``: the verb).
 
     Raises:
         IntegrityError: a file is missing, truncated or corrupted (the problems are listed).
@@ -176,7 +176,7 @@ def verified(checkpoint: str) -> None:
         raise integrity_error(
             checkpoint,
             report.problems,
-            "Refusing to convert a damaged checkpoint: convert another one, or pass --no-verify to"
+            f"Refusing to {action} a damaged checkpoint: use another one, or pass --no-verify to"
             " salvage what is readable.",
         )
 

@@ -18,6 +18,15 @@ def flag(p: argparse.ArgumentParser, name: str, **kw: Any) -> None:
     p.add_argument(*names, **kw)
 
 
+def _no_verify(p: argparse.ArgumentParser, whose: str) -> None:
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help=f"skip checking {whose} sizes and checksums (salvage only)",
+    )
+
+
 def register(sub: Any) -> None:
     train = sub.add_parser(
         "train",
@@ -40,6 +49,7 @@ def register(sub: Any) -> None:
     ev.add_argument("config", nargs="?", help="TOML config (default: the demo's, as for `reckpt train`)")
     flag(ev, "model-dir")
     flag(ev, "checkpoint-path", help="a checkpoint or model_dir (default: latest in model_dir)")
+    _no_verify(ev, "the checkpoint's")
     ev.set_defaults(func=_run)
 
     ex = sub.add_parser(
@@ -57,12 +67,7 @@ def register(sub: Any) -> None:
         default="raw",
         help="embedding tables: raw (lossless), int8 (row-wise, fp16 scale+offset) or fp16",
     )
-    ex.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="skip checking the checkpoint's sizes and checksums (salvage only)",
-    )
+    _no_verify(ex, "the checkpoint's")
     ex.set_defaults(func=_run)
 
     pr = sub.add_parser(
@@ -73,6 +78,7 @@ def register(sub: Any) -> None:
     flag(pr, "export-dir", required=True)
     pr.add_argument("--input", required=True, help="Parquet file or directory")
     pr.add_argument("--output", required=True, help="Parquet file to write (column 'score')")
+    _no_verify(pr, "the export's")
     pr.set_defaults(func=_run)
 
     md = sub.add_parser(
@@ -144,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from reckpt.trainer.serve import predict
 
-        scores = predict(args.export_dir, args.input, args.output)
+        scores = predict(args.export_dir, args.input, args.output, verify=args.verify)
         print(f"scored {scores.numel()} rows into {args.output}")
         return 0
     cfg = _config(args) if getattr(args, "config", None) else _demo_config(args)
@@ -157,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "eval":
         from reckpt.trainer.serve import eval_checkpoint
 
-        print(eval_checkpoint(cfg, args.checkpoint_path))
+        print(eval_checkpoint(cfg, args.checkpoint_path, verify=args.verify))
     elif args.command == "export":
         from reckpt.trainer.serve import export_model
 

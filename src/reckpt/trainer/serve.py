@@ -11,14 +11,16 @@ import dataclasses
 import json
 import logging
 import os
+from typing import Any
 
 import torch
 
 import reckpt
 from reckpt.dynamic import dynamic_writer, load_dynamic
-from reckpt.errors import CheckpointNotFoundError, ConfigError
+from reckpt.errors import CheckpointNotFoundError, ConfigError, IntegrityError
 from reckpt.eval_results import EVAL_RESULT_FILENAME, append_eval_result
 from reckpt.inspection import read_part
+from reckpt.integrity import hash_stream
 from reckpt.manifest import read_manifest
 from reckpt.naming import DYNAMICEMB_DIR, parse_delta_step
 from reckpt.quant import ENCODINGS, decode_rows, encode_rows
@@ -60,14 +62,16 @@ def _pick(
     return path, step
 
 
-def eval_checkpoint(cfg: Config, checkpoint_path: str | None = None) -> dict[str, float]:
+def eval_checkpoint(
+    cfg: Config, checkpoint_path: str | None = None, *, verify: bool = True
+) -> dict[str, float]:
     """Collective: restore a checkpoint (latest by default) and evaluate it; rank 0 appends
     the result to ``model_dir/eval_result.txt`` (``global_step`` null for an explicit path)."""
     init_distributed()
     path, step = _pick(cfg, checkpoint_path, per_export_config=False)
     model, _ = shard_model(cfg, build_model(cfg))
     with reckpt.lease(path, holder="reckpt eval"):
-        reckpt.restore_model(path, model)
+        reckpt.restore_model(path, model, verify=verify)
     metrics = evaluate(cfg, model)
     if torch.distributed.get_rank() == 0:
         st = storage_for(cfg.model_dir)
@@ -143,9 +147,16 @@ def export_model(
     os.makedirs(export_dir, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(export_dir, WEIGHTS))
     writer = dynamic_writer(restored) if restored is not None else None
+    files = {WEIGHTS: _record(export_dir, WEIGHTS)}
     if writer is not None:  # dynamic tables: their rows in the checkpoint layout, one shard
-        writer(storage_for(export_dir), export_dir)
+        files.update(
+            {
+                rel: {"size": r.size, "checksum": r.checksum}
+                for rel, r in writer(storage_for(export_dir), export_dir).items()
+            }
+        )
     doc = {
+        "files": files,  # sizes and checksums: predict checks them before loading
         "model": dataclasses.asdict(cfg.model),
         "data": dataclasses.asdict(cfg.data),
         "checkpoint": path,
@@ -159,8 +170,38 @@ def export_model(
     return path
 
 
-def load_exported(export_dir: str) -> tuple[torch.nn.Module, Config]:
-    """A plain single-process model from an export (no process group needed)."""
+def _record(export_dir: str, rel: str) -> dict[str, Any]:
+    with open(os.path.join(export_dir, rel), "rb") as f:
+        size, checksum = hash_stream(f)
+    return {"size": size, "checksum": checksum}
+
+
+def _check_export(export_dir: str, files: dict[str, Any]) -> None:
+    """Compare an export's files with the sizes and checksums its config recorded."""
+    problems = []
+    for rel, want in sorted(files.items()):
+        path = os.path.join(export_dir, rel)
+        if not os.path.isfile(path):
+            problems.append(f"{path}: missing")
+            continue
+        got = _record(export_dir, rel)
+        if got != want:
+            problems.append(
+                f"{path}: size {got['size']} checksum {got['checksum']}, the export recorded {want}"
+            )
+    if problems:
+        raise IntegrityError(
+            f"--export-dir {export_dir}: the export is damaged ({'; '.join(problems)}); export again,"
+            " or pass --no-verify to use it anyway"
+        )
+
+
+def load_exported(export_dir: str, *, verify: bool = True) -> tuple[torch.nn.Module, Config]:
+    """A plain single-process model from an export (no process group needed).
+
+    With ``verify`` (the default) the export's files are checked against the sizes and
+    checksums ``reckpt export`` recorded (older exports carry none to check).
+    """
     from safetensors.torch import load_file
 
     cfg_path = os.path.join(export_dir, MODEL_CONFIG)
@@ -170,6 +211,8 @@ def load_exported(export_dir: str) -> tuple[torch.nn.Module, Config]:
         )
     with open(cfg_path) as f:
         doc = json.load(f)
+    if verify and doc.get("files"):
+        _check_export(export_dir, doc["files"])
     cfg = Config(
         model=build_section(ModelConfig, doc["model"], "model", cfg_path),
         data=build_section(DataConfig, doc["data"], "data", cfg_path),
@@ -189,12 +232,17 @@ def load_exported(export_dir: str) -> tuple[torch.nn.Module, Config]:
     return model, cfg
 
 
-def predict(export_dir: str, input_path: str, output_path: str, batch_size: int = 1024) -> torch.Tensor:
-    """Score a Parquet file with an exported model; writes ``score`` (click probability) to Parquet."""
+def predict(
+    export_dir: str, input_path: str, output_path: str, batch_size: int = 1024, *, verify: bool = True
+) -> torch.Tensor:
+    """Score a Parquet file with an exported model; writes ``score`` (click probability) to Parquet.
+
+    The export is checked first (:func:`load_exported`) unless ``verify`` is off.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    model, cfg = load_exported(export_dir)
+    model, cfg = load_exported(export_dir, verify=verify)
     cfg.data.batch_size = batch_size
     reader = ParquetReader(input_files(input_path, "--input"), cfg.data, 0, 1, table_rows(cfg))
     scores = []
