@@ -26,7 +26,7 @@ from reckpt.mch import MchPlan
 from reckpt.naming import DCP_METADATA_FILE, MODEL_DIR, OPTIMIZER_DIR
 from reckpt.planner import PartialLoadPlanner, saved_shapes
 from reckpt.read_verify import ReadVerifier
-from reckpt.remap import RenameRule, ec_list_to_ec_dict_rule
+from reckpt.remap import SKIP, RenameRule, ec_list_to_ec_dict_rule
 from reckpt.report import LoadReport, PartReport
 from reckpt.storage import Storage
 from reckpt.verification import check_storage_bounds
@@ -130,7 +130,9 @@ class PartLoader:
                 current |= resolved_keys(res)
                 saved |= set(saved_shapes(self.metadata(job.part)))
                 if job.part == MODEL_DIR and job.report_as is None:
-                    model_keys, model_loads = resolved_keys(res), set(res.loads)
+                    # keys mapped to "-" are deliberately not loaded: they do not count
+                    model_keys = {k for k in resolved_keys(res) if self.param_map.get(k) != SKIP}
+                    model_loads = set(res.loads)
                 if job.error_on_missing_keys and res.missing:
                     raise KeyMismatchError(
                         f"{Storage.join(self.ckpt, job.part)}: {len(res.missing)} key(s) of the current"
