@@ -60,6 +60,38 @@ def _convert_damaged(d: Path) -> None:
     verified(ck)
 
 
+def _read_damaged(d: Path) -> None:
+    from reckpt.inspection import read_part
+
+    ck = _saved(d)
+    flip_bit(ck, at=100)
+    read_part(ck, "model")
+
+
+def _predict_damaged(d: Path) -> None:
+    import json
+
+    from reckpt.trainer.serve import load_exported
+
+    (d / "model.safetensors").write_bytes(b"not the exported weights")
+    record = {"model.safetensors": {"size": 24, "checksum": "0123456789abcdef"}}
+    (d / "model_config.json").write_text(json.dumps({"files": record}))
+    load_exported(str(d))
+
+
+def _foreign_position(d: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reckpt.trainer.config import DataConfig
+    from reckpt.trainer.data import ParquetReader
+
+    pq.write_table(pa.table({"label": [0.0, 1.0], "d0": [0.1, 0.2], "s0": [1, 2]}), d / "part-0.parquet")
+    cfg = DataConfig(dense_columns=["d0"], sparse_columns=["s0"])
+    reader = ParquetReader([str(d / "part-0.parquet")], cfg, 0, 1, {"s0": 10})
+    reader.adopt({"/elsewhere/part-0.parquet:0": 1, "__epochs_completed__": 0}, str(d / "model.ckpt-5"))
+
+
 def _convert_over(d: Path) -> None:
     from reckpt.cli._convert import output_file
 
@@ -587,6 +619,31 @@ MISTAKES: list[Mistake] = [
         "metric 'ctr_score' has no built-in direction (larger is better: auc, gauc, grouped_auc, accuracy, acc,"
         " recall, precision, ndcg, mrr, f1; smaller: loss, logloss, mse, mae, rmse); say which way is better:"
         " metric_larger_is_better= / larger_is_better=, or --larger-is-better / --smaller-is-better",
+    ),
+    Mistake(
+        "read values (export, inspect): a damaged checkpoint",
+        lambda d: _read_damaged(d),
+        errors.IntegrityError,
+        "<dir>/model.ckpt-1: integrity check failed (1 file(s)):\n"
+        "  <dir>/model.ckpt-1/model/__0_0.distcp: checksum <xxh3> differs from the manifest's <xxh3> (corrupted)\n"
+        "Refusing to read values from a damaged checkpoint: use another one, or pass verify=False (--no-verify)"
+        " to salvage what is readable.",
+    ),
+    Mistake(
+        "predict: a damaged export",
+        lambda d: _predict_damaged(d),
+        errors.IntegrityError,
+        "--export-dir <dir>: the export is damaged (<dir>/model.safetensors: size 24 checksum <xxh3>, the export"
+        " recorded {'size': 24, 'checksum': '<xxh3>'}); export again, or pass --no-verify to use it anyway",
+    ),
+    Mistake(
+        "resume: the saved data position names other input files (or another number of processes)",
+        lambda d: _foreign_position(d),
+        errors.ConfigError,
+        "<dir>/model.ckpt-5: the saved data position names ['/elsewhere/part-0.parquet:0'], which this run does"
+        " not read (1 file(s) in <dir>, 1 process(es)); resuming would re-read or skip data. Resume with the same"
+        " input paths and number of processes, or start a new model_dir with --fine-tune-checkpoint (weights"
+        " only, the data pass restarts)",
     ),
     Mistake(
         "convert: a damaged checkpoint",
