@@ -84,3 +84,18 @@ def test_diff_verifies_both_checkpoints_once(tmp_path: Path) -> None:
     out = _cli("diff", str(a), str(b))
     assert out.returncode != 0 and "Refusing to compare a damaged checkpoint" in out.stderr, out.stderr
     assert _cli("diff", str(a), str(b), "--no-verify").returncode == 0
+
+
+def test_eval_and_export_need_no_config_when_train_did_not(tmp_path: Path) -> None:
+    """`reckpt train` runs the demo without a config; eval and export take the same default."""
+    for args in (["eval"], ["export", "--export-dir", "serving"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "reckpt.cli", *args, "--model-dir", "./model_dir"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert out.returncode != 0
+        assert "required: config" not in out.stderr
+        assert "model_dir ./model_dir: no committed checkpoint" in out.stderr, out.stderr
