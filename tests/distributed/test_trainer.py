@@ -490,3 +490,19 @@ def test_a_flipped_bit_in_the_newest_checkpoint_costs_no_good_checkpoint(tmp_pat
     after = {c.step: c.state for c in reckpt.list_checkpoints(str(run))}
     assert after == {s: "committed" for s in kept}, after  # the good ones, and the redone step
     assert all(reckpt.verify(str(run / f"model.ckpt-{s}")).ok for s in kept)
+
+
+def test_throughput_after_a_resume_counts_only_this_runs_steps(tmp_path: Path, data: Path) -> None:
+    import re
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "a.toml", data, run, train="log_step_count_steps = 1")
+    assert cli("train", cfg, env={"RECKPT_TRAIN_KILL_AT_STEP": "45"}).returncode != 0
+    proc = cli("train", cfg, "--continue-train")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    eps = {
+        int(s): float(v.replace(",", ""))
+        for s, v in re.findall(r"step (\d+) loss \S+ examples/s ([\d,.]+)", proc.stderr)
+    }
+    # Counting the 41 steps of the killed run as this run's would make the first rate ~40x too high.
+    assert eps[41] < 4 * eps[STEPS - 1], eps
