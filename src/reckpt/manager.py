@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from reckpt.background import Background
-from reckpt.damage import is_marked_damaged, mark_damaged
+from reckpt.damage import mark_damaged
 from reckpt.dataloader_state import restore_dataloader_state, save_dataloader_state
 from reckpt.discovery import best_checkpoint, best_rule, latest_checkpoint, list_checkpoints
 from reckpt.dist import Dist
@@ -132,6 +132,7 @@ class CheckpointManager:
         self._last_save_time: float | None = None
         self._started = time.time()
         self._damaged: set[str] = set()  # skipped by restore_latest: a new save replaces them
+        self._locked = False  # the writer lock was taken (start()); the same on every rank
         self._incremental = (
             None
             if incremental is None
@@ -229,8 +230,9 @@ class CheckpointManager:
                 return delta
         parts = collect_parts(model, optimizer, dense_ema, extras, "name")
         path = self.checkpoint_dir(step)
-        # A known-damaged checkpoint of this step (this run's resume, or its mark) is replaced.
-        overwrite = overwrite or path in self._damaged or self._marked_damaged(path)
+        # A checkpoint of this step that this run's resume found damaged is replaced (one
+        # marked damaged on storage is replaced by save_parts itself).
+        overwrite = overwrite or path in self._damaged
         kwargs: dict[str, Any] = {
             "plan": model_plan(model),
             "dataloader_state": dataloader_state,
@@ -254,6 +256,7 @@ class CheckpointManager:
     def _arm(self) -> None:
         if not self._finalizer.alive:  # run by hand (TorchEasyRec's tests do): re-arm for exit
             self._finalizer = weakref.finalize(self, self._bg.drain_at_exit)
+            self._locked = False  # the drain released the writer lock
 
     def maybe_save(
         self,
@@ -374,12 +377,6 @@ class CheckpointManager:
         self._event_time.seed(state)
         return state
 
-    def _marked_damaged(self, path: str) -> bool:
-        """Collective: rank 0 looks for the damaged mark (ranks must agree on ``overwrite``)."""
-        d = Dist(self._pg)
-        mine = d.is_coordinator and is_marked_damaged(storage_for(self.model_dir, self.storage_options), path)
-        return bool(d.broadcast(mine))
-
     def start(self) -> None:
         """Collective: take the model_dir's writer lock now (idempotent; a save takes it anyway).
 
@@ -387,12 +384,15 @@ class CheckpointManager:
         stops at once instead of at its first save. Rank 0 takes the lock; every rank raises
         :class:`~reckpt.run_lock.ModelDirLockedError` when another live job holds it.
         """
+        if self._locked:
+            return  # held since an earlier call (on rank 0; every rank knows): no collective
         err: BaseException | None = None
         try:
             self._bg.take_lock()
         except Exception as e:
             err = e
         Dist(self._pg).raise_if_any(err, f"locking {self.model_dir}")
+        self._locked = True
 
     def restore_latest(self, model: Any, optimizer: Any = None, **kwargs: Any) -> ResumeInfo | None:
         """Collective: resume from the newest checkpoint that verifies; ``None`` when there is none.
@@ -470,6 +470,7 @@ class CheckpointManager:
 
         Raises the background save's failure, if any, after everything is drained.
         """
+        self._locked = False  # released below; a later save takes it again
         self._bg.close()
 
     def __enter__(self) -> CheckpointManager:

@@ -55,6 +55,7 @@ __all__ = [
     "foreign_names",
     "manifest_members",
     "temp_base",
+    "temp_writer_pid",
 ]
 
 MEMBER_NAMES = frozenset(
@@ -74,7 +75,7 @@ MEMBER_NAMES = frozenset(
 EVAL_RESULT_NAMES = frozenset({"train_eval_result_v2.txt", "eval_result.txt"})
 """TorchEasyRec's eval results files: their presence marks a model_dir."""
 
-_TEMP_RE = re.compile(r"(.+)\.tmp-[0-9]+-[0-9a-f]+")
+_TEMP_RE = re.compile(r"(.+)\.tmp-([0-9]+)-[0-9a-f]+")
 
 
 def temp_base(name: str) -> str | None:
@@ -88,6 +89,17 @@ def temp_base(name: str) -> str | None:
     """
     m = _TEMP_RE.fullmatch(name)
     return m.group(1) if m else None
+
+
+def temp_writer_pid(name: str) -> int | None:
+    """The pid of the process that wrote an atomic-replace temporary, else ``None``.
+
+    Example:
+        >>> temp_writer_pid("reckpt.metrics.sidecar.json.tmp-41-0a1b2c3d")
+        41
+    """
+    m = _TEMP_RE.fullmatch(name)
+    return int(m.group(2)) if m else None
 
 
 def is_internal(name: str) -> bool:

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import socket
 import time
 
@@ -51,7 +50,7 @@ from reckpt.naming import (
     parse_any_step,
     trash_name,
 )
-from reckpt.ownership import foreign_names, is_owned, manifest_members, temp_base
+from reckpt.ownership import foreign_names, is_owned, manifest_members, temp_writer_pid
 from reckpt.storage import Storage
 
 __all__ = ["recorded_members", "remove_checkpoint_dir", "replace_checkpoint_dir", "cleanup_stale"]
@@ -252,9 +251,6 @@ def cleanup_stale(
     return removed
 
 
-_TEMP_PID_RE = re.compile(r".+\.tmp-([0-9]+)-[0-9a-f]+")
-
-
 def _ownerless_is_debris(storage: Storage, path: str, now: float, stale_after_s: float) -> bool:
     files = storage.walk_files(path)
     if not files:
@@ -277,8 +273,8 @@ def _remove_dead_temp_files(storage: Storage, model_dir: str) -> list[str]:
             continue
         ckpt = Storage.join(model_dir, name)
         for entry in storage.ls(ckpt):
-            m = _TEMP_PID_RE.fullmatch(entry)
-            if m and temp_base(entry) and is_owned(entry) and not pid_alive(int(m.group(1))):
+            pid = temp_writer_pid(entry)
+            if pid is not None and is_owned(entry) and not pid_alive(pid):
                 storage.rm(Storage.join(ckpt, entry))
                 removed.append(Storage.join(ckpt, entry))
     return removed

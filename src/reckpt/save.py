@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from reckpt._version import __version__
 from reckpt.commit import OwnerRecord, checkpoint_state, heartbeat, new_token
+from reckpt.damage import is_marked_damaged
 from reckpt.dataloader_state import encode_dataloader_state, merge_dataloader_states
 from reckpt.dcp_io import ReckptSavePlanner, ReckptWriter, dcp_call, writer_threads
 from reckpt.dist import Dist
@@ -113,7 +114,8 @@ def _check_target(storage: Storage, target: str, members: set[str]) -> None:
 def _prepare(storage: Storage, target: str, overwrite: bool, token: str, members: set[str]) -> str:
     """Rank 0: check the target, clean debris, create the staging area; returns the work dir."""
     state = checkpoint_state(storage, target)
-    if state in ("committed", "legacy") and not overwrite:
+    # A checkpoint marked damaged (reckpt.damage) is replaced by a new save of its step.
+    if state in ("committed", "legacy") and not overwrite and not is_marked_damaged(storage, target):
         raise StepAlreadyExistsError(
             f"{target}: a committed checkpoint already exists; pass overwrite=True to replace it,"
             " or save under another step"
@@ -222,7 +224,8 @@ def save_model(
         ``checkpoint_dir``.
 
     Raises:
-        StepAlreadyExistsError: the target is committed and ``overwrite`` is off.
+        StepAlreadyExistsError: the target is committed (and not marked damaged) and
+            ``overwrite`` is off.
         ConfigError: an argument is invalid (nothing is written).
 
     Example:
