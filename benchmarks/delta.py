@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import reckpt
 from benchmarks.common import Chart, human_bytes, median, provenance, require_free_space, timed, write_results
-from reckpt.delta import save_delta
-from reckpt.delta_rows import global_nbytes
-from reckpt.row_tracker import RowTracker
+from reckpt.delta.row_tracker import RowTracker
+from reckpt.delta.rows import global_nbytes
+from reckpt.delta.save import save_delta
 
 FRACTIONS = (0.01, 0.05, 0.10, 0.25)
 

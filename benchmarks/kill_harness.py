@@ -9,7 +9,7 @@ SIGKILLs itself before its storage operation ``k`` (``RECKPT_FAULT_KILL_AT=op:<k
 parent then kills the other rank, as a launcher tears a job down.
 
 ``k`` is drawn with a fixed seed from a traced clean run, phase by phase, so that every
-phase of the commit protocol is hit (:func:`reckpt.knobs.op_phase`); the phase reported
+phase of the commit protocol is hit (:func:`reckpt.storage.hooks.op_phase`); the phase reported
 is the one of the operation actually killed, read back from the trace.
 
 After every kill the parent checks, with the library's own calls:
@@ -17,7 +17,7 @@ After every kill the parent checks, with the library's own calls:
 * every checkpoint that looks committed verifies (nothing looks committed but is not);
 * the newest committed checkpoint restores bit-exact (model and optimizer);
 * no checkpoint retention had to keep is gone (*lost*);
-* the next start's cleanup (:func:`reckpt.removal.cleanup_stale`, taking over the dead
+* the next start's cleanup (:func:`reckpt.commit.removal.cleanup_stale`, taking over the dead
   job's writer lock) leaves no debris: no staging or trash directory, no incomplete
   ``model.ckpt-*`` holding anything of reckpt's, no temporary sidecar file;
 * no foreign entry is lost: every even step's target folder holds a user's files before
@@ -41,13 +41,14 @@ import torch
 from torch import nn
 
 import reckpt
-from reckpt.commit import checkpoint_state
-from reckpt.discovery import committed_steps
-from reckpt.knobs import PHASES, op_phase, reset_op_count
+from reckpt.commit.removal import cleanup_stale
+from reckpt.commit.state import checkpoint_state
+from reckpt.commit.writer_lock import model_dir_lock
+from reckpt.lifecycle.discovery import committed_steps
 from reckpt.ownership import foreign_names
-from reckpt.removal import cleanup_stale
-from reckpt.run_lock import model_dir_lock
-from reckpt.storage import TMP_INFIX, Storage, storage_for
+from reckpt.storage.core import TMP_INFIX, Storage, storage_for
+from reckpt.storage.hooks import reset_op_count
+from reckpt.testing.kill_points import PHASES, op_phase
 
 KEEP = 2
 TRIAL_TIMEOUT_S = 120.0

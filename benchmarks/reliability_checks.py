@@ -1,7 +1,7 @@
 """Storage faults, corruption and hostile checkpoints, counted for the reliability report.
 
 Each function runs its trials in this process against real files (and, for S3, a moto
-server behind :class:`reckpt.faults.FaultProxy`) and returns a tally: trials, faults
+server behind :class:`reckpt.testing.faults.FaultProxy`) and returns a tally: trials, faults
 injected, faults detected (retried to success, or a clear error naming the file), and
 checkpoints lost (a checkpoint that verified before the trial and does not after).
 """
@@ -21,17 +21,17 @@ import torch
 
 import reckpt
 from benchmarks.kill_harness import Tiny, model_at, restores_bit_exact
-from reckpt.commit import checkpoint_state
+from reckpt.commit.state import checkpoint_state
 from reckpt.errors import CheckpointError, IntegrityError, ShapeMismatchError, UnsafeCheckpointError
-from reckpt.eval_results import (
+from reckpt.format.eval_results import (
     TRAIN_EVAL_RESULT_FILENAME,
     append_eval_result,
     cross_check_eval_results,
     write_checkpoint_metrics,
 )
-from reckpt.faults import Fault, FaultInjector, FaultProxy
-from reckpt.manifest import _self_checksum
-from reckpt.storage import StorageError, storage_for
+from reckpt.format.manifest import _self_checksum
+from reckpt.storage.core import StorageError, storage_for
+from reckpt.testing.faults import Fault, FaultInjector, FaultProxy
 
 PLAN = {"emb": {"weight": {"sharding_type": "table_wise", "compute_kernel": "dense", "ranks": [0]}}}
 

@@ -23,7 +23,7 @@ page cache is synced and the disk left idle for ``--pause`` seconds, and the wri
 rotating order, because this kind of disk slows down under sustained writing. Peak extra
 resident memory of reckpt's save is read from ``VmHWM`` (reset through
 ``/proc/self/clear_refs``); the checksum cost is the time writers spent on hashing that the
-I/O did not hide (``reckpt.integrity.hash_wait_seconds``). Medians of ``--repeats`` rounds.
+I/O did not hide (``reckpt.format.integrity.hash_wait_seconds``). Medians of ``--repeats`` rounds.
 Writes ``<out>/<name>.json``, ``.md`` and ``.png``.
 """
 
@@ -95,7 +95,7 @@ def local_tensors(parts: list[tuple[str, dict[str, Any]]], rank: int) -> dict[st
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.tensor import DTensor
 
-    from reckpt.dcp_io import exact_storage_view
+    from reckpt.dcp.writer import exact_storage_view
 
     out: dict[str, torch.Tensor] = {}
 
@@ -118,7 +118,7 @@ def local_tensors(parts: list[tuple[str, dict[str, Any]]], rank: int) -> dict[st
 
 
 def _raw_write(path: str, blobs: list[memoryview], writeback: bool) -> None:
-    from reckpt.writeback import start_writeback
+    from reckpt.storage.writeback import start_writeback
 
     with open(path, "wb", buffering=0) as f:
         offset = 0
@@ -166,9 +166,9 @@ def _measure(rank: int, world: int, a: dict[str, Any]) -> None:
 
     import reckpt
     from benchmarks.reshard_load import _config
-    from reckpt.integrity import hash_wait_seconds
+    from reckpt.format.integrity import hash_wait_seconds
     from reckpt.optim import init_optimizer_state
-    from reckpt.save import collect_parts
+    from reckpt.save.engine import collect_parts
     from reckpt.trainer.model import build_model, shard_model
 
     cfg = _config(a["rows"], TABLES, DIM)

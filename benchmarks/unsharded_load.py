@@ -4,7 +4,7 @@ Two gloo processes shard an EmbeddingBagCollection (row-, column-, table-wise an
 data-parallel tables) plus a dense MLP and save it with ``reckpt.save_model``. Then, each in a
 fresh subprocess, a plain (unsharded) copy of the model is built and filled by
 
-* ``reckpt.load_unsharded`` (one table at a time),
+* ``reckpt.sharding.load_unsharded`` (one table at a time),
 * ``reckpt.restore_model`` (all keys in one DCP load),
 * plain ``torch.distributed.checkpoint.load`` of the whole state dict (baseline),
 
@@ -152,11 +152,11 @@ def measure(method: str, ckpt: str, tables: int, table_mb: float, dense_mb: floa
     import torch.distributed.checkpoint as dcp
 
     import reckpt
-    from reckpt.unsharded import load_unsharded  # noqa: F401  (imported before measuring)
+    from reckpt.sharding.unsharded import load_unsharded  # noqa: F401  (imported before measuring)
 
     model = build_plain(tables, table_mb, dense_mb, seed=2)
     loads = {
-        "load_unsharded": lambda: reckpt.load_unsharded(ckpt, model),
+        "load_unsharded": lambda: reckpt.sharding.load_unsharded(ckpt, model),
         "restore_model": lambda: reckpt.restore_model(ckpt, model),
         "dcp_load": lambda: dcp.load(
             model.state_dict(), checkpoint_id=os.path.join(ckpt, "model"), no_dist=True

@@ -1,6 +1,6 @@
 """The table of user mistakes: each case, the exception it raises and its exact message.
 
-`tests/storage/test_user_mistakes.py` checks every case; `scripts/gen_mistakes_doc.py` writes
+`tests/integration/test_user_mistakes.py` checks every case; `scripts/gen_mistakes_doc.py` writes
 `docs/mistakes.md` from the same table (a test fails when the two drift apart).
 """
 
@@ -17,8 +17,8 @@ import torch
 
 import reckpt
 from reckpt import errors
-from reckpt.faults import Fault, disk_full, read_only
-from reckpt.storage import StorageError, storage_for
+from reckpt.storage.core import StorageError, storage_for
+from reckpt.testing.faults import Fault, disk_full, read_only
 from tests.helpers import flip_bit, fresh, train, trained
 
 
@@ -61,7 +61,7 @@ def _convert_damaged(d: Path) -> None:
 
 
 def _read_damaged(d: Path) -> None:
-    from reckpt.inspection import read_part
+    from reckpt.restore.inspection import read_part
 
     ck = _saved(d)
     flip_bit(ck, at=100)
@@ -135,7 +135,7 @@ def _newer_manifest(d: Path) -> None:
 
 
 def _tampered_sidecar(d: Path) -> None:
-    from reckpt.manifest import read_sidecar, write_sidecar
+    from reckpt.format.manifest import read_sidecar, write_sidecar
 
     ck = _saved(d)
     write_sidecar(storage_for(ck), ck, "metrics", {"eval": {"auc": 0.5}})
@@ -268,8 +268,8 @@ def _terabyte_entry(d: Path) -> None:
 
 def _delta_chain(d: Path, encoding: str = "raw") -> str:
     """A full checkpoint at step 1 and a delta at step 2 on top of it; returns the delta."""
-    from reckpt.delta import save_delta
-    from reckpt.row_tracker import RowTracker
+    from reckpt.delta.row_tracker import RowTracker
+    from reckpt.delta.save import save_delta
 
     m, o = trained()
     tracker = RowTracker(m, tables=["emb.user.weight"])
@@ -295,8 +295,8 @@ def _delta_param_map(d: Path) -> None:
 
 
 def _delta_misnamed(d: Path) -> None:
-    from reckpt.delta import save_delta
-    from reckpt.row_tracker import RowTracker
+    from reckpt.delta.row_tracker import RowTracker
+    from reckpt.delta.save import save_delta
 
     m, o = trained()
     tracker = RowTracker(m, tables=["emb.user.weight"])
@@ -305,13 +305,13 @@ def _delta_misnamed(d: Path) -> None:
 
 
 def _tracker_unknown_table(d: Path) -> None:
-    from reckpt.row_tracker import RowTracker
+    from reckpt.delta.row_tracker import RowTracker
 
     RowTracker(trained()[0], tables=["emb.item.weight"])
 
 
 def _incremental_zero(d: Path) -> None:
-    reckpt.CheckpointManager(str(d), incremental=reckpt.IncrementalPolicy(full_every=0))
+    reckpt.CheckpointManager(str(d), incremental=reckpt.delta.IncrementalPolicy(full_every=0))
 
 
 MISTAKES: list[Mistake] = [
@@ -320,11 +320,11 @@ MISTAKES: list[Mistake] = [
         lambda d: _unsharded_meta(d),
         errors.ConfigError,
         "load_unsharded: 5 tensor(s) of the module are on the meta device (emb.user.weight, tower.0.bias,"
-        " tower.0.weight, tower.2.bias, tower.2.weight); call reckpt.init_parameters(module, 'cpu') first",
+        " tower.0.weight, tower.2.bias, tower.2.weight); call reckpt.sharding.init_parameters(module, 'cpu') first",
     ),
     Mistake(
         "unsharded load: a table of another size",
-        lambda d: reckpt.load_unsharded(_saved(d), fresh(rows=40)[0]),
+        lambda d: reckpt.sharding.load_unsharded(_saved(d), fresh(rows=40)[0]),
         errors.ShapeMismatchError,
         "<dir>/model.ckpt-1/model: 1 key(s) cannot be loaded because their shapes differ:\n"
         "  emb.user.weight: checkpoint [50, 4], module [40, 4]\n"
@@ -581,19 +581,19 @@ MISTAKES: list[Mistake] = [
     ),
     Mistake(
         "lease: a checkpoint that does not exist",
-        lambda d: reckpt.lease(str(d / "model.ckpt-5")).__enter__(),
+        lambda d: reckpt.lifecycle.lease(str(d / "model.ckpt-5")).__enter__(),
         errors.CheckpointNotFoundError,
         "<dir>/model.ckpt-5: no committed checkpoint to lease",
     ),
     Mistake(
         "lease: a non-positive TTL",
-        lambda d: reckpt.lease(str(d / "model.ckpt-5"), ttl_s=0).__enter__(),
+        lambda d: reckpt.lifecycle.lease(str(d / "model.ckpt-5"), ttl_s=0).__enter__(),
         errors.ConfigError,
         "lease ttl_s must be > 0, got 0",
     ),
     Mistake(
         "lease: a path that is not a checkpoint",
-        lambda d: reckpt.lease(str(d)).__enter__(),
+        lambda d: reckpt.lifecycle.lease(str(d)).__enter__(),
         errors.ConfigError,
         "<dir>: a lease needs a checkpoint path named model.ckpt-<step>",
     ),
@@ -720,7 +720,7 @@ MISTAKES: list[Mistake] = [
     ),
     Mistake(
         "DynamicEmbedding: an unknown eviction policy",
-        lambda d: reckpt.DynamicEmbedding(4, eviction="fifo"),
+        lambda d: reckpt.dynamic.DynamicEmbedding(4, eviction="fifo"),
         errors.ConfigError,
         "DynamicEmbedding: eviction must be one of ('lru', 'lfu'), got 'fifo'",
     ),
@@ -743,7 +743,7 @@ MISTAKES: list[Mistake] = [
         errors.ConfigError,
         "<dir>/c.toml: model.dynamic_tables.a.eviction must be 'lru' or 'lfu', got 'fifo'",
     ),
-    # Storage that fails, simulated with the fault-injecting filesystem (reckpt.faults): as
+    # Storage that fails, simulated with the fault-injecting filesystem (reckpt.testing.faults): as
     # root, chmod does not make a directory read-only.
     Mistake(
         "save: a read-only model_dir (EROFS)",
@@ -833,7 +833,7 @@ def _unsharded_meta(d: Path) -> None:
     ck = _saved(d)
     with torch.device("meta"):
         model = fresh()[0]
-    reckpt.load_unsharded(ck, model)
+    reckpt.sharding.load_unsharded(ck, model)
 
 
 def _two_types_plan() -> None:
@@ -842,7 +842,7 @@ def _two_types_plan() -> None:
         "a.ebc": {"t": {"sharding_type": "table_wise", **entry}},
         "b.ebc": {"t": {"sharding_type": "row_wise", **entry}},
     }
-    reckpt.plan_constraints(plan, pin_all=True)
+    reckpt.sharding.plan_constraints(plan, pin_all=True)
 
 
 def _config_missing(d: Path) -> None:

@@ -67,7 +67,7 @@ class CheckpointInfo:
         step: the step in its name.
         path: its directory.
         state: ``committed``, ``legacy``, ``incomplete`` or ``damaged`` (committed, but failed
-            verification: see :mod:`reckpt.damage`).
+            verification: see :mod:`reckpt.format.damage`).
         created_at: Unix seconds (manifest time), ``None`` when unknown (legacy).
         size: bytes on storage, ``None`` when not computed.
         metrics: eval metrics (sidecar, else eval-results file), empty when none.
@@ -229,7 +229,7 @@ def steps_to_delete(
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SaveDecision:
-    """When a :class:`~reckpt.manager.CheckpointManager` saves (all triggers off by default).
+    """When a :class:`~reckpt.lifecycle.manager.CheckpointManager` saves (all triggers off by default).
 
     Attributes:
         save_steps: save when ``step > 0 and step % save_steps == 0`` (0 = off).
@@ -347,7 +347,7 @@ class IncrementalPolicy:
         encoding: the weight rows' encoding: ``"raw"`` (lossless, for resuming), ``"int8"``
             or ``"fp16"`` (serving dumps; restore needs ``allow_lossy``).
         tables: state-dict keys of the tables to track (default: every sharded TorchRec
-            table, see :class:`reckpt.RowTracker`).
+            table, see :class:`reckpt.delta.RowTracker`).
     """
 
     full_every: int = 4

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 import reckpt
-from reckpt.delta import save_delta
-from reckpt.row_tracker import RowTracker
+from reckpt.delta.row_tracker import RowTracker
+from reckpt.delta.save import save_delta
 from tests.distributed.torchrec_scenarios import DIM, ROWS, build, gathered
 
 SHARDING = {"t1": "column_wise", "t2": "table_wise"}

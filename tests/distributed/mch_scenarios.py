@@ -3,7 +3,7 @@
 One ``ManagedCollisionEmbeddingBagCollection`` (row-wise sharded table of ``ZCH`` slots, an
 ``MCHManagedCollisionModule`` with ``BUCKETS`` buckets). Saving and restoring at one world
 size, and shrinking where every saved shard nests in one current shard, restore every admitted
-id exactly; growing stops with :class:`~reckpt.mch.ManagedCollisionReshardError` naming the
+id exactly; growing stops with :class:`~reckpt.sharding.mch.ManagedCollisionReshardError` naming the
 module before any buffer is touched.
 """
 
@@ -166,7 +166,7 @@ def restore_exact(rank: int, world: int, root: str, src: str) -> None:
 
 
 def restore_refuses_crowded(rank: int, world: int, root: str, src: str) -> None:
-    from reckpt.mch import ManagedCollisionReshardError
+    from reckpt.sharding.mch import ManagedCollisionReshardError
 
     dmp = build(seed=1)
     before = mc_state(dmp)
@@ -194,7 +194,7 @@ def check_unsharded(root: str, src: str) -> None:
 
     want = torch.load(f"{root}/{src}/expected.pt")
     model = plain(seed=5)
-    reckpt.load_unsharded(f"{root}/{src}/model.ckpt-1", model)
+    reckpt.sharding.load_unsharded(f"{root}/{src}/model.ckpt-1", model)
     model.eval()
     values = ids()
     kjt = KeyedJaggedTensor.from_lengths_sync(

@@ -17,7 +17,7 @@ from torch import nn
 
 import reckpt
 from reckpt.errors import ShapeMismatchError
-from reckpt.fused_state import flat_state
+from reckpt.sharding.fused_state import flat_state
 from tests.distributed.reshard_scenarios import gather_all, row_sharder
 
 SAVED = {"tw": (12, 8), "rw": (12, 8), "cw": (12, 8), "col": (12, 8)}

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 import reckpt
-from reckpt.fused_state import flat_state
-from reckpt.plan import plan_to_json, read_plan
+from reckpt.sharding.fused_state import flat_state
+from reckpt.sharding.plan import plan_to_json, read_plan
 from tests.distributed.torchrec_scenarios import ebc_model
 
 ROWS, DIM = 12, 8

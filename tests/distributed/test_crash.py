@@ -11,9 +11,9 @@ import sys
 import pytest
 
 import reckpt
-from reckpt.commit import checkpoint_state
+from reckpt.commit.state import checkpoint_state
 from reckpt.naming import parse_step
-from reckpt.storage import storage_for
+from reckpt.storage.core import storage_for
 from tests.helpers import fresh, optim_states_equal, state_dicts_equal, trained
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -82,9 +82,9 @@ def test_kill_at_every_phase(backend: str, tmp_path, request) -> None:
 
 def test_live_staging_is_never_cleaned(tmp_path) -> None:
     """A staging area whose owner is alive (this process) survives another save's cleanup."""
-    from reckpt.commit import OwnerRecord
+    from reckpt.commit.removal import cleanup_stale
+    from reckpt.commit.state import OwnerRecord
     from reckpt.naming import OWNER_FILE, staging_name
-    from reckpt.removal import cleanup_stale
 
     st = storage_for(str(tmp_path))
     live = tmp_path / staging_name("abc")

@@ -12,7 +12,7 @@ from pathlib import Path
 from benchmarks import reliability
 
 import reckpt
-from reckpt.knobs import op_phase
+from reckpt.testing.kill_points import op_phase
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -28,7 +28,7 @@ def saved_world2(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_world2_roundtrip_partial_remap_and_1_to_2(saved_world2: str) -> None:
-    manifest = reckpt.inspect_checkpoint(saved_world2)
+    manifest = reckpt.restore.inspect_checkpoint(saved_world2)
     assert {e.name for e in manifest.parts["model"]} == {"lin.weight", "lin.bias", "tables.st", "tables.dt"}
     assert reckpt.verify(saved_world2).ok
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import reckpt
-from reckpt.inspection import read_part
+from reckpt.restore.inspection import read_part
 from tests.conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

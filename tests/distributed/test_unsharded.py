@@ -11,10 +11,10 @@ from benchmarks import unsharded_load
 from torch import nn
 
 import reckpt
-from reckpt.dcp_read import read_dcp_metadata
+from reckpt.dcp.reader import read_dcp_metadata
 from reckpt.errors import ConfigError, ShapeMismatchError
-from reckpt.storage import storage_for
-from reckpt.unsharded import read_rows
+from reckpt.sharding.unsharded import read_rows
+from reckpt.storage.core import storage_for
 
 
 def test_unsharded_load_is_exact_and_streams_one_table_at_a_time(tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_plain_checkpoint_roundtrip_meta_module_and_errors(tmp_path: Path) -> No
     src.count += 7
     reckpt.save_model(str(tmp_path / "model.ckpt-1"), src)
     dst = _Net()
-    report = reckpt.load_unsharded(str(tmp_path / "model.ckpt-1"), dst)
+    report = reckpt.sharding.load_unsharded(str(tmp_path / "model.ckpt-1"), dst)
     for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert report.verified and sorted(report.part("model").loaded) == sorted(src.state_dict())
@@ -64,12 +64,12 @@ def test_plain_checkpoint_roundtrip_meta_module_and_errors(tmp_path: Path) -> No
     assert picked is not None and torch.equal(picked, src.table.detach()[rows])
 
     with pytest.raises(ShapeMismatchError, match="table: checkpoint \\[6, 5\\], module \\[4, 5\\]"):
-        reckpt.load_unsharded(str(tmp_path / "model.ckpt-1"), _Net(rows=4))
+        reckpt.sharding.load_unsharded(str(tmp_path / "model.ckpt-1"), _Net(rows=4))
     with torch.device("meta"):
         meta = _Net()
     with pytest.raises(ConfigError, match="init_parameters"):
-        reckpt.load_unsharded(str(tmp_path / "model.ckpt-1"), meta)
-    replaced = reckpt.init_parameters(meta, "cpu")
+        reckpt.sharding.load_unsharded(str(tmp_path / "model.ckpt-1"), meta)
+    replaced = reckpt.sharding.init_parameters(meta, "cpu")
     assert set(replaced) == {"table", "lin.weight", "lin.bias", "count"}
-    reckpt.load_unsharded(str(tmp_path / "model.ckpt-1"), meta)
+    reckpt.sharding.load_unsharded(str(tmp_path / "model.ckpt-1"), meta)
     assert torch.equal(meta.table, src.table) and int(meta.count) == 7

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 import reckpt
-from reckpt.plan import read_plan
+from reckpt.sharding.plan import read_plan
 
 ROWS, DIM = 40, 64
 
@@ -134,7 +134,7 @@ def _planned(constraints: dict[str, Any]) -> dict[str, Any]:
     from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 
-    from reckpt.plan import plan_to_json
+    from reckpt.sharding.plan import plan_to_json
     from tests.distributed.reshard_scenarios import row_sharder
 
     ebc = EmbeddingBagCollection(
@@ -154,7 +154,7 @@ def resumed_run_reproduces_plan(rank: int, world: int, root: str) -> None:
     """A checkpoint's plan, turned into planner constraints, gives the resumed run the same plan."""
     from torchrec.distributed.planner import ParameterConstraints
 
-    from reckpt.plan import plan_constraints
+    from reckpt.sharding.plan import plan_constraints
 
     user = {
         "t1": ParameterConstraints(sharding_types=["row_wise"]),

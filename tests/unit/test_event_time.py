@@ -1,12 +1,12 @@
-"""The event-time trigger in one process (reckpt.event_time); several ranks: tests/distributed."""
+"""The event-time trigger in one process (reckpt.lifecycle.event_time); several ranks: tests/distributed."""
 
 from __future__ import annotations
 
 import pytest
 
-from reckpt.dataloader_state import DATA_TS_WATERMARK
 from reckpt.errors import ConfigError
-from reckpt.event_time import EventTimeTrigger, stamp_watermark
+from reckpt.format.dataloader_state import DATA_TS_WATERMARK
+from reckpt.lifecycle.event_time import EventTimeTrigger, stamp_watermark
 
 
 def trigger(

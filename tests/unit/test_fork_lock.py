@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from reckpt.fork_lock import ForkSafeLock
+from reckpt.storage.fork_lock import ForkSafeLock
 
 
 def test_a_child_forked_while_the_lock_is_held_can_take_it() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reckpt.fused_state import (
+from reckpt.sharding.fused_state import (
     RowwiseConversion,
     column_splits,
     convert_rowwise,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reckpt.host_copy import stage_state_dict
+from reckpt.save.host_copy import stage_state_dict
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -49,7 +49,7 @@ def test_buffers_are_reused_when_they_fit_and_replaced_when_not() -> None:
 
 @pytest.mark.parametrize("lanes", [1, 2, 3, 8])
 def test_spans_cover_every_byte_once_in_equal_shares(lanes: int) -> None:
-    from reckpt.host_copy import _spans
+    from reckpt.save.host_copy import _spans
 
     blocks = [(1000, 5000, 7), (2000, 6000, 1), (3000, 7000, 30)]
     out = _spans(blocks, lanes)

@@ -4,13 +4,13 @@ from typing import Any, ClassVar
 
 import pytest
 
-from reckpt.commit import OwnerRecord, is_stale
-from reckpt.dataloader_state import merge_dataloader_states, update_dataloder_state
+from reckpt.commit.state import OwnerRecord, is_stale
 from reckpt.errors import IntegrityError
-from reckpt.integrity import FileRecord
-from reckpt.manifest import Manifest, TensorEntry
-from reckpt.plan import plan_to_json
+from reckpt.format.dataloader_state import merge_dataloader_states, update_dataloder_state
+from reckpt.format.integrity import FileRecord
+from reckpt.format.manifest import Manifest, TensorEntry
 from reckpt.report import LoadReport
+from reckpt.sharding.plan import plan_to_json
 
 
 def test_manifest_roundtrip() -> None:

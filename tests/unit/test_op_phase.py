@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reckpt.knobs import PHASES, op_phase
+from reckpt.testing.kill_points import PHASES, op_phase
 
 S = "run/.reckpt-staging.ab12"
 

@@ -21,16 +21,16 @@ PLAN = {
 def test_data_parallel_tables_are_pinned_unless_the_user_constrains_them() -> None:
     from torchrec.distributed.planner import ParameterConstraints
 
-    got = reckpt.plan_constraints(PLAN)
+    got = reckpt.sharding.plan_constraints(PLAN)
     assert {t: c.sharding_types for t, c in got.items()} == {"a": ["data_parallel"], "d": ["data_parallel"]}
     mine = {"a": ParameterConstraints(sharding_types=["table_wise"])}
-    got = reckpt.plan_constraints(PLAN, mine)
+    got = reckpt.sharding.plan_constraints(PLAN, mine)
     assert got["a"] is mine["a"] and got["d"].sharding_types == ["data_parallel"]
     assert mine == {"a": mine["a"]}, "the user's mapping is not modified"
 
 
 def test_pin_all_and_no_plan() -> None:
-    got = reckpt.plan_constraints(PLAN, pin_all=True)
+    got = reckpt.sharding.plan_constraints(PLAN, pin_all=True)
     assert {t: c.sharding_types[0] for t, c in got.items()} == {
         "a": "data_parallel",
         "b": "row_wise",
@@ -38,7 +38,7 @@ def test_pin_all_and_no_plan() -> None:
         "d": "data_parallel",
     }
     assert all(c.compute_kernels is None for c in got.values()), "kernels are re-derived"
-    assert reckpt.plan_constraints(None) == {}
+    assert reckpt.sharding.plan_constraints(None) == {}
 
 
 class _Resettable(nn.Module):
@@ -60,11 +60,11 @@ def test_init_parameters_materialises_meta_tensors_children_first() -> None:
     model[1].weight.requires_grad_(False)
     real = torch.ones(2)
     model[1].register_buffer("kept", real)
-    replaced = reckpt.init_parameters(model, "cpu")
+    replaced = reckpt.sharding.init_parameters(model, "cpu")
     assert replaced == ["0.weight", "0.seen", "0.scratch", "1.weight", "1.bias"]
     inner = model[0]
     assert inner.resets == 1 and torch.equal(inner.weight, torch.full((3, 2), 0.5))
     assert torch.equal(inner.seen, torch.zeros(2)) and "scratch" not in inner.state_dict()
     assert not model[1].weight.requires_grad and model[1].weight.device.type == "cpu"
     assert model[1].kept is real, "tensors not on the meta device are left alone"
-    assert reckpt.init_parameters(model, "cpu") == []
+    assert reckpt.sharding.init_parameters(model, "cpu") == []

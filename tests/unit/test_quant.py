@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reckpt.quant import decode_rows, encode_rows, quantize_rowwise_int8
+from reckpt.delta.quant import decode_rows, encode_rows, quantize_rowwise_int8
 
 
 def _rows(seed: int, n: int = 257, d: int = 64) -> torch.Tensor:

@@ -16,9 +16,9 @@ __all__ = ["register"]
 
 
 def _is_checkpoint(path: str) -> bool:
-    from reckpt.commit import checkpoint_state
+    from reckpt.commit.state import checkpoint_state
     from reckpt.naming import parse_any_step
-    from reckpt.storage import storage_for
+    from reckpt.storage.core import storage_for
 
     return parse_any_step(path) is not None or checkpoint_state(storage_for(path), path) in (
         "committed",
@@ -27,10 +27,10 @@ def _is_checkpoint(path: str) -> bool:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from reckpt.discovery import best_checkpoint, latest_checkpoint, list_checkpoints
+    from reckpt.commit.leases import active_leases
     from reckpt.errors import CheckpointNotFoundError
-    from reckpt.leases import active_leases
-    from reckpt.storage import storage_for
+    from reckpt.lifecycle.discovery import best_checkpoint, latest_checkpoint, list_checkpoints
+    from reckpt.storage.core import storage_for
 
     storage = storage_for(args.model_dir)
     if not storage.isdir(args.model_dir):
@@ -82,7 +82,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def _sharding(checkpoint: str) -> dict[str, str]:
     """Model key -> sharding type, from the checkpoint's plan file (TorchEasyRec schema)."""
-    from reckpt.plan import read_plan
+    from reckpt.sharding.plan import read_plan
 
     out: dict[str, str] = {}
     for module, tables in (read_plan(checkpoint) or {}).items():
@@ -94,15 +94,15 @@ def _sharding(checkpoint: str) -> dict[str, str]:
 
 def _delta_link(checkpoint: str) -> dict[str, Any] | None:
     """A delta checkpoint's link record (base, chain, rows per table), else ``None``."""
-    from reckpt.manifest import read_manifest
-    from reckpt.storage import storage_for
+    from reckpt.format.manifest import read_manifest
+    from reckpt.storage.core import storage_for
 
     manifest = read_manifest(storage_for(checkpoint), checkpoint.rstrip("/"))
     return None if manifest is None else manifest.delta
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from reckpt.inspection import inspect_checkpoint
+    from reckpt.restore.inspection import inspect_checkpoint
 
     contents = inspect_checkpoint(args.checkpoint)
     sharding = _sharding(args.checkpoint)
@@ -136,10 +136,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from reckpt.damage import clear_damaged, mark_damaged
-    from reckpt.discovery import list_checkpoints
-    from reckpt.storage import storage_for
-    from reckpt.verification import verify
+    from reckpt.format.damage import clear_damaged, mark_damaged
+    from reckpt.format.verification import verify
+    from reckpt.lifecycle.discovery import list_checkpoints
+    from reckpt.storage.core import storage_for
 
     paths = (
         [args.path]
@@ -153,7 +153,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     results, lines = [], []
     for path in progress(paths, "verify"):
         r = verify(path)
-        if r.problems and r.state in ("committed", "legacy"):  # known-bad from now on (reckpt.damage)
+        if r.problems and r.state in ("committed", "legacy"):  # known-bad from now on (reckpt.format.damage)
             mark_damaged(storage_for(path), path, r.problems)
         elif r.ok:
             clear_damaged(storage_for(path), path)
@@ -172,8 +172,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     doc: dict[str, Any] = {"results": results, "ok": all(r["ok"] for r in results)}
     if not _is_checkpoint(args.path):
         # The results file is appended to and carries no checksum: cross-check it instead.
-        from reckpt.eval_results import cross_check_eval_results
-        from reckpt.storage import storage_for
+        from reckpt.format.eval_results import cross_check_eval_results
+        from reckpt.storage.core import storage_for
 
         eval_problems = cross_check_eval_results(storage_for(args.path), args.path)
         doc["eval_results"] = {"ok": not eval_problems, "problems": eval_problems}
@@ -186,8 +186,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_latest(args: argparse.Namespace) -> int:
-    from reckpt.discovery import latest_checkpoint
     from reckpt.errors import CheckpointNotFoundError
+    from reckpt.lifecycle.discovery import latest_checkpoint
 
     path, step = latest_checkpoint(args.model_dir)
     if path is None:
@@ -199,7 +199,7 @@ def cmd_latest(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     import torch
 
-    from reckpt.inspection import inspect_checkpoint, read_part
+    from reckpt.restore.inspection import inspect_checkpoint, read_part
 
     a, b = inspect_checkpoint(args.a), inspect_checkpoint(args.b)
     doc: dict[str, Any] = {

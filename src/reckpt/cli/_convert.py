@@ -49,7 +49,7 @@ def to_safetensors(checkpoint: str, part: str, out_path: str) -> int:
     Reads without checking checksums: the caller verifies the checkpoint once first.
     """
     from reckpt.errors import ConfigError
-    from reckpt.inspection import inspect_checkpoint, read_part
+    from reckpt.restore.inspection import inspect_checkpoint, read_part
 
     entries = [e for e in inspect_checkpoint(checkpoint).parts.get(part, []) if e.shape is not None]
     if not entries:
@@ -118,7 +118,7 @@ def _from_file(src: str, dst: str) -> int:
     import torch
 
     from reckpt.errors import ConfigError
-    from reckpt.save import save_parts
+    from reckpt.save.engine import save_parts
 
     if src.endswith(".safetensors"):
         from safetensors.torch import load_file
@@ -141,7 +141,7 @@ def output_file(dst: str, overwrite: bool) -> Iterator[str]:
         IsADirectoryError: ``dst`` is a directory.
     """
     from reckpt.errors import ConfigError
-    from reckpt.storage import Storage, storage_for
+    from reckpt.storage.core import Storage, storage_for
 
     st = storage_for(dst)
     if st.isdir(dst):
@@ -169,7 +169,7 @@ def verified(checkpoint: str, action: str = "convert") -> None:
     Raises:
         IntegrityError: a file is missing, truncated or corrupted (the problems are listed).
     """
-    from reckpt.verification import integrity_error, verify
+    from reckpt.format.verification import integrity_error, verify
 
     report = verify(checkpoint)
     if report.problems:

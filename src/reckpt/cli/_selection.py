@@ -36,8 +36,8 @@ def direction_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from reckpt.discovery import best_checkpoint
     from reckpt.errors import CheckpointNotFoundError
+    from reckpt.lifecycle.discovery import best_checkpoint
 
     path, step = best_checkpoint(
         args.model_dir,
@@ -54,11 +54,11 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from reckpt.best import BestRule, find_best, resolve_metric_name
-    from reckpt.discovery import list_checkpoints
     from reckpt.errors import ConfigError
+    from reckpt.lifecycle.discovery import list_checkpoints
+    from reckpt.lifecycle.pruner import Pruner
     from reckpt.policy import BestN, EveryNSteps, LatestN, RetentionPolicy
-    from reckpt.pruner import Pruner
-    from reckpt.storage import storage_for
+    from reckpt.storage.core import storage_for
 
     larger = direction(args)  # None: by the metric's name (an unknown metric needs a direction)
     policies: list[RetentionPolicy] = []
@@ -104,7 +104,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from reckpt.plot import plot_metrics
+    from reckpt.cli._plot import plot_metrics
 
     data = plot_metrics(
         args.model_dir,

@@ -15,7 +15,7 @@ rank ``R`` of ``W``::
 All numbers are raw little-endian; an empty shard is a set of zero-byte files; every rank
 writes its set, so a dump holds ``W`` complete shards. A dump of touched rows only (an
 incremental checkpoint) adds ``<t>_removed_keys.rank_R.world_size_W`` (evicted keys).
-Every file goes through :class:`~reckpt.storage.Storage` and into the manifest.
+Every file goes through :class:`~reckpt.storage.core.Storage` and into the manifest.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import torch
 from reckpt.dynamic.module import DynamicEmbedding
 from reckpt.dynamic.table import TableState
 from reckpt.errors import ConfigError
-from reckpt.integrity import FileRecord
-from reckpt.manifest import TensorEntry
+from reckpt.format.integrity import FileRecord
+from reckpt.format.manifest import TensorEntry
+from reckpt.format.records import FileWriter, write_record
 from reckpt.naming import DYNAMICEMB_DIR
-from reckpt.save import FileWriter, write_record
-from reckpt.storage import Storage
+from reckpt.storage.core import Storage
 
 __all__ = [
     "dynamic_tables",

@@ -22,7 +22,7 @@ from reckpt.dynamic.module import DynamicEmbedding
 from reckpt.dynamic.table import TableState
 from reckpt.errors import CheckpointNotFoundError, IntegrityError
 from reckpt.naming import DYNAMICEMB_DIR
-from reckpt.storage import Storage, storage_for
+from reckpt.storage.core import Storage, storage_for
 
 __all__ = ["load_dynamic", "prepare_dynamic", "PendingDynamicLoad", "DynamicLoadReport"]
 

@@ -90,7 +90,7 @@ class TrainConfig:
     async_save: bool = False
     async_snapshot: str = "copy"
     """How an async save freezes the state: ``"copy"`` (a host copy) or ``"fork"`` (a
-    copy-on-write child process; see ``reckpt.async_save`` for the trade-off)."""
+    copy-on-write child process; see ``reckpt.save.async_saver`` for the trade-off)."""
     incremental_full_every: int = 0
     """Delta checkpoints (touched embedding rows + the dense part) between full ones: a full
     checkpoint after this many deltas; 0 (default) writes full checkpoints only."""

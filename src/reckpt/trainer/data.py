@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from reckpt.dataloader_state import EPOCHS_COMPLETED
 from reckpt.errors import CheckpointNotFoundError, ConfigError
+from reckpt.format.dataloader_state import EPOCHS_COMPLETED
 from reckpt.trainer.config import DataConfig
 
 __all__ = ["make_data", "Batch", "ParquetReader", "input_files"]

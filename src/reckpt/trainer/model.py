@@ -151,7 +151,7 @@ def shard_model(
     Collective (the planner agrees on one plan). Returns ``(dmp, optimizer)``; the optimizer
     is a TorchRec ``CombinedOptimizer`` whose state is keyed by parameter name.
     ``constraints`` (``table -> ParameterConstraints``) go to the planner, e.g. those of
-    :func:`reckpt.plan.plan_constraints` to keep a resumed run's plan.
+    :func:`reckpt.sharding.plan.plan_constraints` to keep a resumed run's plan.
     """
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel

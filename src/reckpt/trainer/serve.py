@@ -16,20 +16,20 @@ from typing import Any
 import torch
 
 import reckpt
+from reckpt.delta.quant import ENCODINGS, decode_rows, encode_rows
 from reckpt.dynamic import dynamic_writer, load_dynamic
 from reckpt.errors import CheckpointNotFoundError, ConfigError, IntegrityError
-from reckpt.eval_results import EVAL_RESULT_FILENAME, append_eval_result
-from reckpt.inspection import read_part
-from reckpt.integrity import hash_stream
-from reckpt.manifest import read_manifest
+from reckpt.format.eval_results import EVAL_RESULT_FILENAME, append_eval_result
+from reckpt.format.integrity import hash_stream
+from reckpt.format.manifest import read_manifest
+from reckpt.format.verification import require_committed
 from reckpt.naming import DYNAMICEMB_DIR, parse_delta_step
-from reckpt.quant import ENCODINGS, decode_rows, encode_rows
-from reckpt.storage import storage_for
+from reckpt.restore.inspection import read_part
+from reckpt.storage.core import storage_for
 from reckpt.trainer.config import Config, DataConfig, ModelConfig, build_section
 from reckpt.trainer.data import ParquetReader, input_files
 from reckpt.trainer.model import build_model, init_distributed, shard_model, table_rows
 from reckpt.trainer.train import evaluate
-from reckpt.verification import require_committed
 
 __all__ = ["eval_checkpoint", "export_model", "predict", "load_exported"]
 
@@ -70,7 +70,7 @@ def eval_checkpoint(
     init_distributed()
     path, step = _pick(cfg, checkpoint_path, per_export_config=False)
     model, _ = shard_model(cfg, build_model(cfg))
-    with reckpt.lease(path, holder="reckpt eval"):
+    with reckpt.lifecycle.lease(path, holder="reckpt eval"):
         reckpt.restore_model(path, model, verify=verify)
     metrics = evaluate(cfg, model)
     if torch.distributed.get_rank() == 0:
@@ -128,7 +128,7 @@ def export_model(
     if quantize not in ENCODINGS:
         raise ConfigError(f"--quantize must be one of {list(ENCODINGS)}, got {quantize!r}")
     path, step = _pick(cfg, checkpoint_path)
-    with reckpt.lease(path, holder="reckpt export"):
+    with reckpt.lifecycle.lease(path, holder="reckpt export"):
         weights, restored = _checkpoint_weights(cfg, path, verify)
     expected = set(build_model(cfg, device="meta").state_dict())
     if set(weights) != expected:

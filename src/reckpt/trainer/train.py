@@ -22,10 +22,10 @@ import torch.distributed as dist
 
 import reckpt
 from reckpt.errors import CheckpointNotFoundError, ConfigError
-from reckpt.incremental import latest_restorable
-from reckpt.plan import FORCE_LOAD_SHARDING_PLAN, plan_constraints, read_plan
+from reckpt.lifecycle.incremental import latest_restorable
+from reckpt.lifecycle.preemption import Preemption
 from reckpt.policy import IncrementalPolicy
-from reckpt.preemption import Preemption
+from reckpt.sharding.plan import FORCE_LOAD_SHARDING_PLAN, plan_constraints, read_plan
 from reckpt.trainer.config import Config
 from reckpt.trainer.data import EPOCHS_KEY, ParquetReader, input_files
 from reckpt.trainer.metrics import auc, logloss
@@ -85,7 +85,7 @@ def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool
 
 
 def _exists(model_dir: str) -> bool:
-    from reckpt.storage import storage_for
+    from reckpt.storage.core import storage_for
 
     return storage_for(model_dir).isdir(model_dir)
 

@@ -1,0 +1,3 @@
+"""torch.distributed.checkpoint on reckpt's storage: writer, safe reader, load planner and
+direct item access. Internal.
+"""

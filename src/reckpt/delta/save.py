@@ -1,0 +1,172 @@
+"""Incremental (delta) checkpoints: only the embedding rows that changed, plus the dense part.
+
+A delta ``<model_dir>/model.delta-<step>/`` holds, for every tracked table, the rows touched
+since the previous link (weights and row-indexed optimizer state, ``delta_rows/``), the
+touched rows of dynamic tables (``dynamicemb/``, upserts and removals), and everything else
+in full: the rest of the model, the rest of the optimizer, extra state, dataloader state.
+Its manifest names its chain (``{"base", "parent", "chain"}``). The name never matches
+``model.ckpt-*``, so TorchEasyRec never loads a delta as a partial model. Restoring one is
+:mod:`reckpt.restore.chain`'s job. Raw deltas are lossless; int8/fp16 deltas
+(``encoding``) are serving dumps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from reckpt.commit.state import checkpoint_state
+from reckpt.delta.quant import ENCODINGS
+from reckpt.delta.row_tracker import RowTracker
+from reckpt.delta.rows import RowPiece, encode_pieces, select_rows
+from reckpt.dist import Dist
+from reckpt.dynamic import dynamic_writer
+from reckpt.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    StepAlreadyExistsError,
+)
+from reckpt.format.integrity import FileRecord
+from reckpt.format.manifest import chain_names, read_manifest
+from reckpt.format.records import FileWriter, write_record
+from reckpt.naming import (
+    DELTA_ROWS_DIR,
+    DYNAMICEMB_DIR,
+    MODEL_DIR,
+    OPTIMIZER_DIR,
+    basename,
+    checkpoint_name,
+    parse_delta_step,
+)
+from reckpt.save.engine import collect_parts, save_parts
+from reckpt.sharding.plan import model_plan
+from reckpt.storage.core import Storage, storage_for
+
+__all__ = ["save_delta"]
+
+logger = logging.getLogger(__name__)
+
+
+def _split_rows(
+    parts: list[tuple[str, dict[str, Any]]],
+    tracker: RowTracker,
+    touched: Mapping[str, torch.Tensor],
+    d: Dist,
+    encoding: str,
+) -> list[RowPiece]:
+    """Move the tracked tables' rows out of ``parts`` (in place) into pieces of touched rows."""
+    pieces: list[RowPiece] = []
+    for part, sd in parts:
+        for key, table in tracker.tables.items():
+            ids = touched[key]
+            if part == MODEL_DIR and key in sd:
+                got = select_rows(MODEL_DIR, key, sd.pop(key), ids, table.num_rows, d, encoding)
+                pieces += got or []
+            elif part == OPTIMIZER_DIR and isinstance(sd.get("state", {}).get(key), dict):
+                # state_dict() shares the per-parameter dicts with the live optimizer: copy.
+                sd["state"] = dict(sd["state"])
+                leaves = sd["state"][key] = dict(sd["state"][key])
+                for leaf in list(leaves):
+                    got = select_rows(
+                        OPTIMIZER_DIR, f"state.{key}.{leaf}", leaves[leaf], ids, table.num_rows, d
+                    )
+                    if got is not None:
+                        pieces += got
+                        del leaves[leaf]
+                if not leaves:
+                    del sd["state"][key]
+    return pieces
+
+
+def save_delta(
+    checkpoint_dir: str,
+    model: torch.nn.Module,
+    optimizer: Any,
+    tracker: RowTracker,
+    parent: str,
+    *,
+    dense_ema: Any = None,
+    extra_states: Mapping[str, Any] | None = None,
+    dataloader_state: Mapping[str, Any] | None = None,
+    user_metadata: Mapping[str, Any] | None = None,
+    encoding: str = "raw",
+    storage_options: Mapping[str, Any] | None = None,
+    process_group: Any = None,
+    touched: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, int]:
+    """Collective: save a delta checkpoint on top of ``parent`` (the previous link).
+
+    Every rank calls it: the touched rows are the union over ranks (one all-reduce per
+    table); each rank writes the rows of its own shards; rank 0 writes the JSON files and
+    commits (``save_parts``). The caller clears the tracker afterwards.
+
+    Args:
+        checkpoint_dir: ``<model_dir>/model.delta-<step>``.
+        parent: the previous link (a full checkpoint or a delta) in the same model_dir.
+        encoding: ``"raw"`` (lossless, default), ``"int8"`` or ``"fp16"`` for the weight rows.
+        touched: the tracker's union of touched rows, when the caller already gathered it.
+
+    Returns:
+        Table key -> number of rows written.
+
+    Raises:
+        ConfigError: a bad name, encoding or parent (nothing written).
+        StepAlreadyExistsError: a full checkpoint already holds this step.
+    """
+    target = checkpoint_dir.rstrip("/")
+    step, parent = parse_delta_step(target), parent.rstrip("/")
+    if step is None:
+        raise ConfigError(f"{target}: a delta checkpoint must be named model.delta-<step>")
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"delta encoding must be one of {ENCODINGS}, got {encoding!r}")
+    if Storage.parent(parent) != Storage.parent(target):
+        raise ConfigError(f"delta parent {parent} must be in the same model_dir as {target}")
+    storage = storage_for(target, storage_options)
+    d = Dist(process_group)
+    if checkpoint_state(storage, Storage.join(Storage.parent(target), checkpoint_name(step))) != "absent":
+        raise StepAlreadyExistsError(f"{target}: model.ckpt-{step} already holds step {step}")
+    if checkpoint_state(storage, parent) != "committed":
+        raise CheckpointNotFoundError(f"delta parent {parent} is not a committed reckpt checkpoint")
+    chain = chain_names(read_manifest(storage, parent), parent)
+    touched = touched if touched is not None else tracker.touched(process_group)
+    parts = collect_parts(model, optimizer, dense_ema, extra_states, "name")
+    pieces = _split_rows(parts, tracker, touched, d, encoding)
+
+    def rows_writer(st: Storage, work: str) -> dict[str, FileRecord]:
+        index, data = encode_pieces(pieces)
+        out = {}
+        for suffix, blob in (("bin", data), ("json", index)):
+            rel = f"{DELTA_ROWS_DIR}/rank_{d.rank}.{suffix}"
+            out[rel] = write_record(st, work, rel, blob)
+        return out
+
+    writers: list[FileWriter] = [rows_writer]
+    dyn = dynamic_writer(model, keys="touched", subdir=DYNAMICEMB_DIR, process_group=process_group)
+    if dyn is not None:
+        writers.append(dyn)
+    rows = {k: int(v.numel()) for k, v in touched.items()}
+    link = {
+        "base": chain[0],
+        "parent": basename(parent),
+        "chain": chain,
+        "rows": rows,
+        "encoding": encoding,
+        "lossless": encoding == "raw",
+    }
+    save_parts(
+        target,
+        parts,
+        plan=model_plan(model),
+        dataloader_state=dataloader_state,
+        user_metadata=user_metadata,
+        storage_options=storage_options,
+        process_group=process_group,
+        file_writers=writers,
+        delta=link,
+    )
+    return rows
+
+

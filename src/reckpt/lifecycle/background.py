@@ -1,0 +1,206 @@
+"""What a :class:`~reckpt.CheckpointManager` leaves running between calls, and draining it.
+
+Between two calls a manager may hold: an async save in flight (a thread that writes and
+commits), a queued prune pass (a thread on rank 0), the model_dir's writer lock and the
+leases of ``protect_checkpoint`` (heartbeat threads). All are daemon threads, which
+Python stops wherever they are at interpreter exit: a queued prune would be lost (or stop
+between renaming a checkpoint to trash and deleting it), a save would leave its staging
+directory, the lock would stay behind.
+
+:class:`Background` owns all of them and holds no reference to its manager (the save and
+prune threads call back into it, never into the manager), so the manager registers
+``weakref.finalize(manager, background.drain_at_exit)``: when a manager that was never
+closed is garbage-collected, or the interpreter exits, the save in flight is finished and
+committed, queued pruning runs, the lock and leases are released, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from reckpt.best import BestRule
+from reckpt.commit.writer_lock import model_dir_lock
+from reckpt.dist import Dist
+from reckpt.format.eval_results import append_eval_result, write_checkpoint_metrics
+from reckpt.lifecycle.pruner import Pruner
+from reckpt.policy import RetentionPolicy
+from reckpt.save.async_saver import AsyncSaver
+from reckpt.save.engine import save_parts
+from reckpt.storage.core import Storage, storage_for
+
+__all__ = ["Background"]
+
+logger = logging.getLogger(__name__)
+
+
+class Background:
+    """A manager's async saver, pruner, writer lock and protection leases.
+
+    Args:
+        model_dir: the run directory.
+        storage_options: fsspec options for URLs.
+        process_group: the training process group (``None``: the default group, if any).
+        policies: retention policies (none: pruning is off).
+        best: how the best checkpoint, which no prune deletes, is told.
+        eval_result_filename: the results file whose metrics feed ``best`` and best-N policies.
+        async_snapshot: how async saves freeze the state (see :mod:`reckpt.save.async_saver`).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        storage_options: Mapping[str, Any],
+        process_group: Any,
+        policies: Sequence[RetentionPolicy],
+        best: BestRule,
+        eval_result_filename: str,
+        async_snapshot: str,
+    ) -> None:
+        self.model_dir = model_dir
+        self.storage_options = dict(storage_options)
+        self.pg = process_group
+        self.policies = list(policies)
+        self.best = best
+        self.eval_result_filename = eval_result_filename
+        self.saver = AsyncSaver(async_snapshot)  # also holds a host copy reused between saves
+        self.pruner: Pruner | None = None
+        self.sidecar_lock = threading.Lock()  # metrics sidecar: written by saves and evals
+        self._lock: contextlib.ExitStack | None = None
+        self._leases: dict[str, contextlib.ExitStack] = {}
+
+    def storage(self) -> Storage:
+        return storage_for(self.model_dir, self.storage_options)
+
+    def take_lock(self) -> None:
+        """Rank 0, at the first save: the model_dir's writer lock (released by :meth:`close`)."""
+        if self._lock is None and Dist(self.pg).is_coordinator:
+            lock = contextlib.ExitStack()
+            lock.enter_context(model_dir_lock(self.storage(), self.model_dir))
+            self._lock = lock
+
+    def save_async(
+        self,
+        step: int,
+        path: str,
+        parts: list[tuple[str, dict[str, Any]]],
+        kwargs: dict[str, Any],
+        start: float,
+    ) -> None:
+        """Freeze ``parts`` (local), then write and commit them to ``path`` in the background.
+
+        Call after the previous save finished. The first call is collective: it creates the
+        gloo group background saves communicate on. ``kwargs`` go to :func:`reckpt.save.engine.save_parts`.
+        """
+        d = Dist(self.pg)
+        group = self.saver.group(d.active)
+        staged, snapshot = self.saver.freeze(parts, d.is_coordinator, self.storage())
+        stall = time.time() - start
+
+        def job() -> None:  # references this object only, never the manager
+            save_parts(path, staged, process_group=group, snapshot=snapshot, **kwargs)
+            self.committed(path, stall, time.time() - start, True)
+
+        self.saver.submit(step, job)
+        logger.info("async save of %s staged; caller blocked %.3fs", path, stall)
+
+    def committed(self, path: str, stall: float, total: float, is_async: bool) -> None:
+        """Rank 0, after a save committed ``path``: record its timings, queue a prune pass."""
+        if not Dist(self.pg).is_coordinator:
+            return
+        with self.sidecar_lock:
+            timings = {"stall_s": stall, "total_s": total, "async": is_async}
+            write_checkpoint_metrics(self.storage(), path, "save", timings)
+        logger.info("saved %s: caller blocked %.3fs, total %.3fs (async=%s)", path, stall, total, is_async)
+        self.prune()
+
+    def record_eval(self, step: int, metrics: Mapping[str, float], checkpoint_dir: str) -> None:
+        """Rank 0: append an eval line; the metrics also go into ``checkpoint_dir``'s sidecar."""
+        if not Dist(self.pg).is_coordinator:
+            return
+        storage = self.storage()
+        append_eval_result(storage, Storage.join(self.model_dir, self.eval_result_filename), step, metrics)
+        if self.saver.in_flight_step == step:
+            self.saver.wait()
+        if storage.exists(Storage.join(checkpoint_dir, "reckpt.json")):
+            with self.sidecar_lock:
+                write_checkpoint_metrics(storage, checkpoint_dir, "eval", dict(metrics))
+
+    def prune(self) -> None:
+        """Rank 0: queue a prune pass on the worker (no-op without policies).
+
+        Without a process group, a process whose ``RANK`` environment variable is not 0 is
+        not rank 0 either (TorchEasyRec's rule): it never prunes.
+        """
+        d = Dist(self.pg)
+        if not self.policies or not d.is_coordinator:
+            return
+        if not d.active and int(os.environ.get("RANK") or 0) != 0:
+            return
+        if self.pruner is None:
+            self.pruner = Pruner(
+                self.model_dir,
+                self.storage(),
+                self.policies,
+                self._in_flight,
+                self.eval_result_filename,
+                self.best,
+            )
+        self.pruner.request()
+
+    def _in_flight(self) -> set[int]:
+        step = self.saver.in_flight_step
+        return set() if step is None else {step}
+
+    def protect(self, path: str, lease: contextlib.AbstractContextManager[Any]) -> None:
+        """Hold ``lease`` for ``path`` until :meth:`unprotect` (once per path)."""
+        if path not in self._leases:
+            stack = contextlib.ExitStack()
+            stack.enter_context(lease)
+            self._leases[path] = stack
+
+    def unprotect(self, path: str) -> None:
+        stack = self._leases.pop(path, None)
+        if stack is not None:
+            stack.close()
+
+    def close(self) -> None:
+        """Wait for the save in flight, drain pruning, release leases and the lock (idempotent).
+
+        Raises the background save's failure, if any, after everything is drained.
+        """
+        try:
+            self.saver.wait()
+        finally:
+            if self.pruner is not None:
+                self.pruner.close()
+            for path in list(self._leases):
+                self.unprotect(path)
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+            self.saver.release()
+
+    def drain_at_exit(self) -> None:
+        """The finalizer of a manager never closed: :meth:`close`, with a warning; never raises."""
+        busy = []
+        if self.saver.in_flight_step is not None:
+            busy.append(f"its async save of step {self.saver.in_flight_step}")
+        if self.pruner is not None and self.pruner.running:
+            busy.append("its pruning (any queued pass)")
+        if busy:
+            logger.warning(
+                "CheckpointManager(%r) was not closed: finishing %s now. Call close() (or use the"
+                " manager in a with block) so that this happens when you expect it.",
+                self.model_dir,
+                " and ".join(busy),
+            )
+        try:
+            self.close()
+        except Exception as e:
+            logger.error("CheckpointManager(%r): closing it at exit failed: %s", self.model_dir, e)
