@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reckpt.cli._output import emit as _emit
 from reckpt.cli._output import human_size as _size
@@ -12,33 +12,32 @@ from reckpt.cli._output import progress
 from reckpt.cli._selection import cmd_best, cmd_plot, cmd_prune, direction_flags
 from reckpt.cli._train import flag
 
+if TYPE_CHECKING:
+    from reckpt.storage.core import Storage
+
 __all__ = ["register"]
 
 
-def _is_checkpoint(path: str) -> bool:
+def _is_checkpoint(storage: Storage, path: str) -> bool:
     from reckpt.commit.state import checkpoint_state
     from reckpt.naming import parse_any_step
-    from reckpt.storage.core import storage_for
 
-    return parse_any_step(path) is not None or checkpoint_state(storage_for(path), path) in (
-        "committed",
-        "legacy",
-    )
+    return parse_any_step(path) is not None or checkpoint_state(storage, path) in ("committed", "legacy")
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     from reckpt.commit.leases import active_leases
     from reckpt.errors import CheckpointNotFoundError
-    from reckpt.lifecycle.discovery import best_checkpoint, latest_checkpoint, list_checkpoints
+    from reckpt.lifecycle.discovery import best_in, checkpoints_in, latest_in
     from reckpt.storage.core import storage_for
 
     storage = storage_for(args.model_dir)
     if not storage.isdir(args.model_dir):
         raise CheckpointNotFoundError(f"{args.model_dir}: no such model_dir")
-    infos = list_checkpoints(args.model_dir)
-    latest, _ = latest_checkpoint(args.model_dir)
+    infos = checkpoints_in(storage, args.model_dir)
+    latest, _ = latest_in(storage, args.model_dir)
     try:
-        best, _ = best_checkpoint(args.model_dir) if any(c.metrics for c in infos) else (None, -1)
+        best, _ = best_in(storage, args.model_dir) if any(c.metrics for c in infos) else (None, -1)
     except ValueError:
         best = None  # several metrics and none named: `reckpt best --metric` decides
     leased = set(active_leases(storage, args.model_dir))
@@ -138,14 +137,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from reckpt.format.damage import clear_damaged, mark_damaged
     from reckpt.format.verification import verify
-    from reckpt.lifecycle.discovery import list_checkpoints
+    from reckpt.lifecycle.discovery import checkpoints_in
     from reckpt.storage.core import storage_for
 
-    paths = (
-        [args.path]
-        if _is_checkpoint(args.path)
-        else [c.path for c in list_checkpoints(args.path, with_size=False)]
-    )
+    storage = storage_for(args.path)  # the checkpoints verified are inside it
+    one = _is_checkpoint(storage, args.path)
+    paths = [args.path] if one else [c.path for c in checkpoints_in(storage, args.path, with_size=False)]
     if not paths:
         from reckpt.errors import CheckpointNotFoundError
 
@@ -154,9 +151,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for path in progress(paths, "verify"):
         r = verify(path)
         if r.problems and r.state in ("committed", "legacy"):  # known-bad from now on (reckpt.format.damage)
-            mark_damaged(storage_for(path), path, r.problems)
+            mark_damaged(storage, path, r.problems)
         elif r.ok:
-            clear_damaged(storage_for(path), path)
+            clear_damaged(storage, path)
         results.append(
             {
                 "checkpoint": path,
@@ -170,12 +167,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         lines.append(f"{'OK  ' if r.ok else 'FAIL'} {path} ({r.state}, {r.checked} files)")
         lines.extend(f"     {p}" for p in r.problems)
     doc: dict[str, Any] = {"results": results, "ok": all(r["ok"] for r in results)}
-    if not _is_checkpoint(args.path):
+    if not one:
         # The results file is appended to and carries no checksum: cross-check it instead.
         from reckpt.format.eval_results import cross_check_eval_results
-        from reckpt.storage.core import storage_for
 
-        eval_problems = cross_check_eval_results(storage_for(args.path), args.path)
+        eval_problems = cross_check_eval_results(storage, args.path)
         doc["eval_results"] = {"ok": not eval_problems, "problems": eval_problems}
         doc["ok"] = doc["ok"] and not eval_problems
         mark = "OK  " if not eval_problems else "FAIL"

@@ -55,7 +55,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from reckpt.best import BestRule, find_best, resolve_metric_name
     from reckpt.errors import ConfigError
-    from reckpt.lifecycle.discovery import list_checkpoints
+    from reckpt.lifecycle.discovery import checkpoints_in
     from reckpt.lifecycle.pruner import Pruner
     from reckpt.policy import BestN, EveryNSteps, LatestN, RetentionPolicy
     from reckpt.storage.core import storage_for
@@ -73,7 +73,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     # The best checkpoint is never deleted while it is known (--metric, else the only metric
     # recorded, else auc); a metric named here but not recorded stops the prune.
     best = BestRule(args.metric, larger, required=args.metric is not None)
-    infos = list_checkpoints(args.model_dir, eval_result_filename=args.eval_result_filename, with_size=False)
+    storage = storage_for(args.model_dir)  # the listing and the pruner's passes go through it
+    infos = checkpoints_in(
+        storage, args.model_dir, eval_result_filename=args.eval_result_filename, with_size=False
+    )
     metrics = {c.step: c.metrics for c in infos if c.committed}
     recorded = {k for m in metrics.values() for k in m}
     try:
@@ -82,7 +85,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
         found = find_best(metrics, best)
     except ValueError as e:
         raise ConfigError(f"prune: {e}") from e
-    storage = storage_for(args.model_dir)
     pruner = Pruner(args.model_dir, storage, policies, set, args.eval_result_filename, best)
     doomed = pruner.plan()
     if not args.dry_run:

@@ -23,7 +23,6 @@ from reckpt.delta.quant import ENCODINGS
 from reckpt.delta.row_tracker import RowTracker
 from reckpt.delta.rows import RowPiece, encode_pieces, select_rows
 from reckpt.dist import Dist
-from reckpt.dynamic import dynamic_writer
 from reckpt.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -34,24 +33,23 @@ from reckpt.format.manifest import chain_names, read_manifest
 from reckpt.format.records import FileWriter, write_record
 from reckpt.naming import (
     DELTA_ROWS_DIR,
-    DYNAMICEMB_DIR,
     MODEL_DIR,
     OPTIMIZER_DIR,
     basename,
     checkpoint_name,
     parse_delta_step,
 )
-from reckpt.save.engine import collect_parts, save_parts
-from reckpt.sharding.plan import model_plan
+from reckpt.save.contents import Part
+from reckpt.save.engine import save_checkpoint
 from reckpt.storage.core import Storage, storage_for
 
-__all__ = ["save_delta"]
+__all__ = ["save_delta", "save_delta_in"]
 
 logger = logging.getLogger(__name__)
 
 
 def _split_rows(
-    parts: list[tuple[str, dict[str, Any]]],
+    parts: list[Part],
     tracker: RowTracker,
     touched: Mapping[str, torch.Tensor],
     d: Dist,
@@ -101,7 +99,9 @@ def save_delta(
 
     Every rank calls it: the touched rows are the union over ranks (one all-reduce per
     table); each rank writes the rows of its own shards; rank 0 writes the JSON files and
-    commits (``save_parts``). The caller clears the tracker afterwards.
+    commits. The checkpoint is assembled and written like every other
+    (:func:`reckpt.save.engine.save_checkpoint`), the touched rows split out of the parts
+    and the dynamic tables' touched keys only. The caller clears the tracker afterwards.
 
     Args:
         checkpoint_dir: ``<model_dir>/model.delta-<step>``.
@@ -116,6 +116,40 @@ def save_delta(
         ConfigError: a bad name, encoding or parent (nothing written).
         StepAlreadyExistsError: a full checkpoint already holds this step.
     """
+    return save_delta_in(
+        storage_for(checkpoint_dir, storage_options),
+        checkpoint_dir,
+        model,
+        optimizer,
+        tracker,
+        parent,
+        dense_ema=dense_ema,
+        extra_states=extra_states,
+        dataloader_state=dataloader_state,
+        user_metadata=user_metadata,
+        encoding=encoding,
+        process_group=process_group,
+        touched=touched,
+    )
+
+
+def save_delta_in(
+    storage: Storage,
+    checkpoint_dir: str,
+    model: torch.nn.Module,
+    optimizer: Any,
+    tracker: RowTracker,
+    parent: str,
+    *,
+    dense_ema: Any = None,
+    extra_states: Mapping[str, Any] | None = None,
+    dataloader_state: Mapping[str, Any] | None = None,
+    user_metadata: Mapping[str, Any] | None = None,
+    encoding: str = "raw",
+    process_group: Any = None,
+    touched: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, int]:
+    """Collective: :func:`save_delta` on an open storage (the manager's)."""
     target = checkpoint_dir.rstrip("/")
     step, parent = parse_delta_step(target), parent.rstrip("/")
     if step is None:
@@ -124,30 +158,29 @@ def save_delta(
         raise ConfigError(f"delta encoding must be one of {ENCODINGS}, got {encoding!r}")
     if Storage.parent(parent) != Storage.parent(target):
         raise ConfigError(f"delta parent {parent} must be in the same model_dir as {target}")
-    storage = storage_for(target, storage_options)
     d = Dist(process_group)
     if checkpoint_state(storage, Storage.join(Storage.parent(target), checkpoint_name(step))) != "absent":
         raise StepAlreadyExistsError(f"{target}: model.ckpt-{step} already holds step {step}")
     if checkpoint_state(storage, parent) != "committed":
         raise CheckpointNotFoundError(f"delta parent {parent} is not a committed reckpt checkpoint")
     chain = chain_names(read_manifest(storage, parent), parent)
-    touched = touched if touched is not None else tracker.touched(process_group)
-    parts = collect_parts(model, optimizer, dense_ema, extra_states, "name")
-    pieces = _split_rows(parts, tracker, touched, d, encoding)
+    union = touched if touched is not None else tracker.touched(process_group)
 
-    def rows_writer(st: Storage, work: str) -> dict[str, FileRecord]:
-        index, data = encode_pieces(pieces)
-        out = {}
-        for suffix, blob in (("bin", data), ("json", index)):
-            rel = f"{DELTA_ROWS_DIR}/rank_{d.rank}.{suffix}"
-            out[rel] = write_record(st, work, rel, blob)
-        return out
+    def split(parts: list[Part]) -> list[FileWriter]:
+        """The tracked tables' touched rows leave the parts for ``delta_rows/``."""
+        pieces = _split_rows(parts, tracker, union, d, encoding)
 
-    writers: list[FileWriter] = [rows_writer]
-    dyn = dynamic_writer(model, keys="touched", subdir=DYNAMICEMB_DIR, process_group=process_group)
-    if dyn is not None:
-        writers.append(dyn)
-    rows = {k: int(v.numel()) for k, v in touched.items()}
+        def rows_writer(st: Storage, work: str) -> dict[str, FileRecord]:
+            index, data = encode_pieces(pieces)
+            out = {}
+            for suffix, blob in (("bin", data), ("json", index)):
+                rel = f"{DELTA_ROWS_DIR}/rank_{d.rank}.{suffix}"
+                out[rel] = write_record(st, work, rel, blob)
+            return out
+
+        return [rows_writer]
+
+    rows = {k: int(v.numel()) for k, v in union.items()}
     link = {
         "base": chain[0],
         "parent": basename(parent),
@@ -156,17 +189,18 @@ def save_delta(
         "encoding": encoding,
         "lossless": encoding == "raw",
     }
-    save_parts(
+    save_checkpoint(
+        storage,
         target,
-        parts,
-        plan=model_plan(model),
+        model,
+        optimizer,
+        dense_ema,
+        extra_states=extra_states,
         dataloader_state=dataloader_state,
         user_metadata=user_metadata,
-        storage_options=storage_options,
-        process_group=process_group,
-        file_writers=writers,
+        split=split,
+        dynamic_keys="touched",
         delta=link,
+        process_group=process_group,
     )
     return rows
-
-

@@ -24,7 +24,7 @@ from reckpt.errors import CheckpointNotFoundError, IntegrityError
 from reckpt.naming import DYNAMICEMB_DIR
 from reckpt.storage.core import Storage, storage_for
 
-__all__ = ["load_dynamic", "prepare_dynamic", "PendingDynamicLoad", "DynamicLoadReport"]
+__all__ = ["load_dynamic", "prepare_dynamic", "read_dynamic", "PendingDynamicLoad", "DynamicLoadReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -259,9 +259,35 @@ def prepare_dynamic(
 
     Same arguments as :func:`load_dynamic`; call :meth:`PendingDynamicLoad.apply` to load.
     """
+    storage = storage_for(Storage.join(checkpoint_dir.rstrip("/"), subdir), storage_options)
+    return read_dynamic(
+        storage,
+        checkpoint_dir,
+        model,
+        subdir=subdir,
+        table_names=table_names,
+        load_optim=load_optim,
+        process_group=process_group,
+    )
+
+
+def read_dynamic(
+    storage: Storage,
+    checkpoint_dir: str,
+    model: torch.nn.Module,
+    *,
+    subdir: str = DYNAMICEMB_DIR,
+    table_names: Mapping[str, Sequence[str]] | None = None,
+    load_optim: bool = True,
+    process_group: Any = None,
+) -> PendingDynamicLoad:
+    """Collective: :func:`prepare_dynamic` on the checkpoint's open ``storage``.
+
+    Every rank reads every shard of each table and keeps its own keys; an error on any
+    rank is raised on every rank, before any table changes.
+    """
     d = Dist(process_group)
     root = Storage.join(checkpoint_dir.rstrip("/"), subdir)
-    storage = storage_for(root, storage_options)
     pending = PendingDynamicLoad(root, DynamicLoadReport(optimizer_loaded=load_optim))
     tables = dynamic_tables(model)
     for m in tables.values():  # may create the shard group: collective, so before anything can fail
@@ -321,13 +347,13 @@ class RestoreStep:
 
 
 def restore_step(
+    storage: Storage,
     checkpoint_dir: str,
     model: torch.nn.Module,
     meta: Mapping[str, Any],
     *,
     optimizer_restored: bool,
     upsert: bool,
-    storage_options: Mapping[str, Any] | None,
     process_group: Any,
 ) -> RestoreStep | None:
     """Collective: read and check a checkpoint's ``dynamicemb/`` for ``restore_model`` (compat §5.2 step 8).
@@ -336,15 +362,14 @@ def restore_step(
     choose what loads: ``dynamicemb_load_table_names`` (collection path -> table names;
     default all) and ``dynamicemb_load_optim`` (default: whether the optimizer is restored).
     """
-    storage = storage_for(checkpoint_dir, storage_options)
     if not storage.isdir(Storage.join(checkpoint_dir, DYNAMICEMB_DIR)):
         return None
     names = meta.get("dynamicemb_load_table_names")
     load_optim = meta.get("dynamicemb_load_optim")
-    pending = prepare_dynamic(
+    pending = read_dynamic(
+        storage,
         checkpoint_dir,
         model,
-        storage_options=storage_options,
         table_names=names if isinstance(names, Mapping) else None,
         load_optim=optimizer_restored if load_optim is None else bool(load_optim),
         process_group=process_group,

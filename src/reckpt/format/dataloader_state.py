@@ -38,6 +38,8 @@ __all__ = [
     "update_dataloder_state",
     "save_dataloader_state",
     "restore_dataloader_state",
+    "write_dataloader_state",
+    "read_dataloader_state",
 ]
 
 
@@ -88,6 +90,19 @@ def save_dataloader_state(
     Example:
         >>> # save_dataloader_state("run/model.ckpt-100", {"/data/a.parquet:0": 499})
     """
+    storage = storage_for(checkpoint_dir, storage_options)
+    write_dataloader_state(storage, checkpoint_dir, dataloader_state, process_group=process_group)
+
+
+def write_dataloader_state(
+    storage: Storage,
+    checkpoint_dir: str,
+    dataloader_state: Mapping[str, Any],
+    *,
+    process_group: Any = None,
+) -> None:
+    """Collective: :func:`save_dataloader_state` on an open storage (every rank passes its state,
+    rank 0 writes the merged one, every rank raises rank 0's failure)."""
     from reckpt.dist import Dist  # torch.distributed: only when saving
 
     d = Dist(process_group)
@@ -95,7 +110,7 @@ def save_dataloader_state(
     error: Exception | None = None
     if d.is_coordinator:
         try:
-            _write(storage_for(checkpoint_dir, storage_options), checkpoint_dir.rstrip("/"), merged)
+            _write(storage, checkpoint_dir.rstrip("/"), merged)
         except Exception as e:
             if not d.active:
                 raise
@@ -122,7 +137,11 @@ def restore_dataloader_state(
     Raises:
         IntegrityError: the file is not a JSON object, or the sidecar is corrupt.
     """
-    storage = storage_for(checkpoint_dir, storage_options)
+    return read_dataloader_state(storage_for(checkpoint_dir, storage_options), checkpoint_dir)
+
+
+def read_dataloader_state(storage: Storage, checkpoint_dir: str) -> dict[str, Any] | None:
+    """:func:`restore_dataloader_state` on an open storage."""
     refreshed = read_sidecar(storage, checkpoint_dir, DATALOADER_STATE_SIDECAR)
     if refreshed is not None:
         return refreshed

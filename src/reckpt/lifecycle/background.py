@@ -17,6 +17,7 @@ committed, queued pruning runs, the lock and leases are released, with a warning
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -25,14 +26,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from reckpt.best import BestRule
+from reckpt.commit.state import checkpoint_state
 from reckpt.commit.writer_lock import model_dir_lock
 from reckpt.dist import Dist
 from reckpt.format.eval_results import append_eval_result, write_checkpoint_metrics
 from reckpt.lifecycle.pruner import Pruner
 from reckpt.policy import RetentionPolicy
 from reckpt.save.async_saver import AsyncSaver
-from reckpt.save.engine import save_parts
-from reckpt.storage.core import Storage, storage_for
+from reckpt.save.contents import CheckpointWrite, SaveContents
+from reckpt.save.pipeline import write_checkpoint
+from reckpt.storage.core import Storage
 
 __all__ = ["Background"]
 
@@ -44,7 +47,8 @@ class Background:
 
     Args:
         model_dir: the run directory.
-        storage_options: fsspec options for URLs.
+        storage: its storage (the manager's, created once from its ``storage_options``):
+            saves, sidecars, the lock and every prune pass use it.
         process_group: the training process group (``None``: the default group, if any).
         policies: retention policies (none: pruning is off).
         best: how the best checkpoint, which no prune deletes, is told.
@@ -55,7 +59,7 @@ class Background:
     def __init__(
         self,
         model_dir: str,
-        storage_options: Mapping[str, Any],
+        storage: Storage,
         process_group: Any,
         policies: Sequence[RetentionPolicy],
         best: BestRule,
@@ -63,7 +67,7 @@ class Background:
         async_snapshot: str,
     ) -> None:
         self.model_dir = model_dir
-        self.storage_options = dict(storage_options)
+        self.storage = storage
         self.pg = process_group
         self.policies = list(policies)
         self.best = best
@@ -74,40 +78,54 @@ class Background:
         self._lock: contextlib.ExitStack | None = None
         self._leases: dict[str, contextlib.ExitStack] = {}
 
-    def storage(self) -> Storage:
-        return storage_for(self.model_dir, self.storage_options)
-
     def take_lock(self) -> None:
         """Rank 0, at the first save: the model_dir's writer lock (released by :meth:`close`)."""
         if self._lock is None and Dist(self.pg).is_coordinator:
             lock = contextlib.ExitStack()
-            lock.enter_context(model_dir_lock(self.storage(), self.model_dir))
+            lock.enter_context(model_dir_lock(self.storage, self.model_dir))
             self._lock = lock
 
-    def save_async(
-        self,
-        step: int,
-        path: str,
-        parts: list[tuple[str, dict[str, Any]]],
-        kwargs: dict[str, Any],
-        start: float,
-    ) -> None:
-        """Freeze ``parts`` (local), then write and commit them to ``path`` in the background.
+    def async_write(self, step: int, start: float) -> CheckpointWrite:
+        """The ``write`` of :func:`reckpt.save.engine.save_checkpoint` for an async save of ``step``.
 
-        Call after the previous save finished. The first call is collective: it creates the
-        gloo group background saves communicate on. ``kwargs`` go to :func:`reckpt.save.engine.save_parts`.
+        It freezes the assembled parts (local to the rank), then writes and commits them in
+        the background (:func:`reckpt.save.pipeline.write_checkpoint`, on the gloo group of
+        background saves, never the training group). Call after the previous save finished.
+        Its first call is collective: it creates that gloo group. ``start``: when the save began.
         """
-        d = Dist(self.pg)
-        group = self.saver.group(d.active)
-        staged, snapshot = self.saver.freeze(parts, d.is_coordinator, self.storage())
-        stall = time.time() - start
 
-        def job() -> None:  # references this object only, never the manager
-            save_parts(path, staged, process_group=group, snapshot=snapshot, **kwargs)
-            self.committed(path, stall, time.time() - start, True)
+        def write(
+            storage: Storage,
+            target: str,
+            contents: SaveContents,
+            *,
+            overwrite: bool,
+            process_group: Any,
+            thread_count: int | None,
+        ) -> None:
+            del process_group  # the training group: background saves use their own
+            d = Dist(self.pg)
+            group = self.saver.group(d.active)
+            staged, snapshot = self.saver.freeze(contents.parts, d.is_coordinator, storage)
+            frozen = dataclasses.replace(contents, parts=staged)
+            stall = time.time() - start
 
-        self.saver.submit(step, job)
-        logger.info("async save of %s staged; caller blocked %.3fs", path, stall)
+            def job() -> None:  # references this object only, never the manager
+                write_checkpoint(
+                    storage,
+                    target,
+                    frozen,
+                    overwrite=overwrite,
+                    process_group=group,
+                    thread_count=thread_count,
+                    snapshot=snapshot,
+                )
+                self.committed(target, stall, time.time() - start, True)
+
+            self.saver.submit(step, job)
+            logger.info("async save of %s staged; caller blocked %.3fs", target, stall)
+
+        return write
 
     def committed(self, path: str, stall: float, total: float, is_async: bool) -> None:
         """Rank 0, after a save committed ``path``: record its timings, queue a prune pass."""
@@ -115,7 +133,7 @@ class Background:
             return
         with self.sidecar_lock:
             timings = {"stall_s": stall, "total_s": total, "async": is_async}
-            write_checkpoint_metrics(self.storage(), path, "save", timings)
+            write_checkpoint_metrics(self.storage, path, "save", timings)
         logger.info("saved %s: caller blocked %.3fs, total %.3fs (async=%s)", path, stall, total, is_async)
         self.prune()
 
@@ -123,11 +141,13 @@ class Background:
         """Rank 0: append an eval line; the metrics also go into ``checkpoint_dir``'s sidecar."""
         if not Dist(self.pg).is_coordinator:
             return
-        storage = self.storage()
+        storage = self.storage
         append_eval_result(storage, Storage.join(self.model_dir, self.eval_result_filename), step, metrics)
         if self.saver.in_flight_step == step:
             self.saver.wait()
-        if storage.exists(Storage.join(checkpoint_dir, "reckpt.json")):
+        # Only a reckpt-committed checkpoint gets a sidecar (the one commit predicate: one being
+        # deleted is not committed, and a legacy one has no manifest the sidecar belongs to).
+        if checkpoint_state(storage, checkpoint_dir) == "committed":
             with self.sidecar_lock:
                 write_checkpoint_metrics(storage, checkpoint_dir, "eval", dict(metrics))
 
@@ -145,7 +165,7 @@ class Background:
         if self.pruner is None:
             self.pruner = Pruner(
                 self.model_dir,
-                self.storage(),
+                self.storage,
                 self.policies,
                 self._in_flight,
                 self.eval_result_filename,

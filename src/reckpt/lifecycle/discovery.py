@@ -35,6 +35,10 @@ __all__ = [
     "list_checkpoints",
     "committed_steps",
     "scan",
+    "latest_in",
+    "scan_in",
+    "checkpoints_in",
+    "best_in",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,7 +76,11 @@ def latest_checkpoint(
         >>> latest_checkpoint("memory://empty-run")
         (None, -1)
     """
-    storage = storage_for(model_dir, storage_options)
+    return latest_in(storage_for(model_dir, storage_options), model_dir)
+
+
+def latest_in(storage: Storage, model_dir: str) -> tuple[str | None, int]:
+    """:func:`latest_checkpoint` on an open storage."""
     path = model_dir.rstrip("/") or model_dir
     step = parse_step(path)
     if step is not None:
@@ -105,7 +113,22 @@ def scan(
     (disagreements are logged; the sidecar wins); steps whose checkpoint is gone keep their
     results-file metrics, so best selection can tell a pruned best from a missing metric.
     """
-    storage = storage_for(model_dir, storage_options)
+    return scan_in(
+        storage_for(model_dir, storage_options),
+        model_dir,
+        eval_result_filename=eval_result_filename,
+        with_size=with_size,
+    )
+
+
+def scan_in(
+    storage: Storage,
+    model_dir: str,
+    *,
+    eval_result_filename: str = TRAIN_EVAL_RESULT_FILENAME,
+    with_size: bool = True,
+) -> tuple[list[CheckpointInfo], dict[int, dict[str, float]]]:
+    """:func:`scan` on an open storage."""
     root = model_dir.rstrip("/") or model_dir
     results = Storage.join(root, eval_result_filename)
     by_step = {s: dict(m) for s, m in read_eval_results(storage, results).by_step.items()}
@@ -166,9 +189,23 @@ def list_checkpoints(
 
     Metrics come from the results file, overridden by the checkpoint's sidecar (see :func:`scan`).
     """
-    infos, _ = scan(
-        model_dir, storage_options, eval_result_filename=eval_result_filename, with_size=with_size
+    return checkpoints_in(
+        storage_for(model_dir, storage_options),
+        model_dir,
+        eval_result_filename=eval_result_filename,
+        with_size=with_size,
     )
+
+
+def checkpoints_in(
+    storage: Storage,
+    model_dir: str,
+    *,
+    eval_result_filename: str = TRAIN_EVAL_RESULT_FILENAME,
+    with_size: bool = True,
+) -> list[CheckpointInfo]:
+    """:func:`list_checkpoints` on an open storage."""
+    infos, _ = scan_in(storage, model_dir, eval_result_filename=eval_result_filename, with_size=with_size)
     return infos
 
 
@@ -225,17 +262,35 @@ def best_checkpoint(
     Example:
         >>> # best_checkpoint("run", metric="grouped_auc", larger_is_better=False)
     """
+    return best_in(
+        storage_for(model_dir, storage_options),
+        model_dir,
+        export_config,
+        eval_result_filename,
+        metric=metric,
+        larger_is_better=larger_is_better,
+    )
+
+
+def best_in(
+    storage: Storage,
+    model_dir: str,
+    export_config: Any = None,
+    eval_result_filename: str = TRAIN_EVAL_RESULT_FILENAME,
+    *,
+    metric: str | None = None,
+    larger_is_better: bool | None = None,
+) -> tuple[str | None, int]:
+    """:func:`best_checkpoint` on an open storage."""
     cfg_metric, cfg_larger, _ = _export_fields(export_config)
     metric = metric if metric is not None else cfg_metric
     larger_arg = cfg_larger if larger_is_better is None else larger_is_better
     root = model_dir.rstrip("/") or model_dir
-    checkpoints, by_step = scan(
-        root, storage_options, eval_result_filename=eval_result_filename, with_size=False
-    )
+    checkpoints, by_step = scan_in(storage, root, eval_result_filename=eval_result_filename, with_size=False)
     names = {k for m in by_step.values() for k in m}
     if not names:
         logger.info("%s: no eval metrics recorded; using the latest checkpoint", root)
-        return latest_checkpoint(root, storage_options)
+        return latest_in(storage, root)
     try:
         name = resolve_metric_name(metric, names, Storage.join(root, eval_result_filename))
     except ValueError as e:
@@ -250,7 +305,7 @@ def best_checkpoint(
         logger.warning(
             "%s: best step %s by %s has no committed checkpoint; using the latest", root, best, name
         )
-        return latest_checkpoint(root, storage_options)
+        return latest_in(storage, root)
     logger.warning(
         "%s: the best step by %s is %s, but model.ckpt-%s is not a committed checkpoint (pruned or"
         " incomplete); using the best committed one, step %d",

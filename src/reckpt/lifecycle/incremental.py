@@ -15,14 +15,14 @@ import torch
 
 from reckpt.delta.row_tracker import RowTracker
 from reckpt.delta.rows import global_nbytes
-from reckpt.delta.save import save_delta
+from reckpt.delta.save import save_delta_in
 from reckpt.format.manifest import chain_names, read_manifest
-from reckpt.lifecycle.discovery import scan
+from reckpt.lifecycle.discovery import scan_in
 from reckpt.naming import basename, delta_name
 from reckpt.policy import IncrementalPolicy, next_save_kind
 from reckpt.storage.core import Storage, storage_for
 
-__all__ = ["Incremental", "latest_restorable"]
+__all__ = ["Incremental", "latest_restorable", "latest_restorable_in"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,12 @@ def latest_restorable(
     model_dir: str, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[str | None, int]:
     """``(path, step)`` of the newest committed full or delta checkpoint, ``(None, -1)`` if none."""
-    infos = [c for c in scan(model_dir, storage_options, with_size=False)[0] if c.committed]
+    return latest_restorable_in(storage_for(model_dir, storage_options), model_dir)
+
+
+def latest_restorable_in(storage: Storage, model_dir: str) -> tuple[str | None, int]:
+    """:func:`latest_restorable` on an open storage."""
+    infos = [c for c in scan_in(storage, model_dir, with_size=False)[0] if c.committed]
     return (infos[-1].path, infos[-1].step) if infos else (None, -1)
 
 
@@ -41,7 +46,7 @@ class Incremental:
     Args:
         policy: when to write deltas.
         model_dir: the manager's model_dir.
-        storage_options: fsspec options.
+        storage: its storage (the manager's).
         process_group: the training process group.
     """
 
@@ -49,12 +54,12 @@ class Incremental:
         self,
         policy: IncrementalPolicy,
         model_dir: str,
-        storage_options: Mapping[str, Any] | None,
+        storage: Storage,
         process_group: Any,
     ) -> None:
         self.policy = policy
         self.model_dir = model_dir
-        self.storage_options = dict(storage_options or {})
+        self.storage = storage
         self._pg = process_group
         self.tracker: RowTracker | None = None
         self.chain: list[str] = []  # names: the last full checkpoint, then deltas
@@ -91,14 +96,14 @@ class Incremental:
             return None
         path = Storage.join(self.model_dir, delta_name(step))
         parent = Storage.join(self.model_dir, self.chain[-1])
-        save_delta(
+        save_delta_in(
+            self.storage,
             path,
             model,
             optimizer,
             tracker,
             parent,
             encoding=self.policy.encoding,
-            storage_options=self.storage_options,
             process_group=self._pg,
             touched=touched,
             **kwargs,
@@ -119,5 +124,4 @@ class Incremental:
         if Storage.parent(path.rstrip("/")) != self.model_dir:
             self.chain = []
             return
-        storage = storage_for(path, self.storage_options)
-        self.chain = chain_names(read_manifest(storage, path), path)
+        self.chain = chain_names(read_manifest(self.storage, path), path)

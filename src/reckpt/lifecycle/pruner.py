@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from reckpt.best import BestRule
 from reckpt.commit.leases import active_leases, remove_expired_leases
 from reckpt.commit.removal import cleanup_stale, remove_checkpoint_dir
-from reckpt.lifecycle.discovery import list_checkpoints
+from reckpt.lifecycle.discovery import checkpoints_in
 from reckpt.policy import CheckpointInfo, RetentionPolicy, steps_to_delete
 from reckpt.storage.core import Storage
 
@@ -34,7 +34,8 @@ class Pruner:
 
     Args:
         model_dir: the run directory.
-        storage: its storage.
+        storage: its storage (its owner's, with the owner's options: every listing and
+            deletion of a pass goes through it).
         policies: retention policies (no policy: nothing is ever deleted).
         protected: returns steps that must survive this pass (save in flight, current best);
             may raise to abort the pass (nothing deleted).
@@ -69,8 +70,8 @@ class Pruner:
         if not self.policies:
             return []
         now = time.time()
-        infos = list_checkpoints(
-            self.model_dir, eval_result_filename=self.eval_result_filename, with_size=False
+        infos = checkpoints_in(
+            self.storage, self.model_dir, eval_result_filename=self.eval_result_filename, with_size=False
         )
         keep = set(self.protected()) | set(active_leases(self.storage, self.model_dir, now))
         doomed = set(steps_to_delete(infos, self.policies, now=now, protected=keep, best=self.best))

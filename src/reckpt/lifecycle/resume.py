@@ -1,25 +1,35 @@
-"""Train state for exact resume: step, epoch and every rank's RNG states.
+"""Exact resume of a manager's run: the train state, and restoring a run's checkpoint.
 
 :class:`TrainState` is a stateful object (``state_dict`` / ``load_state_dict``) saved as the
 ``train_state/`` part of a checkpoint. Its state dict holds the RNG states of *all* ranks
 (gathered, so every rank writes the same dict), keyed by rank; on restore each rank takes
 its own. When the world size grew, a new rank has no saved RNG state and keeps its own
 (reported as missing keys).
+
+:func:`restore_run` brings back everything :meth:`reckpt.CheckpointManager.save` wrote;
+:func:`restore_newest` walks back from the newest checkpoint past those that do not verify.
 """
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from reckpt.dist import Dist
+from reckpt.errors import IntegrityError, UnsafeCheckpointError
+from reckpt.format.dataloader_state import restore_dataloader_state
+from reckpt.naming import parse_step
 from reckpt.report import LoadReport
+from reckpt.restore.engine import restore_model
 
-__all__ = ["TrainState", "TRAIN_STATE", "ResumeInfo", "manager_extras"]
+__all__ = ["TrainState", "TRAIN_STATE", "ResumeInfo", "manager_extras", "restore_run", "restore_newest"]
+
+logger = logging.getLogger(__name__)
 
 TRAIN_STATE = "train_state"
 
@@ -115,3 +125,64 @@ def manager_extras(
             extras[name] = obj
     extras[TRAIN_STATE] = train_state
     return extras
+
+
+def restore_run(
+    checkpoint_dir: str,
+    model: Any,
+    optimizer: Any,
+    extras: Mapping[str, Any],
+    train_state: TrainState,
+    *,
+    storage_options: Mapping[str, Any],
+    process_group: Any,
+    **kwargs: Any,
+) -> ResumeInfo:
+    """Collective: restore a checkpoint a manager saved, train state included, and its data position.
+
+    Every rank restores its shard (:func:`reckpt.restore_model`; ``kwargs`` go there) and
+    reads the dataloader state. ``extras`` are the manager's extra states
+    (:func:`manager_extras`), holding ``train_state``: without a restored train state, the
+    step comes from the checkpoint's name and the epoch is 0.
+    """
+    report = restore_model(
+        checkpoint_dir,
+        model,
+        optimizer,
+        extra_states=extras,
+        storage_options=storage_options,
+        process_group=process_group,
+        **kwargs,
+    )
+    restored = report.parts.get(TRAIN_STATE)
+    has_state = restored is not None and restored.skipped is None
+    step = train_state.step if has_state else (parse_step(checkpoint_dir) or 0)
+    path = checkpoint_dir.rstrip("/")
+    dl_state = restore_dataloader_state(path, storage_options)
+    return ResumeInfo(path, step, train_state.epoch if has_state else 0, dl_state, report)
+
+
+def restore_newest(
+    paths: Sequence[str],
+    restore: Callable[[str], ResumeInfo],
+    damaged: Callable[[str, Exception], None],
+) -> ResumeInfo | None:
+    """Collective (as ``restore``): restore the newest of ``paths`` (oldest first) that verifies.
+
+    One that does not (a file fails its checksum, metadata is refused) is skipped with a
+    warning and handed to ``damaged``; the next older one is tried. ``None``: no paths.
+
+    Raises:
+        IntegrityError: none verifies (the newest one's error; or ``UnsafeCheckpointError``).
+    """
+    first: Exception | None = None
+    for path in reversed(paths):
+        try:
+            return restore(path)
+        except (IntegrityError, UnsafeCheckpointError) as e:
+            logger.warning("resume: skipping %s, it does not verify: %s", path, e)
+            damaged(path, e)
+            first = first or e
+    if first is not None:
+        raise first
+    return None

@@ -1,15 +1,18 @@
 """Restoring a delta checkpoint: its chain of links, base first.
 
-Restoring a delta (``restore_model`` does it by itself) checks that every link exists, is
-committed and verifies, reads every link's rows, then restores the base, applies the rows
-link by link, and finally the delta's own dense part. Raw deltas are lossless; int8/fp16
-deltas (``encoding``) are serving dumps and restore only with ``allow_lossy=True``.
+Restoring a delta (``restore_model`` dispatches it here) checks that every link exists, is
+committed and verifies, reads every link's rows, then restores the base with the engine
+(:func:`~reckpt.restore.single.restore_one`), applies the rows link by link, and finally the
+delta's own dense part with the engine again (no call back into ``restore_model``). Raw
+deltas are lossless; int8/fp16 deltas (``encoding``) are serving dumps and restore only
+with ``allow_lossy=True``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -17,7 +20,7 @@ import torch
 from reckpt.commit.state import checkpoint_state
 from reckpt.delta.rows import RowPiece, apply_pieces, decode_index
 from reckpt.dist import Dist
-from reckpt.dynamic import load_dynamic
+from reckpt.dynamic.load import read_dynamic
 from reckpt.errors import (
     CheckpointNotFoundError,
     ConfigError,
@@ -38,7 +41,9 @@ from reckpt.naming import (
 from reckpt.optim import init_optimizer_state, load_optimizer_state_dict, optimizer_state_dict
 from reckpt.remap import SKIP
 from reckpt.report import LoadReport
-from reckpt.storage.core import Storage, storage_for
+from reckpt.restore.single import restore_one
+from reckpt.restore.target import RestoreOptions, Target
+from reckpt.storage.core import Storage
 
 __all__ = ["restore_chain"]
 
@@ -69,13 +74,12 @@ def _read_link_rows(storage: Storage, path: str, manifest: Manifest) -> list[Row
     return pieces
 
 
-def _links(
-    storage: Storage, ckpt: str, manifest: Manifest, allow_lossy: bool
-) -> list[tuple[str, Manifest | None]]:
-    """``[(path, manifest)]`` of the chain, base first, each checked committed and consistent."""
+def _links(target: Target, allow_lossy: bool) -> list[Target]:
+    """The chain's links, base first, each checked committed and consistent (the last is ``target``)."""
+    storage, ckpt, manifest = target.storage, target.path, target.manifest
     root = Storage.parent(ckpt)
     names = chain_names(manifest, ckpt)
-    out: list[tuple[str, Manifest | None]] = []
+    out: list[Target] = []
     for i, name in enumerate(names):
         path = Storage.join(root, name)
         state = checkpoint_state(storage, path)
@@ -94,47 +98,83 @@ def _links(
                 f"{path} is a lossy ({m.delta.get('encoding')}) delta dump;"
                 " pass allow_lossy=True to restore it"
             )
-        out.append((path, m))
+        out.append(Target(path, storage, state, m, target.d))
     return out
 
 
 def restore_chain(
-    ckpt: str,
-    manifest: Manifest,
+    target: Target,
     model: torch.nn.Module,
     optimizer: Any,
+    opts: RestoreOptions,
     *,
-    restore: Any,
-    restore_kwargs: dict[str, Any],
     allow_lossy: bool = False,
-    storage_options: Mapping[str, Any] | None = None,
-    process_group: Any = None,
 ) -> LoadReport:
     """Collective: restore a delta checkpoint: base, then each link's rows, then its dense part.
 
     Every rank reads and checks every link's row files before anything is loaded (a broken
-    or corrupt link raises naming it, with the model untouched), restores the base with
-    ``restore`` (``restore_model``), applies the rows it holds shards of, upserts dynamic
-    rows, and restores the delta's own files with ``restore(..., follow_delta_chain=False)``.
+    or corrupt link raises naming it, with the model untouched), restores the base with the
+    engine (:func:`~reckpt.restore.single.restore_one`), applies the rows it holds shards of,
+    upserts dynamic rows, and restores the delta's own files with the engine again. So the
+    engine runs twice, on the base and on the delta; the links between contribute rows only.
+
+    Args:
+        target: the delta checkpoint, resolved (its storage serves every link).
+        model: the model to fill.
+        optimizer: optional; its state is initialised, then loaded from the links.
+        opts: the caller's options (renames are refused: see Raises).
+        allow_lossy: allow int8/fp16 delta dumps in the chain.
+
+    Raises:
+        ConfigError: a parameter map or rename rules were given, or a link is lossy and
+            ``allow_lossy`` is off.
+        CheckpointNotFoundError, IntegrityError: a link is missing, uncommitted, corrupt or
+            not the one the chain expects (nothing has been loaded).
+        ShapeMismatchError: a link's rows do not fit the current tensors (nothing loaded).
     """
     for arg in ("ckpt_param_map_path", "param_map", "rename_rules"):
-        if restore_kwargs.get(arg):
+        if getattr(opts, arg):
             raise ConfigError(
-                f"{arg} is not supported when restoring a delta checkpoint ({ckpt});"
+                f"{arg} is not supported when restoring a delta checkpoint ({target.path});"
                 " restore it and save a full checkpoint first"
             )
-    d = Dist(process_group)
-    storage = storage_for(ckpt, storage_options)
-    links = _links(storage, ckpt, manifest, allow_lossy)
-    rows = [(path, _read_link_rows(storage, path, m)) for path, m in links[1:] if m is not None]
-    if restore_kwargs.get("verify", True):  # the delta's own files, before the base is loaded
-        verify_collective(storage, ckpt, manifest, d)
-    with_optim = optimizer is not None and restore_kwargs.get("load_optimizer", True)
+    links = _links(target, allow_lossy)
+    rows = [
+        (link.path, _read_link_rows(link.storage, link.path, link.manifest))
+        for link in links[1:]
+        if link.manifest is not None
+    ]
+    if opts.verify and target.manifest is not None:  # the delta's own files, before the base is loaded
+        verify_collective(target.storage, target.path, target.manifest, target.d)
+    with_optim = optimizer is not None and opts.load_optimizer
     if with_optim:
         init_optimizer_state(optimizer)  # its shapes are checked below; restore would do it anyway
     _check_shapes(rows, _targets(model, optimizer if with_optim else None)[2])
-    base_report: LoadReport = restore(links[0][0], model, optimizer, **restore_kwargs)
-    sd, osd, targets = _targets(model, optimizer if with_optim else None)
+    base_report = restore_one(links[0], model, optimizer, opts)
+    chained = _apply_rows(rows, model, optimizer if with_optim else None, target.d)
+    # the last link's dynamic rows come with its own restore below (an upsert, like these)
+    _load_dynamic_links(model, links[1:-1], target.d)
+    # The rows of the tracked tables are in place: the delta's own model/ lacks them on purpose.
+    own = replace(opts, error_on_missing_keys=False, param_map=dict.fromkeys(chained, SKIP), verify=False)
+    report = restore_one(target, model, optimizer, own)
+    mp = report.part(MODEL_DIR)
+    mp.missing = [k for k in mp.missing if k not in chained]
+    mp.reinitialized = [k for k in mp.reinitialized if k not in chained]
+    mp.loaded = sorted({*mp.loaded, *chained})
+    report.verified = base_report.verified
+    report.notes.append(
+        f"restored the chain {[basename(link.path) for link in links]} ({len(chained)} tables by rows)"
+    )
+    return report
+
+
+def _apply_rows(
+    rows: list[tuple[str, list[RowPiece]]], model: torch.nn.Module, optimizer: Any, d: Dist
+) -> set[str]:
+    """Collective: write every link's rows, in chain order, into the model (and ``optimizer``,
+    when given); each rank writes the rows of the shards it holds. Returns the model keys
+    filled this way."""
+    sd, osd, targets = _targets(model, optimizer)
     chained: set[str] = set()
     for path, pieces in rows:
         by_key: dict[tuple[str, str], list[RowPiece]] = {}
@@ -143,7 +183,7 @@ def restore_chain(
         for (part, key), group in by_key.items():
             target = targets.get((part, key))
             if target is None:
-                if part == MODEL_DIR or with_optim:
+                if part == MODEL_DIR or optimizer is not None:
                     logger.warning(
                         "%s: rows of %s/%s have no tensor in the current model; skipped", path, part, key
                     )
@@ -156,21 +196,7 @@ def restore_chain(
         model.load_state_dict(sd, strict=False)
     if osd is not None:
         load_optimizer_state_dict(model, optimizer, osd)
-    # the last link's dynamic rows come with its own restore below (an upsert, like these)
-    _load_dynamic_links(model, links[1:-1], storage_options, process_group)
-    # The rows of the tracked tables are in place: the delta's own model/ lacks them on purpose.
-    keep = dict.fromkeys(chained, SKIP)
-    final_kwargs = {**restore_kwargs, "error_on_missing_keys": False, "param_map": keep, "verify": False}
-    report: LoadReport = restore(ckpt, model, optimizer, follow_delta_chain=False, **final_kwargs)
-    mp = report.part(MODEL_DIR)
-    mp.missing = [k for k in mp.missing if k not in chained]
-    mp.reinitialized = [k for k in mp.reinitialized if k not in chained]
-    mp.loaded = sorted({*mp.loaded, *chained})
-    report.verified = base_report.verified
-    report.notes.append(
-        f"restored the chain {[basename(p) for p, _ in links]} ({len(chained)} tables by rows)"
-    )
-    return report
+    return chained
 
 
 def _targets(
@@ -204,14 +230,8 @@ def _check_shapes(rows: list[tuple[str, list[RowPiece]]], targets: Mapping[tuple
                 )
 
 
-def _load_dynamic_links(
-    model: torch.nn.Module,
-    links: Sequence[tuple[str, Manifest | None]],
-    storage_options: Mapping[str, Any] | None,
-    process_group: Any,
-) -> None:
-    for path, m in links:
-        if m is not None and any(r.startswith(f"{DYNAMICEMB_DIR}/") for r in m.files):
-            load_dynamic(
-                path, model, storage_options=storage_options, upsert=True, process_group=process_group
-            )
+def _load_dynamic_links(model: torch.nn.Module, links: Sequence[Target], d: Dist) -> None:
+    """Collective: upsert each link's dynamic rows, in chain order."""
+    for link in links:
+        if link.manifest is not None and any(r.startswith(f"{DYNAMICEMB_DIR}/") for r in link.manifest.files):
+            read_dynamic(link.storage, link.path, model, process_group=d.group).apply(upsert=True)

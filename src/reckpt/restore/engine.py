@@ -1,40 +1,25 @@
-"""``restore_model``: load a checkpoint into a (possibly changed) model, part by part."""
+"""``restore_model``: load a checkpoint into a (possibly changed) model, part by part.
+
+The public entry point only resolves the target (:func:`~reckpt.restore.target.resolve_target`:
+the storage is opened once, here) and dispatches: a delta checkpoint to its chain
+(:func:`~reckpt.restore.chain.restore_chain`), anything else to the single-checkpoint engine
+(:func:`~reckpt.restore.single.restore_one`).
+"""
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from reckpt.dist import Dist
-from reckpt.errors import CheckpointNotFoundError, ConfigError
-from reckpt.format.manifest import read_json_object, read_manifest
-from reckpt.format.read_verify import ReadVerifier
-from reckpt.format.verification import require_committed, verify_collective
-from reckpt.naming import (
-    DENSE_EMA_DIR,
-    META_FILE,
-    MODEL_DIR,
-    OPTIMIZER_DIR,
-    validate_extra_name,
-)
-from reckpt.remap import RenameRule, input_tile_rule, parse_param_map
+from reckpt.remap import RenameRule
 from reckpt.report import LoadReport
-from reckpt.restore.jobs import OptimizerJob, managed_collision, state_applier
-from reckpt.restore.part_loader import LoadJob, PartLoader
-from reckpt.storage.core import Storage, storage_for
+from reckpt.restore.chain import restore_chain
+from reckpt.restore.single import restore_one
+from reckpt.restore.target import RestoreOptions, resolve_target
 
-__all__ = ["restore_model", "read_meta"]
-
-logger = logging.getLogger(__name__)
-
-
-def read_meta(storage: Storage, checkpoint_dir: str) -> dict[str, Any]:
-    """The checkpoint's ``meta`` flags (``{}`` when absent)."""
-    return read_json_object(storage, Storage.join(checkpoint_dir, META_FILE)) or {}
+__all__ = ["restore_model"]
 
 
 def restore_model(
@@ -122,165 +107,24 @@ def restore_model(
         >>> # report = restore_model("run/model.ckpt-100", model, optimizer)
         >>> # print(report.summary())
     """
-    if verify not in (True, False, "first"):
-        raise ConfigError(f"verify={verify!r}: expected True, False or 'first'")
-    d = Dist(process_group)
-    ckpt = checkpoint_dir.rstrip("/") or checkpoint_dir
-    storage = storage_for(ckpt, storage_options)
-    state = require_committed(storage, ckpt)
-    report = LoadReport(ckpt, legacy=state == "legacy")
-    manifest = read_manifest(storage, ckpt, check=bool(verify))
-    if follow_delta_chain and manifest is not None and manifest.delta is not None:
-        from reckpt.restore.chain import restore_chain
-
-        kwargs = {
-            "ckpt_param_map_path": ckpt_param_map_path,
-            "error_on_missing_keys": error_on_missing_keys,
-            "dense_ema": dense_ema,
-            "use_dense_ema": use_dense_ema,
-            "extra_states": extra_states,
-            "load_optimizer": load_optimizer,
-            "verify": verify,
-            "strict_shapes": strict_shapes,
-            "allow_row_resize": allow_row_resize,
-            "param_map": param_map,
-            "rename_rules": rename_rules,
-            "lenient_param_map": lenient_param_map,
-            "storage_options": storage_options,
-            "process_group": process_group,
-        }
-        return restore_chain(
-            ckpt,
-            manifest,
-            model,
-            optimizer,
-            restore=restore_model,
-            restore_kwargs=kwargs,
-            allow_lossy=allow_lossy,
-            storage_options=storage_options,
-            process_group=process_group,
-        )
-    verifier: ReadVerifier | None = None
-    if verify == "first" and manifest is not None:
-        verify_collective(storage, ckpt, manifest, d)
-        report.verified = True
-    elif verify and manifest is not None:
-        verifier = ReadVerifier(storage, ckpt, manifest, d)
-    meta = read_meta(storage, ckpt)
-
-    names: dict[str, str] = {}
-    if ckpt_param_map_path is not None:
-        map_storage = storage_for(ckpt_param_map_path, storage_options)
-        if not map_storage.isfile(ckpt_param_map_path):
-            raise CheckpointNotFoundError(f"ckpt_param_map_path {ckpt_param_map_path}: file does not exist")
-        names.update(parse_param_map(map_storage.read_text(ckpt_param_map_path), ckpt_param_map_path))
-    names.update(param_map or {})
-    rules = list(rename_rules)
-    if os.environ.get("INPUT_TILE", "").startswith("3"):
-        rules.append(input_tile_rule)
-    ld = PartLoader(storage, ckpt, d, process_group, names, rules, report, lenient_param_map)
-    jobs: list[LoadJob] = []
-
-    if meta.get("load_model", True) is False:
-        ld.skip(MODEL_DIR, "meta.load_model is false", warn=False)
-    elif not ld.has(MODEL_DIR):
-        raise CheckpointNotFoundError(f"model_ckpt_path[{Storage.join(ckpt, MODEL_DIR)}] not exists")
-    else:
-        jobs.append(
-            LoadJob(
-                MODEL_DIR,
-                model.state_dict,
-                state_applier(model, MODEL_DIR, report),
-                strict_shapes=strict_shapes,
-                allow_row_resize=allow_row_resize,
-                error_on_missing_keys=error_on_missing_keys,
-            )
-        )
-
-    if optimizer is not None:
-        if not load_optimizer:
-            ld.skip(OPTIMIZER_DIR, "load_optimizer=False", warn=False)
-        elif meta.get("load_optim", True) is False:
-            ld.skip(OPTIMIZER_DIR, "meta.load_optim is false", warn=False)
-        elif not ld.has(OPTIMIZER_DIR):
-            ld.skip(OPTIMIZER_DIR, "the checkpoint has no optimizer/; optimizer state starts fresh")
-        else:
-            jobs.append(OptimizerJob(ld, model, optimizer, strict_shapes=strict_shapes).job)
-
-    if dense_ema is not None:
-        if ld.has(DENSE_EMA_DIR):
-            jobs.append(
-                LoadJob(
-                    DENSE_EMA_DIR,
-                    dense_ema.state_dict,
-                    state_applier(dense_ema, DENSE_EMA_DIR, report),
-                    strict_shapes=strict_shapes,
-                    warn_on_missing_keys=False,
-                )
-            )
-        else:
-            ld.skip(DENSE_EMA_DIR, "the checkpoint has no dense_ema/; EMA will restart")
-    if use_dense_ema:
-        if ld.has(DENSE_EMA_DIR):
-            jobs.append(
-                LoadJob(
-                    DENSE_EMA_DIR,
-                    lambda: dict(model.named_parameters()),
-                    report_as="dense_ema_overlay",
-                    strict_shapes=strict_shapes,
-                    warn_on_missing_keys=False,
-                )
-            )
-        else:
-            ld.skip(
-                "dense_ema_overlay", "use_dense_ema: the checkpoint has no dense_ema/; keeping raw parameters"
-            )
-
-    for name, obj in (extra_states or {}).items():
-        validate_extra_name(name)
-        if not ld.has(name):
-            ld.skip(name, f"the checkpoint has no {name}/; {name} keeps its current state")
-            continue
-        jobs.append(
-            LoadJob(name, obj.state_dict, state_applier(obj, name, report), strict_shapes=strict_shapes)
-        )
-
-    if verifier is not None:
-        verifier.before_load(job.part for job in jobs)
-        ld.verifier = verifier
-    managed_collision(ld, model, jobs)
-    ld.check(jobs)
-    from reckpt.dynamic.load import restore_step  # imports reckpt.save.engine
-
-    dynamic = restore_step(
-        ckpt,
-        model,
-        meta,
-        optimizer_restored=optimizer is not None and load_optimizer,
-        upsert=manifest is not None and manifest.delta is not None,  # a delta holds touched rows only
-        storage_options=storage_options,
-        process_group=process_group,
+    target = resolve_target(
+        checkpoint_dir, verify=verify, storage_options=storage_options, process_group=process_group
     )
-    try:
-        for job in jobs:
-            if (
-                job.part == DENSE_EMA_DIR
-                and job.report_as is None
-                and callable(getattr(dense_ema, "reset", None))
-            ):
-                # TorchEasyRec order: the EMA restarts from the just-restored weights, then loads.
-                dense_ema.reset()
-            ld.load(job)
-    except Exception as e:
-        if verifier is not None:
-            verifier.explain(e)  # a damaged file is the real cause: say so
-        raise
-    if verifier is not None:
-        verifier.after_load()
-        report.verified = True
-    if dense_ema is not None and not ld.has(DENSE_EMA_DIR) and callable(getattr(dense_ema, "reset", None)):
-        dense_ema.reset()
-    if dynamic is not None:
-        dynamic.apply(report)
-    logger.info("%s", report.summary())
-    return report
+    opts = RestoreOptions(
+        ckpt_param_map_path=ckpt_param_map_path,
+        error_on_missing_keys=error_on_missing_keys,
+        dense_ema=dense_ema,
+        use_dense_ema=use_dense_ema,
+        extra_states=extra_states,
+        load_optimizer=load_optimizer,
+        verify=verify,
+        strict_shapes=strict_shapes,
+        allow_row_resize=allow_row_resize,
+        param_map=param_map,
+        rename_rules=rename_rules,
+        lenient_param_map=lenient_param_map,
+        storage_options=storage_options,
+    )
+    if follow_delta_chain and target.is_delta:
+        return restore_chain(target, model, optimizer, opts, allow_lossy=allow_lossy)
+    return restore_one(target, model, optimizer, opts)

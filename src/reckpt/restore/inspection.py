@@ -13,7 +13,7 @@ from reckpt.format.manifest import TensorEntry, entries_from_metadata, read_mani
 from reckpt.naming import DCP_METADATA_FILE, MODEL_DIR, OPTIMIZER_DIR
 from reckpt.storage.core import Storage, storage_for
 
-__all__ = ["list_distcp_param", "inspect_checkpoint", "CheckpointContents", "read_part"]
+__all__ = ["list_distcp_param", "inspect_checkpoint", "CheckpointContents", "read_part", "part_values"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +112,25 @@ def read_part(
     Raises:
         IntegrityError: ``verify`` and a file of the part is missing, truncated or corrupted.
     """
+    storage = storage_for(checkpoint_dir, storage_options)
+    return part_values(storage, checkpoint_dir, part, keys, verify=verify)
+
+
+def part_values(
+    storage: Storage,
+    checkpoint_dir: str,
+    part: str = "model",
+    keys: list[str] | None = None,
+    *,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """:func:`read_part` on an open storage (this process only; no process group)."""
     import torch
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
+    from reckpt.dcp.load import load_part
     from reckpt.dcp.planner import PartialLoadPlanner
-    from reckpt.dcp.reader import SafeReader
-    from reckpt.dcp.writer import dcp_call
 
-    storage = storage_for(checkpoint_dir, storage_options)
     dcp_dir = Storage.join(checkpoint_dir, part)
     if verify:
         _check_part(storage, checkpoint_dir, part)
@@ -137,14 +147,7 @@ def read_part(
     if wanted is not None and wanted - set(state):
         raise CheckpointNotFoundError(f"{dcp_dir}: no entries named {sorted(wanted - set(state))}")
     planner = PartialLoadPlanner(flatten_state_dict=False, source=dcp_dir)
-    dcp_call(
-        dcp_load,
-        f"reading {dcp_dir}",
-        state,
-        storage_reader=SafeReader(dcp_dir, storage, md),
-        planner=planner,
-        no_dist=True,
-    )
+    load_part(state, storage, dcp_dir, planner, metadata=md, what=f"reading {dcp_dir}")
     return state
 
 

@@ -1,7 +1,7 @@
 """One restore's shared context: storage, ranks, renames, the report, and its load jobs.
 
 :class:`PartLoader` checks every :class:`LoadJob` on every rank before any is loaded, then
-loads each through DCP with :class:`~reckpt.dcp.reader.SafeReader`; with a
+loads each with :func:`~reckpt.dcp.load.load_part`; with a
 :class:`~reckpt.format.read_verify.ReadVerifier` the data files are checked as they are read.
 """
 
@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
+from reckpt.dcp.load import load_part
 from reckpt.dcp.planner import PartialLoadPlanner, saved_shapes
-from reckpt.dcp.reader import SafeReader, read_dcp_metadata
-from reckpt.dcp.writer import dcp_call
+from reckpt.dcp.reader import read_dcp_metadata
 from reckpt.dist import Dist
 from reckpt.errors import KeyMismatchError
 from reckpt.format.read_verify import ReadVerifier
@@ -68,13 +67,12 @@ class PartLoader:
         storage: Storage,
         ckpt: str,
         d: Dist,
-        pg: Any,
         param_map: dict[str, str],
         rules: Sequence[RenameRule],
         report: LoadReport,
         lenient_param_map: bool = False,
     ) -> None:
-        self.storage, self.ckpt, self.d, self.pg = storage, ckpt, d, pg
+        self.storage, self.ckpt, self.d = storage, ckpt, d
         self.param_map, self.rules, self.report = param_map, list(rules), report
         self.lenient_param_map = lenient_param_map
         self.mch: MchPlan | None = None
@@ -84,7 +82,7 @@ class PartLoader:
     def reader(self, part: str) -> Callable[[dict[str, Any]], dict[str, torch.Tensor]]:
         """Collective reader of whole saved tensors of ``part`` (see ``fused_state.read_sources``)."""
         md, dcp_dir = self.metadata(part), Storage.join(self.ckpt, part)
-        return lambda wanted: read_sources(wanted, self.storage, dcp_dir, md, self.d, self.pg)
+        return lambda wanted: read_sources(wanted, self.storage, dcp_dir, md, self.d)
 
     def has(self, part: str) -> bool:
         return self.storage.exists(Storage.join(self.ckpt, part, DCP_METADATA_FILE))
@@ -169,17 +167,15 @@ class PartLoader:
         state_dict = job.target()
         planner = self._planner(job, state_dict)
         dcp_dir = Storage.join(self.ckpt, job.part)
-        reader = SafeReader(
-            dcp_dir, self.storage, self.metadata(job.part), verifier=self.verifier, part=job.part
-        )
-        dcp_call(
-            dcp_load,
-            f"loading {dcp_dir}",
+        load_part(
             state_dict,
-            storage_reader=reader,
-            planner=planner,
-            process_group=self.pg,
-            no_dist=not self.d.active,
+            self.storage,
+            dcp_dir,
+            planner,
+            metadata=self.metadata(job.part),
+            dist=self.d,
+            verifier=self.verifier,
+            part=job.part,
         )
         pr = planner.resolution
         pr.missing.sort()

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from reckpt.dist import Dist
 from reckpt.report import PartReport, ShapeMismatch
 from reckpt.sharding.fused_state import RowwiseConversion, flat_state
+from reckpt.storage.core import Storage
 
 __all__ = ["apply_conversions", "fill_conversions", "read_sources", "write_local"]
 
@@ -39,28 +41,25 @@ def write_local(value: torch.Tensor, full: torch.Tensor, loaded: torch.Tensor | 
 
 def read_sources(
     wanted: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-    storage: Any,
+    storage: Storage,
     dcp_dir: str,
     metadata: Metadata,
-    d: Any,
-    process_group: Any,
+    d: Dist,
 ) -> dict[str, torch.Tensor]:
-    """Collective: every rank reads the whole checkpoint tensors it names (may be none)."""
+    """Collective: every rank of ``d`` reads the whole checkpoint tensors it names (may be none)."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-    from reckpt.dcp.reader import SafeReader
-    from reckpt.dcp.writer import dcp_call
+    from reckpt.dcp.load import load_part
 
     out = {k: torch.zeros(shape, dtype=dtype) for k, (shape, dtype) in wanted.items()}
-    dcp_call(
-        dcp_load,
-        f"reading optimizer state to convert from {dcp_dir}",
+    load_part(
         out,
-        storage_reader=SafeReader(dcp_dir, storage, metadata),
-        planner=DefaultLoadPlanner(allow_partial_load=True),
-        process_group=process_group,
-        no_dist=not d.active,
+        storage,
+        dcp_dir,
+        DefaultLoadPlanner(allow_partial_load=True),
+        metadata=metadata,
+        dist=d,
+        what=f"reading optimizer state to convert from {dcp_dir}",
     )
     return out
 

@@ -16,18 +16,23 @@ from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from reckpt.dcp.items import Window, member_stream, read_full, storage_member
+from reckpt.dcp.load import load_part
 from reckpt.dcp.planner import PartialLoadPlanner, current_shapes, saved_shapes
-from reckpt.dcp.reader import SafeReader, read_dcp_metadata
-from reckpt.dcp.writer import dcp_call
+from reckpt.dcp.reader import read_dcp_metadata
 from reckpt.dist import Dist
-from reckpt.errors import CheckpointNotFoundError, ConfigError, ShapeMismatchError, UnsafeCheckpointError
+from reckpt.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    KeyMismatchError,
+    ShapeMismatchError,
+    UnsafeCheckpointError,
+)
 from reckpt.format.manifest import read_manifest
 from reckpt.format.verification import require_committed, verify_collective
 from reckpt.naming import DCP_METADATA_FILE, MODEL_DIR
-from reckpt.remap import resolve_keys
+from reckpt.remap import Resolution, resolve_keys
 from reckpt.report import LoadReport
 from reckpt.storage.core import Storage, storage_for
 
@@ -104,10 +109,27 @@ def load_unsharded(
         >>> # plain = build_model(cfg)            # no DistributedModelParallel
         >>> # report = load_unsharded("run/model.ckpt-100", plain)
     """
-    from reckpt.errors import KeyMismatchError
-
     ckpt = checkpoint_dir.rstrip("/") or checkpoint_dir
     storage = storage_for(ckpt, storage_options)
+    report, dcp_dir, md = _open_model_part(storage, ckpt, verify)
+    target = module.state_dict(keep_vars=True)
+    res = _resolve(target, md, dcp_dir, param_map, strict)
+    rest = _stream_tensors(storage, dcp_dir, md, target, res.loads)
+    _load_rest(storage, dcp_dir, md, module, target, {k: res.loads[k] for k in rest}, batch_bytes)
+    _settle_managed_collision(module, dcp_dir)
+    report.parts[MODEL_DIR] = res
+    for key in res.missing:
+        logger.warning("Skip restore state [%s]: not in checkpoint %s", key, dcp_dir)
+    return report
+
+
+def _open_model_part(storage: Storage, ckpt: str, verify: bool) -> tuple[LoadReport, str, Metadata]:
+    """The report, ``model/`` and its metadata of a committed checkpoint, its files checked first.
+
+    Raises:
+        CheckpointNotFoundError: no checkpoint, or it has no ``model/``.
+        IntegrityError: ``verify`` and a file's size or checksum differs from the manifest.
+    """
     state = require_committed(storage, ckpt)
     report = LoadReport(ckpt, legacy=state == "legacy")
     manifest = read_manifest(storage, ckpt)
@@ -117,9 +139,19 @@ def load_unsharded(
     dcp_dir = Storage.join(ckpt, MODEL_DIR)
     if not storage.exists(Storage.join(dcp_dir, DCP_METADATA_FILE)):
         raise CheckpointNotFoundError(f"model_ckpt_path[{dcp_dir}] not exists")
-    md = read_dcp_metadata(storage, dcp_dir)
+    return report, dcp_dir, read_dcp_metadata(storage, dcp_dir)
 
-    target = module.state_dict(keep_vars=True)
+
+def _resolve(
+    target: Mapping[str, Any], md: Metadata, dcp_dir: str, param_map: Mapping[str, str] | None, strict: bool
+) -> Resolution:
+    """Every key of the module matched to the checkpoint, checked before anything is read.
+
+    Raises:
+        ConfigError: a tensor of the module is on the meta device.
+        ShapeMismatchError: a key's saved shape differs.
+        KeyMismatchError: with ``strict``, keys are missing.
+    """
     meta = sorted(k for k, v in target.items() if isinstance(v, torch.Tensor) and v.is_meta)
     if meta:
         raise ConfigError(
@@ -143,38 +175,44 @@ def load_unsharded(
             + ", ".join(sorted(res.missing))
             + ". Map them with param_map, or load with strict=False to keep their values."
         )
+    return res
+
+
+def _stream_tensors(
+    storage: Storage, dcp_dir: str, md: Metadata, target: Mapping[str, Any], loads: Mapping[str, str]
+) -> list[str]:
+    """Stream every streamable tensor into the module, largest first; returns the other keys."""
     rest: list[str] = []
     with torch.no_grad():
-        for key in sorted(res.loads, key=lambda k: -_nbytes(target[k])):
+        for key in sorted(loads, key=lambda k: -_nbytes(target[k])):
             value = target[key]
-            ckpt_key = res.loads[key]
             if not (
-                isinstance(value, torch.Tensor) and _stream_tensor(storage, dcp_dir, md, ckpt_key, value)
+                isinstance(value, torch.Tensor) and _stream_tensor(storage, dcp_dir, md, loads[key], value)
             ):
                 rest.append(key)
-    # What cannot be streamed (non-tensor items, transformed records) goes through DCP.
-    for group in _batches(target, rest, batch_bytes):
+    return rest
+
+
+def _load_rest(
+    storage: Storage,
+    dcp_dir: str,
+    md: Metadata,
+    module: torch.nn.Module,
+    target: Mapping[str, Any],
+    loads: Mapping[str, str],
+    batch_bytes: int,
+) -> None:
+    """What cannot be streamed (non-tensor items, transformed records) goes through DCP, in batches."""
+    for group in _batches(target, list(loads), batch_bytes):
         sub = {k: target[k].detach() if isinstance(target[k], torch.Tensor) else target[k] for k in group}
         planner = PartialLoadPlanner(
-            warn_on_missing_keys=False, param_map={k: res.loads[k] for k in group}, source=dcp_dir
+            warn_on_missing_keys=False, param_map={k: loads[k] for k in group}, source=dcp_dir
         )
         with torch.no_grad():
-            dcp_call(
-                dcp_load,
-                f"loading {dcp_dir}",
-                sub,
-                storage_reader=SafeReader(dcp_dir, storage, md),
-                planner=planner,
-                no_dist=True,
-            )
+            load_part(sub, storage, dcp_dir, planner, metadata=md)
         extra = {k: v for k, v in sub.items() if not isinstance(target[k], torch.Tensor)}
         if extra:
             module.load_state_dict(extra, strict=False)
-    _settle_managed_collision(module, dcp_dir)
-    report.parts[MODEL_DIR] = res
-    for key in res.missing:
-        logger.warning("Skip restore state [%s]: not in checkpoint %s", key, dcp_dir)
-    return report
 
 
 def _settle_managed_collision(module: torch.nn.Module, dcp_dir: str) -> None:

@@ -24,7 +24,7 @@ from reckpt.format.integrity import hash_stream
 from reckpt.format.manifest import read_manifest
 from reckpt.format.verification import require_committed
 from reckpt.naming import DYNAMICEMB_DIR, parse_delta_step
-from reckpt.restore.inspection import read_part
+from reckpt.restore.inspection import part_values
 from reckpt.storage.core import storage_for
 from reckpt.trainer.config import Config, DataConfig, ModelConfig, build_section
 from reckpt.trainer.data import ParquetReader, input_files
@@ -97,7 +97,7 @@ def _checkpoint_weights(
     manifest = read_manifest(storage, path)
     dynamic = manifest is not None and any(f.startswith(f"{DYNAMICEMB_DIR}/") for f in manifest.files)
     if parse_delta_step(path) is None and not dynamic:
-        return read_part(path, "model", verify=verify), None
+        return part_values(storage, path, "model", verify=verify), None
     model = build_model(cfg)
     reckpt.restore_model(path, model, verify=verify)
     return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}, model

@@ -22,10 +22,11 @@ import torch.distributed as dist
 
 import reckpt
 from reckpt.errors import CheckpointNotFoundError, ConfigError
-from reckpt.lifecycle.incremental import latest_restorable
+from reckpt.lifecycle.incremental import latest_restorable_in
 from reckpt.lifecycle.preemption import Preemption
 from reckpt.policy import IncrementalPolicy
 from reckpt.sharding.plan import FORCE_LOAD_SHARDING_PLAN, plan_constraints, read_plan
+from reckpt.storage.core import storage_for
 from reckpt.trainer.config import Config
 from reckpt.trainer.data import EPOCHS_KEY, ParquetReader, input_files
 from reckpt.trainer.metrics import auc, logloss
@@ -58,7 +59,8 @@ def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool
                 if path is None:
                     raise ConfigError(f"fine_tune_checkpoint {ft}: no committed checkpoint there")
                 out = (path, True)
-            latest, _ = latest_restorable(cfg.model_dir)  # a delta checkpoint too
+            storage = storage_for(cfg.model_dir)
+            latest, _ = latest_restorable_in(storage, cfg.model_dir)  # a delta checkpoint too
             if latest is not None:
                 if not continue_train:
                     raise ConfigError(
@@ -69,7 +71,7 @@ def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool
             elif continue_train and not ft:
                 print(
                     f"--continue-train: no checkpoint in model_dir {cfg.model_dir}"
-                    f" ({'it holds none' if _exists(cfg.model_dir) else 'it does not exist'});"
+                    f" ({'it holds none' if storage.isdir(cfg.model_dir) else 'it does not exist'});"
                     " training starts from scratch",
                     file=sys.stderr,
                     flush=True,
@@ -82,12 +84,6 @@ def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool
     if err is not None:
         raise err
     return out
-
-
-def _exists(model_dir: str) -> bool:
-    from reckpt.storage.core import storage_for
-
-    return storage_for(model_dir).isdir(model_dir)
 
 
 def evaluate(cfg: Config, model: torch.nn.Module) -> dict[str, float]:
