@@ -1,4 +1,4 @@
-"""Write docs/mistakes.md from the table in tests/mistakes.py (run from the repository root)."""
+"""Write docs/mistakes.md from the table in tests/helpers/mistakes.py (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.mistakes import MISTAKES, normalise, observed, render_markdown
+from tests.helpers.mistakes import MISTAKES, normalise, observed, render_markdown
 
 
 def main() -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from tests.helpers.processes import free_port
 
 # moto's werkzeug server logs every request; keep test output readable.
 logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -43,12 +44,6 @@ def _no_leaks() -> Iterator[None]:
     leaked = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("reckpt")]
     if leaked:
         pytest.fail(f"test leaked threads: {[t.name for t in leaked]}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -85,13 +80,23 @@ def s3_root(s3_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> str:
     return f"s3://{s3_server['bucket']}/{uuid.uuid4().hex[:12]}"
 
 
+def _root_on(backend: str, request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    if backend == "local":
+        return str(tmp_path / "run")
+    if backend == "file":
+        return f"file://{tmp_path}/run"
+    if backend == "memory":
+        return f"memory://reckpt-{uuid.uuid4().hex[:12]}/run"
+    return str(request.getfixturevalue("s3_root")) + "/run"
+
+
 @pytest.fixture(params=["local", "file", "memory", "s3"])
 def root(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     """A fresh, empty root on each backend: plain path, file://, memory://, s3://."""
-    if request.param == "local":
-        return str(tmp_path / "run")
-    if request.param == "file":
-        return f"file://{tmp_path}/run"
-    if request.param == "memory":
-        return f"memory://reckpt-{uuid.uuid4().hex[:12]}/run"
-    return str(request.getfixturevalue("s3_root")) + "/run"
+    return _root_on(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["local", "file", "s3"])
+def shared_root(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A root on every backend that a child process sees as its parent does (not memory://)."""
+    return _root_on(request.param, request, tmp_path)

@@ -11,7 +11,9 @@ import torch.distributed as dist
 import reckpt
 from reckpt.delta.row_tracker import RowTracker
 from reckpt.delta.save import save_delta
-from tests.distributed.torchrec_scenarios import DIM, ROWS, build, gathered
+from tests.distributed.torchrec_scenarios import ROWS, build, weights
+from tests.helpers import assert_state_dicts_equal
+from tests.helpers.sharded import local_shards
 
 SHARDING = {"t1": "column_wise", "t2": "table_wise"}
 
@@ -30,17 +32,11 @@ def _step(dmp: Any, seed: int) -> None:
 
 def _local_state(dmp: Any, opt: Any) -> dict[str, list[torch.Tensor]]:
     """This rank's shards of every table's weights and optimizer state (no collectives)."""
-    out = {k: [s.tensor.clone() for s in st.local_shards()] for k, st in dmp.state_dict().items()}
+    out = {k: local_shards(st) for k, st in dmp.state_dict().items()}
     for fqn, leaves in opt.state_dict()["state"].items():
         for name, value in leaves.items():
-            out[f"{fqn}/{name}"] = [s.tensor.clone() for s in value.local_shards()]
+            out[f"{fqn}/{name}"] = local_shards(value)
     return out
-
-
-def _equal(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tensor]]) -> None:
-    assert a.keys() == b.keys(), (sorted(a), sorted(b))
-    for k in a:
-        assert len(a[k]) == len(b[k]) and all(torch.equal(x, y) for x, y in zip(a[k], b[k], strict=True)), k
 
 
 def save_chain(rank: int, world: int, root: str) -> None:
@@ -61,7 +57,7 @@ def save_chain(rank: int, world: int, root: str) -> None:
     want = _local_state(dmp, opt)
     fresh, fopt = build(SHARDING, seed=5)  # same world size and plan: same shards
     reckpt.restore_model(os.path.join(root, "model.delta-3"), fresh, fopt)
-    _equal(_local_state(fresh, fopt), want)
+    assert_state_dicts_equal(_local_state(fresh, fopt), want)
 
 
 def restore_chain(rank: int, world: int, root: str) -> None:
@@ -70,9 +66,6 @@ def restore_chain(rank: int, world: int, root: str) -> None:
     reckpt.restore_model(os.path.join(root, "ref", "model.ckpt-3"), full, full_opt)
     fresh, fopt = build(SHARDING, seed=7)
     report = reckpt.restore_model(os.path.join(root, "model.delta-3"), fresh, fopt)
-    _equal(_local_state(fresh, fopt), _local_state(full, full_opt))
+    assert_state_dicts_equal(_local_state(fresh, fopt), _local_state(full, full_opt))
     assert not report.missing_keys
-    w = gathered(fresh.state_dict()["ebc.embedding_bags.t1.weight"], (ROWS, DIM))
-    assert not torch.equal(
-        w, gathered(build(SHARDING, seed=7)[0].state_dict()["ebc.embedding_bags.t1.weight"], (ROWS, DIM))
-    )
+    assert not torch.equal(weights(fresh)["t1"], weights(build(SHARDING, seed=7)[0])["t1"])

@@ -16,7 +16,9 @@ import torch.distributed as dist
 from torch import nn
 
 import reckpt
-from tests.distributed.reshard_scenarios import gather_all
+from tests.helpers import assert_state_dicts_equal
+from tests.helpers.sharded import gather_all, momentum_states
+from tests.helpers.torchrec_models import row_sharder
 
 ZCH, DIM, BUCKETS, INPUT_SIZE = 32, 8, 4, 1000
 MC = "mc_ebc._managed_collision_collection._managed_collision_modules.t"
@@ -61,16 +63,11 @@ def plain(seed: int) -> nn.Module:
 
 def build(seed: int, adagrad: bool = True) -> Any:
     """The sharded model; ``adagrad``: fused row-wise Adagrad (else TorchRec's default SGD)."""
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
-
-    class RowWiseOnCpu(EmbeddingBagCollectionSharder):
-        def sharding_types(self, compute_device_type: str) -> list[str]:
-            return [*super().sharding_types(compute_device_type), "row_wise"]
 
     model = plain(seed)
     if adagrad:
@@ -80,7 +77,7 @@ def build(seed: int, adagrad: bool = True) -> Any:
         topology=Topology(world_size=world, compute_device="cpu"),
         constraints={"t": ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"])},
     )
-    sharders: list[Any] = [ManagedCollisionEmbeddingBagCollectionSharder(ebc_sharder=RowWiseOnCpu())]
+    sharders: list[Any] = [ManagedCollisionEmbeddingBagCollectionSharder(ebc_sharder=row_sharder())]
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     return DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
 
@@ -108,7 +105,7 @@ def lookup(dmp: Any, values: torch.Tensor, train: bool = False) -> tuple[torch.T
 
 def momentum(opt: Any) -> torch.Tensor:
     """The whole row-wise momentum of the table (gathered from the ranks holding shards)."""
-    return gather_all({f"{k}.{n}": v for k, n, v in _momentum_items(opt)})[MOMENTUM]
+    return gather_all(momentum_states(opt))[MOMENTUM]
 
 
 def mc_state(dmp: Any) -> dict[str, torch.Tensor]:
@@ -129,7 +126,7 @@ def save(rank: int, world: int, root: str, name: str, crowded: bool) -> None:
     reckpt.save_model(f"{root}/{name}-sgd/model.ckpt-1", sgd)
     dmp = build(seed=3)
     reckpt.restore_model(f"{root}/{name}-sgd/model.ckpt-1", dmp)
-    for _, _, st in _momentum_items(dmp.fused_optimizer):
+    for st in momentum_states(dmp.fused_optimizer).values():
         for shard in st.local_shards():
             off, n = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
             shard.tensor.copy_(torch.arange(off, off + n, dtype=torch.float32) * 0.5 + 1)
@@ -141,12 +138,6 @@ def save(rank: int, world: int, root: str, name: str, crowded: bool) -> None:
     if rank == 0:
         torch.save({"rows": rows, "momentum": mom[slots], "state": state}, f"{root}/{name}/expected.pt")
     dist.barrier()
-
-
-def _momentum_items(opt: Any) -> list[tuple[str, str, Any]]:
-    return [
-        (k, n, v) for k, st in opt.state_dict()["state"].items() for n, v in st.items() if "momentum" in n
-    ]
 
 
 def restore_exact(rank: int, world: int, root: str, src: str) -> None:
@@ -177,8 +168,7 @@ def restore_refuses_crowded(rank: int, world: int, root: str, src: str) -> None:
     else:
         raise AssertionError("20 ids of one bucket cannot fit one process's 16 slots")
     after = mc_state(dmp)
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before), "no buffer was touched"
+    assert_state_dicts_equal(before, after)  # no buffer was touched
 
 
 def steps(rank: int, world: int, root: str, todo: list[tuple[Any, ...]]) -> None:

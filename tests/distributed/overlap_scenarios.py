@@ -18,45 +18,23 @@ from torch import nn
 import reckpt
 from reckpt.errors import ShapeMismatchError
 from reckpt.sharding.fused_state import flat_state
-from tests.distributed.reshard_scenarios import gather_all, row_sharder
+from tests.helpers import state_dicts_equal
+from tests.helpers.sharded import all_gather_objects
+from tests.helpers.torchrec_models import ebc_model, momentum_key, row_sharder, snapshot, weight_key
 
 SAVED = {"tw": (12, 8), "rw": (12, 8), "cw": (12, 8), "col": (12, 8)}
 GROWN = {"tw": (16, 8), "rw": (16, 8), "cw": (16, 8), "col": (12, 12)}
 PLAN = {"tw": "table_wise", "rw": "row_wise", "cw": "column_wise", "col": "table_wise"}
 
 
-def weight_key(t: str) -> str:
-    return f"ebc.embedding_bags.{t}.weight"
-
-
-def state_key(t: str) -> str:
-    return f"state.{weight_key(t)}.{t}.momentum1"
-
-
 def build(tables: dict[str, tuple[int, int]], seed: int, optim: str) -> tuple[Any, Any]:
-    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     torch.manual_seed(seed)
-
-    class Wrap(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ebc = EmbeddingBagCollection(
-                tables=[
-                    EmbeddingBagConfig(name=t, embedding_dim=d, num_embeddings=r, feature_names=[f"f_{t}"])
-                    for t, (r, d) in tables.items()
-                ],
-                device=torch.device("cpu"),
-            )
-
-        def forward(self, kjt: Any) -> torch.Tensor:
-            return self.ebc(kjt).values()
-
-    model = Wrap()
+    model = ebc_model(tables)
     opt_class: Any = RowWiseAdagrad if optim == "rowwise" else torch.optim.Adagrad
     apply_optimizer_in_backward(opt_class, model.ebc.parameters(), {"lr": 0.1})
     constraints = {t: ParameterConstraints(sharding_types=[st], min_partition=4) for t, st in PLAN.items()}
@@ -84,13 +62,6 @@ def train(dmp: Any) -> None:
         dmp(kjt).sum().backward()
 
 
-def snapshot(dmp: Any, opt: Any) -> dict[str, torch.Tensor]:
-    sd = dmp.state_dict()
-    out = gather_all({weight_key(t): sd[weight_key(t)] for t in SAVED})
-    out.update(gather_all({k: v for k, _, _, v in flat_state(opt.state_dict())}))
-    return out
-
-
 def corner(saved: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
     """TorchEasyRec's result: ``fresh`` with the block both shapes share taken from ``saved``."""
     want = fresh.clone()
@@ -116,16 +87,16 @@ def grown_tables(rank: int, world: int, root: str) -> None:
         train(dmp)
         ckpt = f"{root}/{optim}/model.ckpt-2"
         reckpt.save_model(ckpt, dmp, opt)
-        saved = snapshot(dmp, opt)
+        saved = snapshot(dmp, opt, SAVED)
 
         new, new_opt = build(GROWN, seed=2, optim=optim)
-        fresh = snapshot(new, new_opt)
+        fresh = snapshot(new, new_opt, SAVED)
         report = reckpt.restore_model(ckpt, new, new_opt)
-        got = snapshot(new, new_opt)
+        got = snapshot(new, new_opt, SAVED)
         for t in SAVED:
             w = weight_key(t)
             assert torch.equal(got[w], corner(saved[w], fresh[w])), f"{optim} {t} weight"
-            s = state_key(t)
+            s = momentum_key(t)
             want = expected_state(t, saved[s], fresh[s], optim)
             assert torch.equal(got[s], want), f"{optim} {t} {PLAN[t]} state"
 
@@ -142,9 +113,9 @@ def grown_tables(rank: int, world: int, root: str) -> None:
         held = {k for k, _, _, _ in flat_state(new_opt.state_dict())}
         part = report.part("optimizer")
         assert not part.reinitialized, part.reinitialized
-        grew = {state_key(t) for t in SAVED if optim == "adagrad" or t != "col"}  # [12] rowwise: same
+        grew = {momentum_key(t) for t in SAVED if optim == "adagrad" or t != "col"}  # [12] rowwise: same
         assert set(part.resized) == grew & held, (optim, part.resized, held)
-        everyone = _all_gather((model.resized, part.resized))
+        everyone = all_gather_objects((model.resized, part.resized))
         assert {k for m, _ in everyone for k in m} == weights
         assert {k for _, o in everyone for k in o} == grew
         if optim == "rowwise":
@@ -156,35 +127,27 @@ def strict_mode(ckpt: str, saved: dict[str, torch.Tensor]) -> None:
     """``strict_shapes``: refused on every rank before loading; with ``allow_row_resize`` the
     grown rows load but the row-wise state of resized tables starts afresh (as before)."""
     new, new_opt = build(GROWN, seed=2, optim="rowwise")
-    fresh = snapshot(new, new_opt)
+    fresh = snapshot(new, new_opt, SAVED)
     try:
         reckpt.restore_model(ckpt, new, new_opt, strict_shapes=True)
         raise AssertionError("strict_shapes=True accepted resized tables")
     except ShapeMismatchError as e:
         # Every rank raises the lowest failing rank's error (naming the keys that rank holds).
         assert any(weight_key(t) in str(e) for t in SAVED) and "strict_shapes=True refuses" in str(e), e
-    assert all(
-        torch.equal(a, b) for a, b in zip(fresh.values(), snapshot(new, new_opt).values(), strict=True)
-    )
-    keep = {weight_key("col"): "-", state_key("col"): "-"}  # grew in columns: not a row resize
+    assert state_dicts_equal(fresh, snapshot(new, new_opt, SAVED))
+    keep = {weight_key("col"): "-", momentum_key("col"): "-"}  # grew in columns: not a row resize
     report = reckpt.restore_model(
         ckpt, new, new_opt, strict_shapes=True, allow_row_resize=True, param_map=keep
     )
-    got = snapshot(new, new_opt)
+    got = snapshot(new, new_opt, SAVED)
     for t in ("tw", "rw", "cw"):
         assert torch.equal(got[weight_key(t)], corner(saved[weight_key(t)], fresh[weight_key(t)])), t
-        assert torch.equal(got[state_key(t)], fresh[state_key(t)]), t
+        assert torch.equal(got[momentum_key(t)], fresh[momentum_key(t)]), t
     assert torch.equal(got[weight_key("col")], fresh[weight_key("col")])
     held = {k for k, _, _, _ in flat_state(new_opt.state_dict())}
-    reinit = {state_key(t) for t in ("tw", "rw", "cw")} & held
+    reinit = {momentum_key(t) for t in ("tw", "rw", "cw")} & held
     assert reinit <= set(report.part("optimizer").reinitialized), report.part("optimizer")
     assert not report.part("optimizer").resized
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    box: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(box, obj)
-    return box
 
 
 def _dtensor_holder(shape: tuple[int, int], placement: Any, seed: int) -> nn.Module:

@@ -18,7 +18,8 @@ import torch.distributed as dist
 import reckpt
 from reckpt.sharding.fused_state import flat_state
 from reckpt.sharding.plan import plan_to_json, read_plan
-from tests.distributed.torchrec_scenarios import ebc_model
+from tests.helpers.sharded import all_gather_objects
+from tests.helpers.torchrec_models import ebc_model, momentum_key, row_sharder, snapshot, weight_key
 
 ROWS, DIM = 12, 8
 PLANS: dict[str, dict[str, str]] = {
@@ -48,21 +49,6 @@ PLANS: dict[str, dict[str, str]] = {
 TABLES = sorted(PLANS["A"])
 
 
-def weight_key(t: str) -> str:
-    return f"ebc.embedding_bags.{t}.weight"
-
-
-def row_sharder() -> Any:
-    """TorchRec's bag sharder with ``row_wise`` allowed on CPU (the planner refuses it there)."""
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-
-    class RowWiseOnCpu(EmbeddingBagCollectionSharder):
-        def sharding_types(self, compute_device_type: str) -> list[str]:
-            return [*super().sharding_types(compute_device_type), "row_wise"]
-
-    return RowWiseOnCpu()
-
-
 OPTIMIZERS = ("rowwise", "adagrad")
 """Row-wise Adagrad (one state value per row) and Adagrad (one per element)."""
 
@@ -79,7 +65,7 @@ def build(plan: dict[str, str], seed: int, optim: str = "rowwise") -> tuple[Any,
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     torch.manual_seed(seed)
-    model = ebc_model(tuple(TABLES), ROWS, DIM)
+    model = ebc_model({t: (ROWS, DIM) for t in TABLES})
     opt_class: Any = RowWiseAdagrad if optim == "rowwise" else torch.optim.Adagrad
     apply_optimizer_in_backward(opt_class, model.ebc.parameters(), {"lr": 0.1})
     constraints = {
@@ -113,42 +99,11 @@ def train(dmp: Any, opt: Any, steps: int = 2) -> None:
         opt.zero_grad()
 
 
-def gather_all(items: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Whole tensors of (sharded or replicated) values, on every rank; ranks may hold other keys."""
-    local: dict[str, tuple[tuple[int, ...], list[tuple[tuple[int, ...], torch.Tensor]]]] = {}
-    for key, value in items.items():
-        if hasattr(value, "local_shards"):
-            pieces = [(tuple(s.metadata.shard_offsets), s.tensor.clone()) for s in value.local_shards()]
-            local[key] = (tuple(value.size()), pieces)
-        elif isinstance(value, torch.Tensor) and value.numel() > 0:
-            local[key] = (tuple(value.shape), [((0,) * value.dim(), value.detach().clone())])
-    out: dict[str, torch.Tensor] = {}
-    for per_rank in _all_gather(local):
-        for key, (shape, pieces) in per_rank.items():
-            full = out.setdefault(key, torch.zeros(shape, dtype=pieces[0][1].dtype if pieces else None))
-            for off, t in pieces:
-                full[tuple(slice(o, o + n) for o, n in zip(off, t.shape, strict=True))] = t
-    return out
-
-
-def _all_gather(obj: Any) -> list[Any]:
-    box: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(box, obj)
-    return box
-
-
-def snapshot(dmp: Any, opt: Any) -> dict[str, torch.Tensor]:
-    sd = dmp.state_dict()
-    out = gather_all({weight_key(t): sd[weight_key(t)] for t in TABLES})
-    out.update(gather_all({key: v for key, _, _, v in flat_state(opt.state_dict())}))
-    return out
-
-
 def momentum(snap: dict[str, torch.Tensor], t: str, sharding: str) -> torch.Tensor:
     """A table's Adagrad state, flat (row-wise: ``[rows * column shards]``)."""
     if sharding == "data_parallel":
         return snap[f"state.{weight_key(t)}.sum"].reshape(-1)
-    return snap[f"state.{weight_key(t)}.{t}.momentum1"].reshape(-1)
+    return snap[momentum_key(t)].reshape(-1)
 
 
 def expected_momentum(saved: torch.Tensor, old: str, new: str, optim: str) -> torch.Tensor | None:
@@ -174,7 +129,7 @@ def save_world(root: str, world: int) -> None:
             saved_plan = read_plan(ckpt)
             assert saved_plan is not None and saved_plan == plan_to_json(dmp.plan)
             assert {t: e["sharding_type"] for t, e in saved_plan["ebc"].items()} == plan
-            snap = snapshot(dmp, opt)
+            snap = snapshot(dmp, opt, TABLES)
             if dist.get_rank() == 0:
                 torch.save(snap, f"{root}/{optim}-w{world}{name}/expected.pt")
             dist.barrier()
@@ -189,16 +144,16 @@ def load_world(root: str, world: int) -> None:
         optim = src.split("-")[0]
         for name, plan in PLANS.items():
             dmp, opt = build(plan, seed=99, optim=optim)
-            fresh = snapshot(dmp, opt)
+            fresh = snapshot(dmp, opt, TABLES)
             report = reckpt.restore_model(f"{root}/{src}/model.ckpt-1", dmp, opt)
-            got = snapshot(dmp, opt)
+            got = snapshot(dmp, opt, TABLES)
             where = f"{src} -> w{world}{name}"
             opt_report = report.part("optimizer")
             for t in TABLES:
                 assert torch.equal(got[weight_key(t)], want[weight_key(t)]), f"{where}: {t} weight"
                 expect = expected_momentum(momentum(want, t, old_plan[t]), old_plan[t], plan[t], optim)
                 value = momentum(got, t, plan[t])
-                key = f"state.{weight_key(t)}." + ("sum" if plan[t] == "data_parallel" else f"{t}.momentum1")
+                key = f"state.{weight_key(t)}.sum" if plan[t] == "data_parallel" else momentum_key(t)
                 holds = key in {k for k, _, _, _ in flat_state(opt.state_dict())}
                 if expect is None:
                     assert torch.equal(value, momentum(fresh, t, plan[t])), f"{where}: {t} re-initialised"
@@ -206,7 +161,7 @@ def load_world(root: str, world: int) -> None:
                     reported = key in opt_report.reinitialized
                     assert reported == holds, (where, t, opt_report.reinitialized)
                     assert reported == any(key in n and "re-initialised" in n for n in report.notes)
-                    assert any(_all_gather(reported)), (where, t)
+                    assert any(all_gather_objects(reported)), (where, t)
                 else:
                     assert torch.equal(value, expect), f"{where}: {t} {old_plan[t]} -> {plan[t]} momentum"
                     assert key not in opt_report.reinitialized, (where, t)

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 import reckpt
+from tests.helpers.sharded import gather_all
 
 ST_SHAPE = (12, 4)
 DT_SHAPE = (10, 3)
@@ -73,11 +74,7 @@ class Holder(nn.Module):
         dt = self.dt.full_tensor() if isinstance(self.dt, DTensor) else self.dt
         if isinstance(self.st, torch.Tensor) and not hasattr(self.st, "local_shards"):
             return self.st, dt
-        full = torch.zeros(ST_SHAPE) if dist.get_rank() == 0 else None
-        self.st.gather(dst=0, out=full, dtype=torch.float32)
-        box = [full]
-        dist.broadcast_object_list(box, src=0)
-        return box[0], dt
+        return gather_all({"st": self.st})["st"], dt
 
 
 def step(model: nn.Module, opt: torch.optim.Optimizer) -> None:

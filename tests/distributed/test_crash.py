@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
@@ -15,24 +13,15 @@ from reckpt.commit.state import checkpoint_state
 from reckpt.naming import parse_step
 from reckpt.storage.core import storage_for
 from tests.helpers import fresh, optim_states_equal, state_dicts_equal, trained
+from tests.helpers.processes import run_worker
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POINTS = ["begin", "after_model", "after_optimizer", "before_commit", "after_manifest"]
 
 
-def _run_worker(module: str, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess[bytes]:
+def _run_worker(module: str, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m tests.distributed.<module> ARGS`` with an optional SIGKILL fault point."""
-    env = {k: v for k, v in os.environ.items() if k != "RECKPT_FAULT_KILL_AT"}
-    env["PYTHONPATH"] = REPO
-    if kill_at:
-        env["RECKPT_FAULT_KILL_AT"] = kill_at
-    return subprocess.run(
-        [sys.executable, "-m", f"tests.distributed.{module}", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        timeout=180,
-    )
+    env = {"RECKPT_FAULT_KILL_AT": kill_at} if kill_at else None
+    return run_worker(f"tests.distributed.{module}", *args, env=env)
 
 
 def _save_in_subprocess(root: str, step: int, kill_at: str | None) -> int:
@@ -107,7 +96,7 @@ def test_kill_during_async_save(tmp_path, point: str) -> None:
     m1, o1 = trained(seed=1)
     reckpt.save_model(f"{root}/model.ckpt-1", m1, o1)
     proc = _run_worker("crash_worker", root, "2", "async", kill_at=point)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     st = storage_for(root)
     assert checkpoint_state(st, f"{root}/model.ckpt-2") in ("absent", "incomplete")
     assert reckpt.latest_checkpoint(root) == (f"{root}/model.ckpt-1", 1)
@@ -128,7 +117,7 @@ def test_kill_during_pruning_leaves_nothing_half_committed(
     for step in (1, 2):
         reckpt.save_model(f"{root}/model.ckpt-{step}", m)
     proc = _run_worker("prune_worker", root, kill_at=point)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     st = storage_for(root)
     assert checkpoint_state(st, f"{root}/model.ckpt-1") in ("absent", "incomplete")
     assert reckpt.latest_checkpoint(root) == (f"{root}/model.ckpt-2", 2)

@@ -5,31 +5,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from benchmarks import reliability
 
 import reckpt
 from reckpt.testing.kill_points import op_phase
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.processes import run_worker
 
 
 def test_op_knob_kills_just_before_operation_k(tmp_path: Path) -> None:
     trace = tmp_path / "trace"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECKPT_FAULT")}
-    env.update(PYTHONPATH=str(REPO), RECKPT_FAULT_KILL_AT="op:5", RECKPT_FAULT_TRACE=str(trace))
+    env = {"RECKPT_FAULT_KILL_AT": "op:5", "RECKPT_FAULT_TRACE": str(trace)}
     root = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.distributed.crash_worker", str(root), "2"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        timeout=180,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    proc = run_worker("tests.distributed.crash_worker", str(root), "2", env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     ops = [line.split("\t") for line in trace.read_text().splitlines()]
     assert [int(k) for k, _, _ in ops] == list(range(1, 6))
     kind, path = ops[-1][1], ops[-1][2]

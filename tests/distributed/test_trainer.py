@@ -13,30 +13,26 @@ import torch
 
 import reckpt
 from reckpt.restore.inspection import read_part
-from tests.conftest import free_port
+from tests.helpers import assert_state_dicts_equal, flip_byte
+from tests.helpers.paths import REPO
+from tests.helpers.processes import child_env, free_port, run_python
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS, EVERY = 60, 20
 
 
 def cli(*args: str, world: int = 1, env: dict[str, str] | None = None, cwd: str | None = None):
-    full_env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", **(env or {})}
-    if world == 1:
-        cmd = [sys.executable, "-m", "reckpt.cli", *args]
-    else:
-        cmd = [
-            sys.executable,
+    launch = []
+    if world > 1:
+        launch = [
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={world}",
             "--nnodes=1",
             "--master_addr=127.0.0.1",
             f"--master_port={free_port()}",
-            "-m",
-            "reckpt.cli",
-            *args,
         ]
-    return subprocess.run(cmd, env=full_env, cwd=cwd or REPO, capture_output=True, text=True, timeout=600)
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    return run_python(*launch, "-m", "reckpt.cli", *args, env=env, cwd=cwd or REPO, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +82,6 @@ def final_state(model_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    diff = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not diff, f"differ: {diff}"
-
-
 @pytest.mark.parametrize("world", [1, 2])
 def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, world: int) -> None:
     straight = tmp_path / "straight"
@@ -124,7 +114,7 @@ def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, worl
     assert again.returncode != 0 and "pass --continue-train" in again.stderr
     proc = cli("train", cfg_b, "--continue_train", world=world)  # the underscore alias works too
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_bitwise_equal(final_state(straight), final_state(resumed))
+    assert_state_dicts_equal(final_state(straight), final_state(resumed))
 
     # Export the best checkpoint; predict in a plain process matches the trained model.
     export = tmp_path / "export"
@@ -160,10 +150,7 @@ def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, worl
 
     # A flipped bit in the checkpoint: export refuses (and writes nothing), --no-verify salvages.
     if world == 1:
-        data_file = next((Path(meta["checkpoint"]) / "model").glob("*.distcp"))
-        raw = bytearray(data_file.read_bytes())
-        raw[len(raw) // 2] ^= 1
-        data_file.write_bytes(bytes(raw))
+        flip_byte(next((Path(meta["checkpoint"]) / "model").glob("*.distcp")))
         damaged = tmp_path / "export-damaged"
         proc = cli("export", cfg, "--export-dir", str(damaged))
         assert proc.returncode != 0 and "integrity check failed" in proc.stderr, proc.stderr[-3000:]
@@ -171,10 +158,7 @@ def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, worl
         proc = cli("export", cfg, "--export-dir", str(damaged), "--no-verify")
         assert proc.returncode == 0, proc.stderr[-3000:]
         # predict checks the export's files against what export recorded
-        weights = export / "model.safetensors"
-        raw = bytearray(weights.read_bytes())
-        raw[-5] ^= 1
-        weights.write_bytes(bytes(raw))
+        flip_byte(export / "model.safetensors", at=-5)
         args = ("predict", "--export-dir", str(export), "--input", str(data / "eval"), "--output", str(out))
         proc = cli(*args)
         assert proc.returncode != 0 and "the export is damaged" in proc.stderr, proc.stderr[-3000:]
@@ -219,7 +203,7 @@ def test_dynamic_features_train_and_resume_exactly(tmp_path: Path, data: Path) -
     assert killed.returncode != 0 and reckpt.latest_checkpoint(str(resumed))[1] == 40
     proc = cli("train", cfg, "--continue-train", world=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_bitwise_equal(final_state(straight), final_state(resumed))
+    assert_state_dicts_equal(final_state(straight), final_state(resumed))
     assert dynamic_files(resumed / f"model.ckpt-{STEPS - 1}") == files
 
 
@@ -342,7 +326,7 @@ def test_incremental_checkpoints_resume_exactly_and_export_quantized(tmp_path: P
     proc = cli("train", cfg_b, "--continue-train")
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, got = plain_restored(cfg_a, last), plain_restored(cfg_b, resumed / f"model.delta-{STEPS - 1}")
-    assert_bitwise_equal(want, got)
+    assert_state_dicts_equal(want, got)
 
     for quantize in ("raw", "int8"):
         export = tmp_path / f"export-{quantize}"
@@ -378,15 +362,12 @@ def test_continue_train_skips_a_damaged_newest_checkpoint(tmp_path: Path, data: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     damaged = tmp_path / "damaged"
     shutil.copytree(straight, damaged)
-    shard = next((damaged / f"model.ckpt-{STEPS - 1}" / "model").glob("*.distcp"))
-    raw = bytearray(shard.read_bytes())
-    raw[len(raw) // 2] ^= 0x40
-    shard.write_bytes(bytes(raw))
+    flip_byte(next((damaged / f"model.ckpt-{STEPS - 1}" / "model").glob("*.distcp")), mask=0x40)
     proc = cli("train", write_config(tmp_path / "b.toml", data, damaged), "--continue-train")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipping {damaged}/model.ckpt-{STEPS - 1}" in proc.stderr
     assert reckpt.verify(str(damaged / f"model.ckpt-{STEPS - 1}")).ok  # replaced by the redone save
-    assert_bitwise_equal(final_state(straight), final_state(damaged))
+    assert_state_dicts_equal(final_state(straight), final_state(damaged))
 
 
 def test_sigterm_saves_the_current_step_and_exits_0(tmp_path: Path, data: Path) -> None:
@@ -396,10 +377,9 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path: Path, data: Path) 
     run = tmp_path / "run"
     cfg = Path(write_config(tmp_path / "long.toml", data, run, train="log_step_count_steps = 1"))
     cfg.write_text(cfg.read_text().replace(f"num_steps = {STEPS}", "num_steps = 1000000"))
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "reckpt.cli", "train", str(cfg)],
-        env=env,
+        env=child_env(OMP_NUM_THREADS="1"),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -456,7 +436,7 @@ def test_data_position_matches_relative_and_absolute_paths(tmp_path: Path, data:
     assert str(rel) in rel_cfg.read_text() and str(data) not in rel_cfg.read_text()
     proc = cli("train", str(rel_cfg), "--continue-train", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_bitwise_equal(final_state(straight), final_state(resumed))
+    assert_state_dicts_equal(final_state(straight), final_state(resumed))
 
     other = tmp_path / "copy"
     shutil.copytree(data, other)
@@ -478,10 +458,7 @@ def test_a_flipped_bit_in_the_newest_checkpoint_costs_no_good_checkpoint(tmp_pat
     assert cli("train", cfg).returncode == 0
     kept = [c.step for c in reckpt.list_checkpoints(str(run))]
     assert kept[-2:] == [40, STEPS - 1]
-    data_file = next((run / f"model.ckpt-{STEPS - 1}" / "model").glob("*.distcp"))
-    raw = bytearray(data_file.read_bytes())
-    raw[len(raw) // 2] ^= 1
-    data_file.write_bytes(bytes(raw))
+    flip_byte(next((run / f"model.ckpt-{STEPS - 1}" / "model").glob("*.distcp")))
     assert cli("verify", str(run)).returncode != 0
     ls = cli("ls", str(run)).stdout
     assert any(line.split()[:1] == [str(STEPS - 1)] and "damaged" in line for line in ls.splitlines()), ls

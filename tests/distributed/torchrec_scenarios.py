@@ -6,35 +6,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 import reckpt
 from reckpt.sharding.plan import read_plan
+from tests.helpers import assert_state_dicts_equal
+from tests.helpers.sharded import gather_all, local_momentum
+from tests.helpers.torchrec_models import ebc_model, momentum_key, row_sharder, weight_key
 
 ROWS, DIM = 40, 64
+TABLES = ("t1", "t2")
 
 
-def ebc_model(tables: tuple[str, ...], rows: int, dim: int) -> nn.Module:
-    """A module holding one EmbeddingBagCollection ``ebc``: one table per name, feature ``f_<name>``."""
-    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-
-    class Wrap(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ebc = EmbeddingBagCollection(
-                tables=[
-                    EmbeddingBagConfig(
-                        name=t, embedding_dim=dim, num_embeddings=rows, feature_names=[f"f_{t}"]
-                    )
-                    for t in tables
-                ],
-                device=torch.device("cpu"),
-            )
-
-        def forward(self, kjt: Any) -> torch.Tensor:
-            return self.ebc(kjt).values()
-
-    return Wrap()
+def weights(dmp: Any) -> dict[str, torch.Tensor]:
+    """Each table's whole weight, on every rank."""
+    sd = dmp.state_dict()
+    return gather_all({t: sd[weight_key(t)] for t in TABLES})
 
 
 def build(sharding: dict[str, str], seed: int) -> tuple[Any, Any]:
@@ -45,7 +31,7 @@ def build(sharding: dict[str, str], seed: int) -> tuple[Any, Any]:
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     torch.manual_seed(seed)
-    model = ebc_model(("t1", "t2"), ROWS, DIM)
+    model = ebc_model({t: (ROWS, DIM) for t in TABLES})
     apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": 0.1})
     constraints = {
         t: ParameterConstraints(sharding_types=[st], min_partition=DIM // 2) for t, st in sharding.items()
@@ -72,25 +58,6 @@ def train_step(dmp: Any) -> None:
     dmp(kjt).sum().backward()
 
 
-def gathered(st: Any, shape: tuple[int, ...]) -> torch.Tensor:
-    """The full tensor of a ShardedTensor, on every rank."""
-    full = torch.zeros(shape) if dist.get_rank() == 0 else None
-    st.gather(dst=0, out=full, dtype=torch.float32)
-    box = [full]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]  # type: ignore[no-any-return]
-
-
-def local_momentum(opt: Any) -> dict[str, list[torch.Tensor]]:
-    """This rank's shards of every table's row-wise momentum (a rank without a shard has no key)."""
-    out = {}
-    for fqn, st in opt.state_dict()["state"].items():
-        for name, value in st.items():
-            if name.endswith("momentum1"):
-                out[fqn] = [s.tensor.clone() for s in value.local_shards()]
-    return out
-
-
 def plan_change_reinitialises_fused_state(rank: int, world: int, root: str) -> None:
     dmp, opt = build({"t1": "table_wise", "t2": "table_wise"}, seed=0)
     train_step(dmp)
@@ -98,23 +65,16 @@ def plan_change_reinitialises_fused_state(rank: int, world: int, root: str) -> N
     reckpt.save_model(ckpt, dmp, opt)
     plan = read_plan(ckpt)
     assert plan is not None and plan["ebc"]["t1"]["sharding_type"] == "table_wise"
-    want = {
-        t: gathered(dmp.state_dict()[f"ebc.embedding_bags.{t}.weight"], (ROWS, DIM)) for t in ("t1", "t2")
-    }
-    mom_key = "state.ebc.embedding_bags.t1.weight.t1.momentum1"
+    want = weights(dmp)
+    mom_key = momentum_key("t1")
     want_mom = local_momentum(opt)
 
     # Same plan: weights and fused optimizer state exact.
     same, same_opt = build({"t1": "table_wise", "t2": "table_wise"}, seed=1)
     reckpt.restore_model(ckpt, same, same_opt)
-    for t in ("t1", "t2"):
-        assert torch.equal(
-            gathered(same.state_dict()[f"ebc.embedding_bags.{t}.weight"], (ROWS, DIM)), want[t]
-        )
-    got_mom = local_momentum(same_opt)
-    assert got_mom.keys() == want_mom.keys()
-    assert all(torch.equal(a, b) for k in want_mom for a, b in zip(want_mom[k], got_mom[k], strict=True))
-    has_t1 = [bool(want_mom.get("ebc.embedding_bags.t1.weight"))]
+    assert_state_dicts_equal(weights(same), want)
+    assert_state_dicts_equal(local_momentum(same_opt), want_mom)
+    has_t1 = [bool(want_mom.get("ebc.embedding_bags.t1.weight.t1.momentum1"))]
     dist.all_reduce(t := torch.tensor(has_t1, dtype=torch.int64))
     assert int(t) == 1, "table-wise: exactly one rank holds t1's momentum"
 
@@ -122,8 +82,7 @@ def plan_change_reinitialises_fused_state(rank: int, world: int, root: str) -> N
     # fits (one value per row per column shard) and is re-initialised, reported, no crash.
     cw, cw_opt = build({"t1": "column_wise", "t2": "table_wise"}, seed=2)
     report = reckpt.restore_model(ckpt, cw, cw_opt)
-    for t in ("t1", "t2"):
-        assert torch.equal(gathered(cw.state_dict()[f"ebc.embedding_bags.{t}.weight"], (ROWS, DIM)), want[t])
+    assert_state_dicts_equal(weights(cw), want)
     opt_report = report.part("optimizer")
     assert any(k.startswith(mom_key) for k in opt_report.reinitialized), opt_report
     assert any(m.key.startswith(mom_key) for m in opt_report.shape_mismatched)
@@ -135,7 +94,6 @@ def _planned(constraints: dict[str, Any]) -> dict[str, Any]:
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 
     from reckpt.sharding.plan import plan_to_json
-    from tests.distributed.reshard_scenarios import row_sharder
 
     ebc = EmbeddingBagCollection(
         tables=[
@@ -190,24 +148,17 @@ def fork_snapshot_freezes_sharded_state(rank: int, world: int, root: str) -> Non
     """An async fork-snapshot save of a DMP model while the fused optimizer keeps updating rows."""
     dmp, opt = build({"t1": "column_wise", "t2": "table_wise"}, seed=0)
     train_step(dmp)
-    want = {
-        t: gathered(dmp.state_dict()[f"ebc.embedding_bags.{t}.weight"], (ROWS, DIM)) for t in ("t1", "t2")
-    }
+    want = weights(dmp)
     want_mom = local_momentum(opt)
     mgr = reckpt.CheckpointManager(root, async_save=True, async_snapshot="fork")
     path = mgr.save(1, dmp, opt)
     for _ in range(3):  # backward updates the rows in place while the child writes
         train_step(dmp)
-    changed = gathered(dmp.state_dict()["ebc.embedding_bags.t1.weight"], (ROWS, DIM))
-    assert not torch.equal(changed, want["t1"])
+    assert not torch.equal(weights(dmp)["t1"], want["t1"])
     mgr.wait()
     mgr.close()
     fresh, fresh_opt = build({"t1": "column_wise", "t2": "table_wise"}, seed=3)
     reckpt.restore_model(path, fresh, fresh_opt)
-    for t in ("t1", "t2"):
-        got = gathered(fresh.state_dict()[f"ebc.embedding_bags.{t}.weight"], (ROWS, DIM))
-        assert torch.equal(got, want[t]), t
-    got_mom = local_momentum(fresh_opt)
-    assert got_mom.keys() == want_mom.keys()
-    assert all(torch.equal(a, b) for k in want_mom for a, b in zip(want_mom[k], got_mom[k], strict=True))
+    assert_state_dicts_equal(weights(fresh), want)
+    assert_state_dicts_equal(local_momentum(fresh_opt), want_mom)
     assert reckpt.verify(path).ok

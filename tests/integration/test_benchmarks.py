@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from benchmarks import async_stall, targets
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import reckpt
 from reckpt.dcp.writer import zip_crc32_off
-from reckpt.format.integrity import HashingWriter, SequentialHasher, checksum_bytes, hash_stream
+from reckpt.format.integrity import HashingWriter, checksum_bytes, hash_stream
 from reckpt.storage.writeback import start_writeback
+from tests.helpers.files import random_bytes
 
 MIB = 1 << 20
-
-
-def _data(n: int, seed: int = 0) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
 
 
 @pytest.mark.parametrize("sizes", [[10], [3 * MIB], [40 * MIB + 7], [5, 2 * MIB, 17 * MIB, 1, 0, 33 * MIB]])
 def test_hashing_writer_matches_a_plain_hash(tmp_path: Path, sizes: list[int]) -> None:
     """Small writes hash inline, large ones in pieces on a helper thread: same checksum."""
-    chunks = [_data(n, i) for i, n in enumerate(sizes)]
+    chunks = [random_bytes(n, i) for i, n in enumerate(sizes)]
     records: list[tuple[int, str]] = []
     path = tmp_path / "f.bin"
     with open(path, "wb") as raw:
@@ -38,32 +33,6 @@ def test_hashing_writer_matches_a_plain_hash(tmp_path: Path, sizes: list[int]) -
     assert path.read_bytes() == whole
     with open(path, "rb") as f:
         assert hash_stream(f) == (len(whole), checksum_bytes(whole))
-
-
-def test_sequential_hasher_hashes_skipped_and_taken_bytes_alike() -> None:
-    """Ranges read into the caller's buffers and ranges skipped both count, in file order."""
-    data = _data(50 * MIB + 123)
-    stream = io.BytesIO(data)
-    seq = SequentialHasher(stream)
-    seq.skip_to(100)
-    dest = bytearray(20 * MIB)
-    assert seq.readinto(memoryview(dest)) == len(dest)
-    seq.wait()
-    assert bytes(dest) == data[100 : 100 + len(dest)]
-    stream.seek(0)  # someone else moved the shared stream: the hasher carries on where it was
-    seq.skip_to(25 * MIB)
-    seq.skip_to(10)  # behind: no-op
-    tail = bytearray(MIB)
-    seq.readinto(memoryview(tail))
-    assert bytes(tail) == data[25 * MIB : 26 * MIB]
-    assert seq.finish() == (len(data), checksum_bytes(data))
-
-
-def test_sequential_hasher_detects_a_flipped_byte() -> None:
-    data = bytearray(_data(3 * MIB))
-    want = checksum_bytes(bytes(data))
-    data[MIB] ^= 1
-    assert SequentialHasher(io.BytesIO(bytes(data))).finish() != (len(data), want)
 
 
 def test_writeback_request_is_harmless(tmp_path: Path) -> None:

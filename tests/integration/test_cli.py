@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,15 +12,7 @@ import torch
 
 import reckpt
 from tests.helpers import trained
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def reckpt_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "src") + os.pathsep + REPO}
-    return subprocess.run(
-        [sys.executable, "-m", "reckpt.cli", *args], env=env, capture_output=True, text=True, timeout=300
-    )
+from tests.helpers.processes import child_env, reckpt_cli, run_python
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +41,7 @@ def test_ls_json_markers_and_no_torch_import(run_dir: Path) -> None:
         f"import sys; from reckpt.cli import main; main(['ls', {str(run_dir)!r}]);"
         " print('torch' in sys.modules)"
     )
-    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "src")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    out = run_python("-c", code, timeout=60)
     assert out.stdout.strip().endswith("False"), out.stdout + out.stderr  # ls never imports torch
 
 
@@ -177,7 +167,7 @@ def test_help_has_an_example(command: str) -> None:
 def test_progress_bar_under_a_pty(run_dir: Path) -> None:
     import pty
 
-    env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "src")}
+    env = child_env()
     pid, fd = pty.fork()
     if pid == 0:  # the child: stderr is the pty
         os.execve(sys.executable, [sys.executable, "-m", "reckpt.cli", "verify", str(run_dir)], env)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reckpt.errors import CheckpointNotFoundError, ConfigError
+from reckpt.errors import CheckpointNotFoundError
 from reckpt.storage.core import Storage, storage_for
 
 
@@ -66,17 +66,6 @@ def test_read_missing_names_path(root: str) -> None:
 def test_atomic_rename_only_on_posix(root: str) -> None:
     st = storage_for(root)
     assert st.atomic_rename == (not root.startswith(("memory://", "s3://")))
-
-
-def test_unknown_scheme_is_config_error() -> None:
-    with pytest.raises(ConfigError, match="nosuchproto://x"):
-        storage_for("nosuchproto://x")
-
-
-def test_parent_and_join() -> None:
-    assert Storage.parent("s3://b/run/model.ckpt-1") == "s3://b/run"
-    assert Storage.parent("/a/b/") == "/a"
-    assert Storage.join("s3://b/run/", "model.ckpt-1", "model") == "s3://b/run/model.ckpt-1/model"
 
 
 def test_explicit_storage_options_reach_s3(s3_server: dict[str, str]) -> None:

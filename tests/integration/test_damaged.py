@@ -3,51 +3,32 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import reckpt
-from reckpt.policy import CheckpointInfo, LatestN, steps_to_delete
 from tests.helpers import flip_bit, fresh, trained
+from tests.helpers.files import write_eval_results
+from tests.helpers.processes import reckpt_cli
 
 
 def _run(root: Path) -> None:
     for step in (10, 20, 30):
         reckpt.save_model(str(root / f"model.ckpt-{step}"), *trained(seed=step))
-    lines = [f'{{"global_step": {s}, "auc": {a}}}' for s, a in ((10, 0.6), (20, 0.7), (30, 0.9))]
-    (root / "train_eval_result_v2.txt").write_text("\n".join(lines) + "\n")
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "reckpt.cli", *args], capture_output=True, text=True, timeout=300
-    )
-
-
-def test_retention_counts_only_good_checkpoints() -> None:
-    cks = [
-        CheckpointInfo(10, "m/model.ckpt-10"),
-        CheckpointInfo(20, "m/model.ckpt-20"),
-        CheckpointInfo(30, "m/model.ckpt-30", state="damaged"),
-    ]
-    assert steps_to_delete(cks, [LatestN(2)], now=0.0) == [30]
-    assert steps_to_delete(cks, [LatestN(2)], now=0.0, protected=[30]) == []
-    assert steps_to_delete([cks[2]], [LatestN(1)], now=0.0) == [30]
+    write_eval_results(root, {10: {"auc": 0.6}, 20: {"auc": 0.7}, 30: {"auc": 0.9}})
 
 
 def test_a_damaged_newest_checkpoint_is_shown_skipped_and_pruned_first(tmp_path: Path) -> None:
     run = tmp_path / "run"
     _run(run)
     flip_bit(run / "model.ckpt-30")
-    out = _cli("verify", str(run))
+    out = reckpt_cli("verify", str(run))
     assert out.returncode != 0
     states = {c.step: c.state for c in reckpt.list_checkpoints(str(run))}
     assert states == {10: "committed", 20: "committed", 30: "damaged"}
-    assert "damaged" in _cli("ls", str(run)).stdout
+    assert "damaged" in reckpt_cli("ls", str(run)).stdout
     assert reckpt.latest_checkpoint(str(run)) == (str(run / "model.ckpt-20"), 20)
     assert reckpt.best_checkpoint(str(run))[1] == 20  # 30 has the best auc, but is damaged
-    assert _cli("prune", str(run), "--keep-last", "2").returncode == 0
+    assert reckpt_cli("prune", str(run), "--keep-last", "2").returncode == 0
     assert [c.step for c in reckpt.list_checkpoints(str(run))] == [10, 20]  # both good ones stay
 
 
@@ -66,10 +47,10 @@ def test_resume_marks_a_damaged_checkpoint_and_a_new_save_replaces_it(tmp_path: 
     assert reckpt.verify(str(run / "model.ckpt-30")).ok
     # a checkpoint that verifies again loses the mark
     flip_bit(run / "model.ckpt-20")
-    _cli("verify", str(run / "model.ckpt-20"))
+    reckpt_cli("verify", str(run / "model.ckpt-20"))
     assert {c.step: c.state for c in reckpt.list_checkpoints(str(run))}[20] == "damaged"
     flip_bit(run / "model.ckpt-20")  # flipped back
-    assert _cli("verify", str(run / "model.ckpt-20")).returncode == 0
+    assert reckpt_cli("verify", str(run / "model.ckpt-20")).returncode == 0
     assert {c.step: c.state for c in reckpt.list_checkpoints(str(run))}[20] == "committed"
 
 
@@ -77,7 +58,7 @@ def test_a_new_run_replaces_a_step_marked_damaged(tmp_path: Path) -> None:
     run = tmp_path / "run"
     _run(run)
     flip_bit(run / "model.ckpt-30")
-    assert _cli("verify", str(run)).returncode != 0
+    assert reckpt_cli("verify", str(run)).returncode != 0
     with reckpt.CheckpointManager(str(run)) as mgr:  # knows nothing of the damage but the mark
         mgr.save(30, *trained(seed=32))
     assert {c.step: c.state for c in reckpt.list_checkpoints(str(run))}[30] == "committed"

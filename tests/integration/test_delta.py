@@ -15,31 +15,19 @@ from reckpt.delta.row_tracker import RowTracker
 from reckpt.delta.save import save_delta
 from reckpt.errors import CheckpointNotFoundError, ConfigError, IntegrityError
 from reckpt.format.manifest import read_manifest
-from reckpt.optim import optimizer_state_dict
 from reckpt.storage.core import Storage, storage_for
-from tests.helpers import TinyRec, state_dicts_equal, train
+from tests.helpers import TinyRec, flip_byte, state_dicts_equal, train
+from tests.helpers.models import adagrad, flat_training_state
+from tests.helpers.processes import reckpt_cli
 
 TABLE = "emb.user.weight"
-
-
-def _opt(m: torch.nn.Module) -> torch.optim.Optimizer:
-    # Adagrad: a zero gradient leaves a row and its accumulator unchanged, so only looked-up
-    # rows change and a delta of them is lossless.
-    return torch.optim.Adagrad(m.parameters(), lr=0.1)
-
-
-def _flat(m: torch.nn.Module, o: torch.optim.Optimizer) -> dict[str, Any]:
-    out = {f"model/{k}": v for k, v in m.state_dict().items()}
-    for name, st in optimizer_state_dict(m, o)["state"].items():
-        out.update({f"optim/{name}/{k}": v for k, v in st.items()})
-    return out
 
 
 def _chain(root: str, encoding: str = "raw") -> tuple[dict[str, Any], str]:
     """Full at step 3, deltas at 5 and 7; returns the state at step 7 and the newest delta."""
     torch.manual_seed(0)
     m = TinyRec(rows=50)
-    o = _opt(m)
+    o = adagrad(m)
     tracker = RowTracker(m, tables=[TABLE])
     train(m, o, steps=3, seed=1)
     base = reckpt.save_model(Storage.join(root, "model.ckpt-3"), m, o)
@@ -52,20 +40,29 @@ def _chain(root: str, encoding: str = "raw") -> tuple[dict[str, Any], str]:
     train(m, o, steps=2, seed=3)
     d7 = Storage.join(root, "model.delta-7")
     save_delta(d7, m, o, tracker, d5, encoding=encoding)
-    return _flat(m, o), d7
+    return flat_training_state(m, o), d7
 
 
 def _fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(123)
     m = TinyRec(rows=50)
-    return m, _opt(m)
+    return m, adagrad(m)
+
+
+def _refused_untouched(d7: str, error: type[Exception], match: str) -> None:
+    """Restoring ``d7`` into a fresh model raises ``error`` and changes none of the model."""
+    m, o = _fresh()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(error, match=match):
+        reckpt.restore_model(d7, m, o)
+    assert state_dicts_equal(m.state_dict(), before)
 
 
 def test_chain_restores_bitwise_equal_to_the_state_at_its_step(root: str) -> None:
     want, d7 = _chain(root)
     m, o = _fresh()
     report = reckpt.restore_model(d7, m, o)
-    assert state_dicts_equal(_flat(m, o), want)
+    assert state_dicts_equal(flat_training_state(m, o), want)
     assert TABLE not in report.missing_keys
     assert any("model.ckpt-3" in n and "model.delta-5" in n for n in report.notes)
     manifest = read_manifest(storage_for(d7), d7)
@@ -77,7 +74,7 @@ def test_chain_restores_bitwise_equal_to_the_state_at_its_step(root: str) -> Non
 def test_delta_is_much_smaller_than_a_full_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
     m = TinyRec(rows=20000, dim=16)
-    o = _opt(m)
+    o = adagrad(m)
     tracker = RowTracker(m, tables=[TABLE])
     base = reckpt.save_model(str(tmp_path / "model.ckpt-1"), m, o)
     train(m, o, steps=1, seed=4)  # ids < 50: a handful of rows
@@ -90,27 +87,15 @@ def test_missing_link_is_named_and_nothing_is_loaded(tmp_path: Path) -> None:
     root = str(tmp_path / "run")
     _, d7 = _chain(root)
     storage_for(root).rm(str(tmp_path / "run" / "model.delta-5"), recursive=True)
-    m, o = _fresh()
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    broken = r"chain is broken: link .*model\.delta-5 does not exist"
-    with pytest.raises(CheckpointNotFoundError, match=broken):
-        reckpt.restore_model(d7, m, o)
-    assert state_dicts_equal(m.state_dict(), before)
+    _refused_untouched(d7, CheckpointNotFoundError, r"chain is broken: link .*model\.delta-5 does not exist")
 
 
 def test_corrupt_link_is_named_and_nothing_is_loaded(tmp_path: Path) -> None:
     root = tmp_path / "run"
     _, d7 = _chain(str(root))
-    f = root / "model.delta-5" / "delta_rows" / "rank_0.bin"
-    raw = bytearray(f.read_bytes())
-    raw[3] ^= 0x10
-    f.write_bytes(bytes(raw))
-    m, o = _fresh()
-    before = {k: v.clone() for k, v in m.state_dict().items()}
+    flip_byte(root / "model.delta-5" / "delta_rows" / "rank_0.bin", at=3, mask=0x10)
     corrupt = r"model\.delta-5/delta_rows/rank_0\.bin: delta rows file is corrupted"
-    with pytest.raises(IntegrityError, match=corrupt):
-        reckpt.restore_model(d7, m, o)
-    assert state_dicts_equal(m.state_dict(), before)
+    _refused_untouched(d7, IntegrityError, corrupt)
 
 
 def test_lossy_delta_needs_consent_and_stays_within_the_int8_bound(tmp_path: Path) -> None:
@@ -146,7 +131,7 @@ def test_manager_alternates_full_and_delta_and_retention_keeps_the_chain(tmp_pat
     policy = reckpt.delta.IncrementalPolicy(full_every=2, tables=(TABLE,))
     torch.manual_seed(0)
     m = TinyRec(rows=5000)
-    o = _opt(m)
+    o = adagrad(m)
     with reckpt.CheckpointManager(root, keep_checkpoint_max=2, incremental=policy) as mgr:
         paths = []
         for step in range(1, 7):
@@ -166,38 +151,22 @@ def test_manager_alternates_full_and_delta_and_retention_keeps_the_chain(tmp_pat
     infos = reckpt.list_checkpoints(root)
     kinds = [(c.step, c.kind, c.needs) for c in infos]
     assert kinds == [(4, "full", ()), (5, "delta", (4,)), (6, "delta", (4, 5))]
-    want = _flat(m, o)
+    want = flat_training_state(m, o)
 
     torch.manual_seed(9)
     m2 = TinyRec(rows=5000)
-    o2 = _opt(m2)
+    o2 = adagrad(m2)
     with reckpt.CheckpointManager(root, keep_checkpoint_max=2, incremental=policy) as mgr:
         path, step = mgr.latest_checkpoint()
         assert (Path(path or "").name, step) == ("model.delta-6", 6)
         info = mgr.restore(path or "", m2, o2)
         assert info.step == 6
-        assert state_dicts_equal(_flat(m2, o2), want)
+        assert state_dicts_equal(flat_training_state(m2, o2), want)
         train(m2, o2, steps=1, seed=7)
         assert Path(mgr.save(7, m2, o2)).name == "model.ckpt-7"  # two deltas on 4 already
 
 
-def test_next_save_kind_rules() -> None:
-    from reckpt.policy import IncrementalPolicy, next_save_kind
-
-    p = IncrementalPolicy(full_every=3, max_delta_fraction=0.2)
-    kw = {"delta_bytes": 10, "full_bytes": 100}
-    assert next_save_kind(p, has_parent=False, deltas_since_full=0, **kw)[0] == "full"
-    assert next_save_kind(p, has_parent=True, deltas_since_full=2, **kw)[0] == "delta"
-    assert next_save_kind(p, has_parent=True, deltas_since_full=3, **kw)[0] == "full"
-    big = {"delta_bytes": 21, "full_bytes": 100}
-    assert next_save_kind(p, has_parent=True, deltas_since_full=0, **big)[0] == "full"
-    with pytest.raises(ValueError, match="full_every must be >= 1"):
-        IncrementalPolicy(full_every=0)
-
-
 def test_verify_and_the_cli_understand_deltas(tmp_path: Path) -> None:
-    from tests.integration.test_cli import reckpt_cli
-
     root = tmp_path / "run"
     _, d7 = _chain(str(root))
     assert reckpt.verify(d7).ok
@@ -223,22 +192,15 @@ def test_verify_and_the_cli_understand_deltas(tmp_path: Path) -> None:
 def test_corrupt_dense_part_of_the_delta_is_found_before_the_base_is_loaded(tmp_path: Path) -> None:
     root = tmp_path / "run"
     _, d7 = _chain(str(root))
-    f = root / "model.delta-7" / "model" / "__0_0.distcp"
-    raw = bytearray(f.read_bytes())
-    raw[-9] ^= 0x01
-    f.write_bytes(bytes(raw))
-    m, o = _fresh()
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    with pytest.raises(IntegrityError, match=r"model\.delta-7: integrity check failed"):
-        reckpt.restore_model(d7, m, o)
-    assert state_dicts_equal(m.state_dict(), before)
+    flip_byte(root / "model.delta-7" / "model" / "__0_0.distcp", at=-9)
+    _refused_untouched(d7, IntegrityError, r"model\.delta-7: integrity check failed")
 
 
 def test_eval_metrics_of_a_delta_go_to_its_sidecar_and_best_can_pick_it(tmp_path: Path) -> None:
     root = str(tmp_path / "run")
     torch.manual_seed(0)
     m = TinyRec(rows=5000)
-    o = _opt(m)
+    o = adagrad(m)
     with reckpt.CheckpointManager(root, incremental=reckpt.delta.IncrementalPolicy(tables=(TABLE,))) as mgr:
         for step, auc in ((1, 0.6), (2, 0.9), (3, 0.7)):
             train(m, o, steps=1, seed=step)
@@ -254,7 +216,7 @@ def test_rows_for_another_shape_are_refused_before_anything_is_loaded(tmp_path: 
     _, d7 = _chain(str(tmp_path / "run"))
     torch.manual_seed(1)
     m = TinyRec(rows=60)  # the table grew: its rows no longer line up
-    o = _opt(m)
+    o = adagrad(m)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises(errors.ShapeMismatchError, match=r"model\.delta-5: rows of model/emb\.user\.weight"):
         reckpt.restore_model(d7, m, o, allow_row_resize=True)

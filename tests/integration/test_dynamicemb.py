@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from reckpt.dynamic import DynamicEmbedding, dynamic_writer, load_dynamic
 from reckpt.dynamic.table import TableState
 from reckpt.errors import CheckpointNotFoundError, IntegrityError
 from reckpt.storage.core import storage_for
+from tests.helpers import state_dicts_equal
+from tests.helpers.tensors import table_fields
 
 
 class DynRec(nn.Module):
@@ -45,14 +48,9 @@ def train(m: DynRec, steps: int, seed: int) -> torch.optim.Optimizer:
     return opt
 
 
-def state(emb: DynamicEmbedding) -> tuple[TableState, int]:
-    return emb.table.export(), emb.table.clock
-
-
-def same(a: tuple[TableState, int], b: tuple[TableState, int]) -> bool:
-    (x, cx), (y, cy) = a, b
-    fields = ("keys", "values", "opt_values", "scores", "counter_keys", "counter_freqs")
-    return cx == cy and all(torch.equal(getattr(x, f), getattr(y, f)) for f in fields)
+def state(emb: DynamicEmbedding) -> dict[str, Any]:
+    """A table's exported contents and its clock (compare with ``state_dicts_equal``)."""
+    return {"clock": emb.table.clock, **table_fields(emb.table.export())}
 
 
 def trained() -> DynRec:
@@ -94,9 +92,10 @@ def test_save_restore_roundtrip_on_every_backend(root: str) -> None:
 
     fresh = DynRec()
     train(fresh, 2, seed=7)
-    assert not same(state(fresh.user), state(m.user))
+    assert not state_dicts_equal(state(fresh.user), state(m.user))
     report = reckpt.restore_model(ck, fresh, sgd(fresh))
-    assert same(state(fresh.user), state(m.user)) and same(state(fresh.item), state(m.item))
+    assert state_dicts_equal(state(fresh.user), state(m.user))
+    assert state_dicts_equal(state(fresh.item), state(m.item))
     assert report.parts["dynamicemb"].loaded == ["model.item/item", "model.user/user"]
     assert reckpt.verify(ck).ok
     entries = {e.name: e for e in reckpt.restore.inspect_checkpoint(ck).parts["dynamicemb"]}
@@ -104,7 +103,8 @@ def test_save_restore_roundtrip_on_every_backend(root: str) -> None:
     # Both continue identically.
     train(m, 3, seed=2)
     train(fresh, 3, seed=2)
-    assert same(state(fresh.user), state(m.user)) and same(state(fresh.item), state(m.item))
+    assert state_dicts_equal(state(fresh.user), state(m.user))
+    assert state_dicts_equal(state(fresh.item), state(m.item))
 
 
 def test_meta_selects_tables_and_optimizer_rows(tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ def test_meta_selects_tables_and_optimizer_rows(tmp_path: Path) -> None:
     train(fresh, 2, seed=7)
     item_before = state(fresh.item)
     report = reckpt.restore_model(ck, fresh, sgd(fresh))
-    assert same(state(fresh.item), item_before)
+    assert state_dicts_equal(state(fresh.item), item_before)
     got, want = fresh.user.table.export(), m.user.table.export()
     assert torch.equal(got.values, want.values) and torch.equal(got.keys, want.keys)
     assert torch.equal(got.opt_values, torch.zeros(len(got.keys))) and want.opt_values.abs().sum() > 0
@@ -142,7 +142,8 @@ def test_touched_dump_upserts_onto_the_base(tmp_path: Path) -> None:
     fresh = DynRec()
     load_dynamic(base, fresh)
     load_dynamic(delta, fresh, upsert=True)
-    assert same(state(fresh.user), state(m.user)) and same(state(fresh.item), state(m.item))
+    assert state_dicts_equal(state(fresh.user), state(m.user))
+    assert state_dicts_equal(state(fresh.item), state(m.item))
 
 
 def _corrupt_then_restore(tmp_path: Path, edit: str) -> tuple[DynRec, tuple[TableState, int], Exception]:
@@ -166,7 +167,7 @@ def _corrupt_then_restore(tmp_path: Path, edit: str) -> tuple[DynRec, tuple[Tabl
 def test_a_bad_shard_is_a_clear_error_before_anything_changes(tmp_path: Path, edit: str) -> None:
     fresh, before, err = _corrupt_then_restore(tmp_path, edit)
     assert "user_emb_values.rank_0.world_size_1" in str(err)
-    assert same(state(fresh.user), before)
+    assert state_dicts_equal(state(fresh.user), before)
     assert isinstance(err, IntegrityError if edit == "short" else CheckpointNotFoundError)
 
 
@@ -206,12 +207,13 @@ def test_async_manager_save_holds_the_tables_as_they_were(tmp_path: Path) -> Non
     path = mgr.save(6, m, sgd(m))
     train(m, 4, seed=9)  # while the save may still be writing
     mgr.close()
-    assert not same(state(m.user), want[0])
+    assert not state_dicts_equal(state(m.user), want[0])
     fresh = DynRec()
     mgr2 = reckpt.CheckpointManager(str(tmp_path / "run"))
     info = mgr2.restore(path, fresh, sgd(fresh))
     mgr2.close()
-    assert info.step == 6 and same(state(fresh.user), want[0]) and same(state(fresh.item), want[1])
+    assert info.step == 6
+    assert state_dicts_equal(state(fresh.user), want[0]) and state_dicts_equal(state(fresh.item), want[1])
 
 
 def test_a_delta_chain_restores_the_dynamic_tables(tmp_path: Path) -> None:
@@ -234,7 +236,8 @@ def test_a_delta_chain_restores_the_dynamic_tables(tmp_path: Path) -> None:
     ).exists()
     fresh = DynRec()
     reckpt.restore_model(str(parent), fresh, sgd(fresh))
-    assert same(state(fresh.user), state(m.user)) and same(state(fresh.item), state(m.item))
+    assert state_dicts_equal(state(fresh.user), state(m.user))
+    assert state_dicts_equal(state(fresh.item), state(m.item))
 
 
 def test_a_dump_in_torcheasyrec_layout_loads(tmp_path: Path) -> None:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers.paths import REPO
 
 
 def test_quickstart(tmp_path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "quickstart", os.path.join(REPO, "examples", "quickstart.py")
-    )
+    spec = importlib.util.spec_from_file_location("quickstart", REPO / "examples" / "quickstart.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

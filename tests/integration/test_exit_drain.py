@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from torch import nn
 
 import reckpt
+from tests.helpers.processes import run_python
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("unclosed_manager.py")
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]), "RANK": "0"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = run_python(str(SCRIPT), *args, env={"RANK": "0"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "exiting without close()" in proc.stdout
     return proc

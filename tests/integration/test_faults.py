@@ -15,7 +15,7 @@ import reckpt
 from reckpt.commit.removal import cleanup_stale
 from reckpt.commit.state import OwnerRecord, checkpoint_state
 from reckpt.naming import staging_name
-from reckpt.storage.core import RETRY, RetryPolicy, StorageError, is_transient, storage_for
+from reckpt.storage.core import StorageError, storage_for
 from reckpt.testing.faults import Fault, FaultInjector, FaultProxy, FaultyFileSystem, disk_full, read_only
 from tests.helpers import fresh, optim_states_equal, state_dicts_equal, trained
 
@@ -26,28 +26,6 @@ def _previous_is_intact(root: str, m1, o1) -> None:  # type: ignore[no-untyped-d
     m, o = fresh()
     reckpt.restore_model(f"{root}/model.ckpt-1", m, o)
     assert state_dicts_equal(m.state_dict(), m1.state_dict()) and optim_states_equal(o, o1)
-
-
-def test_retry_policy_is_small_and_bounded() -> None:
-    assert RETRY.delays() == [0.05, 0.1, 0.2]
-    assert RetryPolicy(attempts=10, max_delay_s=0.3).delays()[-1] == 0.3
-
-
-@pytest.mark.parametrize(
-    ("error", "transient"),
-    [
-        (OSError(errno.EIO, "x"), True),
-        (OSError(errno.EAGAIN, "x"), True),
-        (ConnectionResetError(), True),
-        (TimeoutError(), True),
-        (OSError(errno.ENOSPC, "x"), False),
-        (OSError(errno.EROFS, "x"), False),
-        (FileNotFoundError(errno.ENOENT, "x"), False),
-        (ValueError("x"), False),
-    ],
-)
-def test_is_transient(error: BaseException, transient: bool) -> None:
-    assert is_transient(error) is transient
 
 
 @pytest.mark.parametrize("op", ["mkdir", "write", "append", "rename", "fsync", "read", "list"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,16 +23,6 @@ def _no_children_left(pid: int) -> bool:
     except ChildProcessError:
         return True
     return False
-
-
-@pytest.fixture(params=["local", "file", "s3"])
-def shared_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A root on every backend that a child process sees as its parent does (not memory://)."""
-    if request.param == "local":
-        return str(tmp_path / "run")
-    if request.param == "file":
-        return f"file://{tmp_path}/run"
-    return str(request.getfixturevalue("s3_root")) + "/run"
 
 
 def test_fork_snapshot_holds_the_state_as_it_was(shared_root: str) -> None:

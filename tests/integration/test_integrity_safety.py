@@ -13,19 +13,11 @@ import torch.distributed.checkpoint as dcp
 import reckpt
 from reckpt.errors import IntegrityError, UnsafeCheckpointError
 from reckpt.storage.core import Storage, storage_for
-from tests.helpers import fresh, state_dicts_equal, trained
+from tests.helpers import flip_byte, fresh, state_dicts_equal, trained
 
 
 def _data_file(ckpt: str) -> str:
     return next(f for f in sorted(os.listdir(os.path.join(ckpt, "model"))) if f.endswith(".distcp"))
-
-
-def _flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
@@ -36,7 +28,7 @@ def test_corruption_is_caught_and_named(tmp_path: Path, damage: str) -> None:
     target = os.path.join(ckpt, "model", _data_file(ckpt))
     size = os.path.getsize(target)
     if damage == "flip":
-        _flip(target, size // 2)
+        flip_byte(target, size // 2)
     elif damage == "truncate":
         os.truncate(target, size - 10)
     else:
@@ -202,7 +194,7 @@ def test_a_damaged_archive_header_is_named_not_a_zip_error(tmp_path: Path, offse
     ckpt = str(tmp_path / "model.ckpt-1")
     reckpt.save_model(ckpt, m, o)
     target = os.path.join(ckpt, "model", _data_file(ckpt))
-    _flip(target, offset)
+    flip_byte(target, offset)
     m2, o2 = fresh()
     with pytest.raises(IntegrityError, match=_data_file_name(target)):
         reckpt.restore_model(ckpt, m2, o2)

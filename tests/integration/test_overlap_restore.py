@@ -17,7 +17,7 @@ from torch import nn
 
 import reckpt
 from reckpt.errors import IntegrityError, ShapeMismatchError
-from tests.helpers import fresh, state_dicts_equal, trained
+from tests.helpers import flip_byte, fresh, state_dicts_equal, trained
 
 DIM = 4
 
@@ -226,12 +226,7 @@ def test_direct_reads_serve_a_grown_table_and_checksums_still_cover_the_file(
     assert torch.equal(m2.emb["user"].weight[:50], m.emb["user"].weight)
 
     data = next(f for f in sorted(os.listdir(f"{ckpt}/model")) if f.endswith(".distcp"))
-    path = f"{ckpt}/model/{data}"
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) // 2)
-        b = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([b[0] ^ 0x01]))
+    flip_byte(f"{ckpt}/model/{data}")
     streamed: list[str] = []
     original = ReadVerifier.read_whole
 

@@ -9,8 +9,6 @@ Foreign entries are planted in the target folder and next to it: a file, a subfo
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import reckpt
 from reckpt.errors import ConfigError
 from reckpt.storage.core import storage_for
 from tests.helpers import fresh, optim_states_equal, state_dicts_equal, trained
+from tests.helpers.processes import reckpt_cli, run_python
 
 BACKENDS = ["local", "s3"]
 
@@ -165,7 +164,7 @@ def test_cli_prune_keeps_foreign_entries(run: str, tmp_path: Path) -> None:
         _save(f"{run}/model.ckpt-{step}")
     inside = plant(f"{run}/model.ckpt-1", tmp_path / "out1")
     beside = plant(run, tmp_path / "out2")
-    out = _cli(["prune", run, "--keep-last", "1"], run)
+    out = reckpt_cli("prune", run, "--keep-last", "1")
     assert out.returncode == 0, out.stderr
     assert [c.step for c in reckpt.list_checkpoints(run) if c.committed] == [3]
     assert_survived(f"{run}/model.ckpt-1", inside, tmp_path / "out1")
@@ -189,14 +188,14 @@ def test_convert_never_replaces_a_file_it_did_not_write(run: str, tmp_path: Path
     beside = plant(run, tmp_path / "out")
     fs, base = _fs(run)
     dst = f"{run}/notes.txt"
-    out = _cli(["convert", ckpt, dst, "--format", "safetensors"], run)
+    out = reckpt_cli("convert", ckpt, dst, "--format", "safetensors")
     assert out.returncode != 0 and "--overwrite" in out.stderr
     assert_survived(run, beside, tmp_path / "out")
     fresh_dst = f"{run}/export/w.safetensors"
-    assert _cli(["convert", ckpt, fresh_dst], run).returncode == 0
+    assert reckpt_cli("convert", ckpt, fresh_dst).returncode == 0
     first = fs.cat_file(f"{base}/export/w.safetensors")
-    assert _cli(["convert", ckpt, fresh_dst], run).returncode != 0
-    assert _cli(["convert", ckpt, fresh_dst, "--overwrite"], run).returncode == 0
+    assert reckpt_cli("convert", ckpt, fresh_dst).returncode != 0
+    assert reckpt_cli("convert", ckpt, fresh_dst, "--overwrite").returncode == 0
     assert fs.cat_file(f"{base}/export/w.safetensors") == first
     assert [p for p in fs.ls(f"{base}/export", detail=False) if "/.reckpt" in p] == []
     # file -> checkpoint, into a folder holding other files
@@ -205,7 +204,7 @@ def test_convert_never_replaces_a_file_it_did_not_write(run: str, tmp_path: Path
     target = f"{run}/model.ckpt-2"
     fs.makedirs(f"{base}/model.ckpt-2", exist_ok=True)
     inside = plant(target, tmp_path / "out2")
-    assert _cli(["convert", str(src), target], run).returncode == 0
+    assert reckpt_cli("convert", str(src), target).returncode == 0
     assert reckpt.is_committed(target)
     assert_survived(target, inside, tmp_path / "out2")
     assert_survived(run, beside, tmp_path / "out")
@@ -231,16 +230,10 @@ def test_delta_chain_save_and_prune_keep_foreign(run: str, tmp_path: Path) -> No
     assert reckpt.is_committed(target)
     assert_survived(target, inside, tmp_path / "out")
     reckpt.save_model(f"{run}/model.ckpt-3", m, o)
-    assert _cli(["prune", run, "--keep-last", "1"], run).returncode == 0
+    assert reckpt_cli("prune", run, "--keep-last", "1").returncode == 0
     assert [c.step for c in reckpt.list_checkpoints(run) if c.committed] == [3]
     assert not reckpt.is_committed(target)
     assert_survived(target, inside, tmp_path / "out")
-
-
-def _cli(args: list[str], run: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)  # the s3 fixture's endpoint and credentials
-    cmd = [sys.executable, "-m", "reckpt.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
 _KILLED_SAVE = """
@@ -274,11 +267,8 @@ def test_a_kill_while_replacing_loses_no_foreign_entry(
     inside = plant(target, tmp_path / "out1")
     beside = plant(run, tmp_path / "out2")
     old = _save(target, seed=0)
-    env = {**os.environ, "RECKPT_FAULT_KILL_AT": point, "PYTHONPATH": str(Path(__file__).parents[2])}
-    proc = subprocess.run(
-        [sys.executable, "-c", _KILLED_SAVE, target], env=env, capture_output=True, timeout=300
-    )
-    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    proc = run_python("-c", _KILLED_SAVE, target, env={"RECKPT_FAULT_KILL_AT": point})
+    assert proc.returncode == -9, proc.stderr[-2000:]
     st = storage_for(run)
     cleanup_stale(st, run, stale_after_s=0.0)  # the next start
     assert_survived(target, inside, tmp_path / "out1")

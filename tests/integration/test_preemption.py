@@ -3,7 +3,6 @@ manager in the same model_dir stops when it starts, not at its first save."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,8 +13,8 @@ import pytest
 import reckpt
 from reckpt.commit.writer_lock import ModelDirLockedError
 from tests.helpers import trained
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+from tests.helpers.processes import child_env, run_python
 
 _LOOP = """
 import sys, time
@@ -39,9 +38,8 @@ mgr.close()
 
 def test_sigterm_saves_and_exits_0_with_the_library(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _LOOP, str(run)], env=env, stdout=subprocess.PIPE, text=True, cwd=REPO
+        [sys.executable, "-c", _LOOP, str(run)], env=child_env(), stdout=subprocess.PIPE, text=True, cwd=REPO
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "running"
@@ -85,9 +83,7 @@ def test_async_saves_without_close_exit_cleanly(tmp_path: Path) -> None:
     interpreter exits 0 (it used to abort: 'terminate called without an active exception'), the
     final checkpoint is committed, retention ran, and nothing is left behind, loudly."""
     run = tmp_path / "run"
-    out = subprocess.run(
-        [sys.executable, "-c", _NO_CLOSE, str(run)], capture_output=True, text=True, timeout=300, cwd=REPO
-    )
+    out = run_python("-c", _NO_CLOSE, str(run), cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "was not closed: finishing its async save of step 40" in out.stderr
     assert sorted(p.name for p in run.iterdir()) == ["model.ckpt-30", "model.ckpt-40"]

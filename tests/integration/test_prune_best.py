@@ -13,18 +13,12 @@ import pytest
 from torch import nn
 
 import reckpt
-from reckpt.format.eval_results import TRAIN_EVAL_RESULT_FILENAME
-from tests.integration.test_cli import reckpt_cli
+from tests.helpers.files import write_eval_results
+from tests.helpers.processes import reckpt_cli
 
 
 def _remaining(root: Path) -> list[int]:
     return sorted(int(p.name.rsplit("-", 1)[1]) for p in root.iterdir() if p.name.startswith("model.ckpt-"))
-
-
-def _results(root: Path, rows: dict[int, dict[str, float]]) -> None:
-    with open(root / TRAIN_EVAL_RESULT_FILENAME, "w") as f:
-        for step, metrics in rows.items():
-            f.write(json.dumps({"global_step": step, **metrics}) + "\n")
 
 
 @pytest.fixture
@@ -58,7 +52,7 @@ def test_prune(
     run: Path, rank: None, keep: int, with_results: bool, export_config: Any, left: list[int]
 ) -> None:
     if with_results:  # step 10 is the best, outside the newest 2
-        _results(run, {0: {"auc": 0.5}, 10: {"auc": 0.99}, 20: {"auc": 0.6}, 30: {"auc": 0.7}})
+        write_eval_results(run, {0: {"auc": 0.5}, 10: {"auc": 0.99}, 20: {"auc": 0.6}, 30: {"auc": 0.7}})
     mgr = reckpt.CheckpointManager(str(run), keep_checkpoint_max=keep, export_config=export_config)
     mgr.prune()
     mgr.close()
@@ -110,7 +104,7 @@ def test_finalizer_drains_without_close(run: Path, rank: None) -> None:
 def test_manager_discovery_matches_the_functions(tmp_path: Path) -> None:
     for step in (0, 10, 20):
         reckpt.save_model(str(tmp_path / f"model.ckpt-{step}"), nn.Linear(1, 1))
-    _results(tmp_path, {0: {"auc": 0.6}, 10: {"auc": 0.7}, 20: {"auc": 0.5}})
+    write_eval_results(tmp_path, {0: {"auc": 0.6}, 10: {"auc": 0.7}, 20: {"auc": 0.5}})
     mgr = reckpt.CheckpointManager(str(tmp_path), export_config=BEST_AUC)
     assert mgr.latest_checkpoint() == reckpt.latest_checkpoint(str(tmp_path))
     assert mgr.best_checkpoint() == reckpt.best_checkpoint(str(tmp_path), BEST_AUC)
@@ -131,7 +125,7 @@ def test_manager_discovery_matches_the_functions(tmp_path: Path) -> None:
     ],
 )
 def test_keep_one_never_deletes_the_best(run: Path, rank: None, export_config: Any, left: list[int]) -> None:
-    _results(
+    write_eval_results(
         run, {s: {"auc": a, "logloss": ll} for s, a, ll in ((0, 0.5, 0.9), (10, 0.9, 0.4), (20, 0.7, 0.2))}
     )
     mgr = reckpt.CheckpointManager(str(run), keep_checkpoint_max=1, export_config=export_config)
@@ -143,7 +137,7 @@ def test_keep_one_never_deletes_the_best(run: Path, rank: None, export_config: A
 
 
 def test_exporter_best_that_cannot_be_told_stops_pruning(run: Path, rank: None) -> None:
-    _results(run, {0: {"gauc": 0.5, "logloss": 0.3}, 10: {"gauc": 0.9, "logloss": 0.2}})
+    write_eval_results(run, {0: {"gauc": 0.5, "logloss": 0.3}, 10: {"gauc": 0.9, "logloss": 0.2}})
     cfg = SimpleNamespace(exporter_type="best")  # several metrics, none named, no auc
     mgr = reckpt.CheckpointManager(str(run), keep_checkpoint_max=1, export_config=cfg)
     mgr.prune()
@@ -166,7 +160,7 @@ def test_saving_run_keeps_its_best(tmp_path: Path) -> None:
 
 
 def test_cli_prune_keeps_the_best(run: Path) -> None:
-    _results(
+    write_eval_results(
         run, {s: {"auc": a, "logloss": ll} for s, a, ll in ((0, 0.5, 0.9), (10, 0.9, 0.4), (20, 0.7, 0.2))}
     )
     proc = reckpt_cli("prune", str(run), "--keep-last", "1", "--dry-run", "--json")

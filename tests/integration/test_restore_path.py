@@ -16,35 +16,23 @@ from reckpt.dcp.load import load_part
 from reckpt.dcp.planner import PartialLoadPlanner
 from reckpt.delta.row_tracker import RowTracker
 from reckpt.delta.save import save_delta
-from reckpt.optim import optimizer_state_dict
 from reckpt.restore.chain import restore_chain
 from reckpt.restore.inspection import read_part
 from reckpt.sharding import load_unsharded
 from reckpt.storage.core import Storage, storage_for
 from tests.helpers import TinyRec, state_dicts_equal, train, trained
+from tests.helpers.models import adagrad, flat_training_state
 
 SRC = Path(reckpt.__file__).parent
 TABLE = "emb.user.weight"
 ENGINE_LOG = "reckpt.restore.single"
 
 
-def _adagrad(m: torch.nn.Module) -> torch.optim.Optimizer:
-    # a zero gradient leaves a row and its accumulator unchanged: a delta of touched rows is exact
-    return torch.optim.Adagrad(m.parameters(), lr=0.1)
-
-
-def _flat(m: torch.nn.Module, o: torch.optim.Optimizer) -> dict[str, Any]:
-    out = {f"model/{k}": v for k, v in m.state_dict().items()}
-    for name, st in optimizer_state_dict(m, o)["state"].items():
-        out.update({f"optim/{name}/{k}": v for k, v in st.items()})
-    return out
-
-
 def _chain_and_full(root: str, opts: dict[str, Any] | None = None) -> tuple[str, str, str]:
     """Full at 3, deltas at 5 and 7, and a full checkpoint of the same state at 7."""
     torch.manual_seed(0)
     m = TinyRec(rows=50)
-    o = _adagrad(m)
+    o = adagrad(m)
     tracker = RowTracker(m, tables=[TABLE])
     train(m, o, steps=3, seed=1)
     base = reckpt.save_model(Storage.join(root, "model.ckpt-3"), m, o, storage_options=opts)
@@ -63,7 +51,7 @@ def _chain_and_full(root: str, opts: dict[str, Any] | None = None) -> tuple[str,
 def _fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(123)
     m = TinyRec(rows=50)
-    return m, _adagrad(m)
+    return m, adagrad(m)
 
 
 def _engine_runs(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -91,7 +79,7 @@ def test_chain_restore_equals_the_full_checkpoint_and_runs_the_engine_per_restor
         report = reckpt.restore_model(d7, via_chain, o_chain)
     # the engine ran on the base, then on the delta's own files; the link between gave rows only
     assert _engine_runs(caplog) == [base, d7]
-    assert state_dicts_equal(_flat(via_chain, o_chain), _flat(via_full, o_full))
+    assert state_dicts_equal(flat_training_state(via_chain, o_chain), flat_training_state(via_full, o_full))
     assert report.checkpoint == d7 and report.verified  # verified: the base's engine run
     assert TABLE in report.part("model").loaded and not report.missing_keys
     assert report.part("optimizer").loaded
@@ -183,7 +171,8 @@ def test_s3_configured_only_through_storage_options(
     assert report.verified
     via_chain, o_chain = _fresh()
     report = reckpt.restore_model(d7, via_chain, o_chain, storage_options=opts)
-    assert report.verified and state_dicts_equal(_flat(via_chain, o_chain), _flat(via_full, o_full))
+    assert report.verified
+    assert state_dicts_equal(flat_training_state(via_chain, o_chain), flat_training_state(via_full, o_full))
 
     want = via_full.state_dict()
     assert state_dicts_equal(read_part(full, "model", storage_options=opts), want)

@@ -1,4 +1,4 @@
-"""Every user mistake in tests/mistakes.py raises its error with its exact message; docs match."""
+"""Every user mistake in tests/helpers/mistakes.py raises its error with its exact message; docs match."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.mistakes import MISTAKES, Mistake, normalise, observed, render_markdown
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.mistakes import MISTAKES, Mistake, normalise, observed, render_markdown
+from tests.helpers.paths import REPO
 
 
 def test_at_least_thirty_mistakes() -> None:

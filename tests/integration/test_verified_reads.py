@@ -9,23 +9,19 @@ from pathlib import Path
 
 import reckpt
 from tests.helpers import flip_bit, trained
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "reckpt.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+from tests.helpers.processes import reckpt_cli
 
 
 def test_convert_refuses_a_damaged_checkpoint(tmp_path: Path) -> None:
     ckpt = tmp_path / "run" / "model.ckpt-1"
     reckpt.save_model(str(ckpt), *trained())
-    assert _cli("convert", str(ckpt), str(tmp_path / "good.safetensors")).returncode == 0
+    assert reckpt_cli("convert", str(ckpt), str(tmp_path / "good.safetensors")).returncode == 0
     flip_bit(ckpt)
-    out = _cli("convert", str(ckpt), str(tmp_path / "w.safetensors"))
+    out = reckpt_cli("convert", str(ckpt), str(tmp_path / "w.safetensors"))
     assert out.returncode != 0
     assert "integrity check failed" in out.stderr and "--no-verify" in out.stderr, out.stderr
     assert not (tmp_path / "w.safetensors").exists()
-    salvage = _cli("convert", str(ckpt), str(tmp_path / "w.safetensors"), "--no-verify")
+    salvage = reckpt_cli("convert", str(ckpt), str(tmp_path / "w.safetensors"), "--no-verify")
     assert salvage.returncode == 0, salvage.stderr
     assert (tmp_path / "w.safetensors").stat().st_size == (tmp_path / "good.safetensors").stat().st_size
 
@@ -63,39 +59,21 @@ def test_read_part_verifies_unless_told_not_to(tmp_path: Path) -> None:
     assert set(read_part(str(ckpt), "model", verify=False)) == set(trained()[0].state_dict())
 
 
-def test_every_command_has_a_description_and_no_rst_in_help() -> None:
-    from reckpt.cli import build_parser
-
-    parser = build_parser()
-    assert "``" not in parser.format_help()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name, command in sub.choices.items():  # type: ignore[union-attr]
-        text = command.format_help()
-        assert command.description, name
-        assert "``" not in text, name
-
-
 def test_diff_verifies_both_checkpoints_once(tmp_path: Path) -> None:
     a, b = tmp_path / "model.ckpt-1", tmp_path / "model.ckpt-2"
     reckpt.save_model(str(a), *trained(seed=1))
     reckpt.save_model(str(b), *trained(seed=2))
-    assert _cli("diff", str(a), str(b)).returncode == 0
+    assert reckpt_cli("diff", str(a), str(b)).returncode == 0
     flip_bit(b)
-    out = _cli("diff", str(a), str(b))
+    out = reckpt_cli("diff", str(a), str(b))
     assert out.returncode != 0 and "Refusing to compare a damaged checkpoint" in out.stderr, out.stderr
-    assert _cli("diff", str(a), str(b), "--no-verify").returncode == 0
+    assert reckpt_cli("diff", str(a), str(b), "--no-verify").returncode == 0
 
 
 def test_eval_and_export_need_no_config_when_train_did_not(tmp_path: Path) -> None:
     """`reckpt train` runs the demo without a config; eval and export take the same default."""
     for args in (["eval"], ["export", "--export-dir", "serving"]):
-        out = subprocess.run(
-            [sys.executable, "-m", "reckpt.cli", *args, "--model-dir", "./model_dir"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=tmp_path,
-        )
+        out = reckpt_cli(*args, "--model-dir", "./model_dir", cwd=tmp_path)
         assert out.returncode != 0
         assert "required: config" not in out.stderr
         assert "model_dir ./model_dir: no committed checkpoint" in out.stderr, out.stderr

@@ -197,3 +197,29 @@ def test_should_save_on_timestamp(ts, last, interval, targets, want) -> None:
 )
 def test_quorum_event_time(values, q, want) -> None:
     assert quorum_event_time(values, q) == want
+
+
+def test_retention_counts_only_good_checkpoints() -> None:
+    """A damaged checkpoint counts toward no retention and goes first."""
+    cks = [
+        CheckpointInfo(10, "m/model.ckpt-10"),
+        CheckpointInfo(20, "m/model.ckpt-20"),
+        CheckpointInfo(30, "m/model.ckpt-30", state="damaged"),
+    ]
+    assert steps_to_delete(cks, [LatestN(2)], now=0.0) == [30]
+    assert steps_to_delete(cks, [LatestN(2)], now=0.0, protected=[30]) == []
+    assert steps_to_delete([cks[2]], [LatestN(1)], now=0.0) == [30]
+
+
+def test_next_save_kind_rules() -> None:
+    from reckpt.policy import IncrementalPolicy, next_save_kind
+
+    p = IncrementalPolicy(full_every=3, max_delta_fraction=0.2)
+    kw = {"delta_bytes": 10, "full_bytes": 100}
+    assert next_save_kind(p, has_parent=False, deltas_since_full=0, **kw)[0] == "full"
+    assert next_save_kind(p, has_parent=True, deltas_since_full=2, **kw)[0] == "delta"
+    assert next_save_kind(p, has_parent=True, deltas_since_full=3, **kw)[0] == "full"
+    big = {"delta_bytes": 21, "full_bytes": 100}
+    assert next_save_kind(p, has_parent=True, deltas_since_full=0, **big)[0] == "full"
+    with pytest.raises(ValueError, match="full_every must be >= 1"):
+        IncrementalPolicy(full_every=0)

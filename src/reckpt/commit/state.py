@@ -194,12 +194,19 @@ def heartbeat(
                 storage.write_bytes(path, render(time.time()), fsync=False)
 
     thread = threading.Thread(target=beat, name="reckpt-heartbeat", daemon=True)
-    thread.start()
+    try:
+        thread.start()
+        started = True
+    except RuntimeError:
+        # An async save finishing while the interpreter shuts down (a manager never closed)
+        # cannot start threads on Python 3.12.0-3.12.2: the record written above stands.
+        started = False
     try:
         yield
     finally:
         stop.set()
-        thread.join()
+        if started:
+            thread.join()
 
 
 def read_owner(storage: Storage, path: str) -> OwnerRecord | None:

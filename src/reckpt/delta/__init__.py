@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from reckpt._lazy import lazy_exports
 
 _EXPORTS = {
@@ -24,3 +26,8 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from reckpt.delta.row_tracker import RowTracker as RowTracker
+    from reckpt.delta.save import save_delta as save_delta
+    from reckpt.policy import IncrementalPolicy as IncrementalPolicy

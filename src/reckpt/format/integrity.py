@@ -81,19 +81,34 @@ class _Background:
         self._done: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pending = False
+        self._inline = False
 
     def update(self, view: memoryview) -> None:
         self.wait()
-        if len(view) < _THREADED:
+        if len(view) < _THREADED or not self._started():
             start = time.perf_counter()
             self.hasher.update(view)
             _charge(time.perf_counter() - start)
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="reckpt-hash", daemon=True)
-            self._thread.start()
         self._tasks.put(view)
         self._pending = True
+
+    def _started(self) -> bool:
+        """Start the helper thread once; ``False`` when no thread can be started.
+
+        An async save that is still running while the interpreter shuts down (a script that
+        never closed its manager) cannot start threads on Python 3.12.0-3.12.2 (``RuntimeError:
+        can't create new thread at interpreter shutdown``): it then hashes on its own thread.
+        """
+        if self._thread is None and not self._inline:
+            thread = threading.Thread(target=self._run, name="reckpt-hash", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:
+                self._inline = True
+            else:
+                self._thread = thread
+        return self._thread is not None
 
     def _run(self) -> None:
         while (view := self._tasks.get()) is not None:

@@ -8,6 +8,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from reckpt._lazy import lazy_exports
 
 _EXPORTS = {
@@ -25,3 +27,14 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from reckpt.commit.leases import lease as lease
+    from reckpt.lifecycle.discovery import best_checkpoint as best_checkpoint
+    from reckpt.lifecycle.discovery import latest_checkpoint as latest_checkpoint
+    from reckpt.lifecycle.discovery import list_checkpoints as list_checkpoints
+    from reckpt.lifecycle.manager import CheckpointManager as CheckpointManager
+    from reckpt.lifecycle.preemption import Preemption as Preemption
+    from reckpt.lifecycle.resume import ResumeInfo as ResumeInfo
+    from reckpt.policy import EveryNSeconds as EveryNSeconds
+    from reckpt.policy import PinnedSteps as PinnedSteps

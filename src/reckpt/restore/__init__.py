@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from reckpt._lazy import lazy_exports
 
 _EXPORTS = {
@@ -14,3 +16,9 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from reckpt.restore.engine import restore_model as restore_model
+    from reckpt.restore.inspection import CheckpointContents as CheckpointContents
+    from reckpt.restore.inspection import inspect_checkpoint as inspect_checkpoint
+    from reckpt.restore.inspection import list_distcp_param as list_distcp_param

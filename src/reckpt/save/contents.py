@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from reckpt.dynamic import dynamic_writer
+from reckpt.dynamic.dump import dynamic_writer
 from reckpt.errors import ConfigError
 from reckpt.format.records import FileWriter
 from reckpt.naming import DENSE_EMA_DIR, MODEL_DIR, OPTIMIZER_DIR, validate_extra_name

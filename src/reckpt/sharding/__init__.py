@@ -7,6 +7,8 @@ process (serving); :func:`init_parameters` materialises a model built on the met
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from reckpt._lazy import lazy_exports
 
 _EXPORTS = {
@@ -18,3 +20,8 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from reckpt.sharding.meta_init import init_parameters as init_parameters
+    from reckpt.sharding.plan import plan_constraints as plan_constraints
+    from reckpt.sharding.unsharded import load_unsharded as load_unsharded

@@ -7,6 +7,8 @@ classifies traced storage operations by commit phase.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from reckpt._lazy import lazy_exports
 
 _EXPORTS = {
@@ -23,3 +25,13 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from reckpt.testing.faults import Fault as Fault
+    from reckpt.testing.faults import FaultInjector as FaultInjector
+    from reckpt.testing.faults import FaultProxy as FaultProxy
+    from reckpt.testing.faults import FaultyFileSystem as FaultyFileSystem
+    from reckpt.testing.faults import disk_full as disk_full
+    from reckpt.testing.faults import read_only as read_only
+    from reckpt.testing.kill_points import PHASES as PHASES
+    from reckpt.testing.kill_points import op_phase as op_phase

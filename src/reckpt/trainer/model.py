@@ -101,7 +101,7 @@ class DynamicDLRM(nn.Module):
         super().__init__()
         from torchrec.models.dlrm import DLRM, InteractionArch, OverArch
 
-        from reckpt.dynamic import DynamicEmbedding
+        from reckpt.dynamic.module import DynamicEmbedding
 
         base = DLRM(**dlrm_kwargs)
         self.static_features: list[str] = list(base.sparse_arch.sparse_feature_names)

@@ -17,7 +17,8 @@ import torch
 
 import reckpt
 from reckpt.delta.quant import ENCODINGS, decode_rows, encode_rows
-from reckpt.dynamic import dynamic_writer, load_dynamic
+from reckpt.dynamic.dump import dynamic_writer
+from reckpt.dynamic.load import load_dynamic
 from reckpt.errors import CheckpointNotFoundError, ConfigError, IntegrityError
 from reckpt.format.eval_results import EVAL_RESULT_FILENAME, append_eval_result
 from reckpt.format.integrity import hash_stream
