@@ -52,6 +52,18 @@ def require_free_space(path: str, needed_bytes: int) -> None:
         raise SystemExit(f"{path}: {free / 1e9:.1f} GB free, the benchmark needs {needed_bytes / 1e9:.1f} GB")
 
 
+def drop_cache(path: str) -> None:
+    """fsync and evict every file under ``path`` from the page cache."""
+    files = [path] if os.path.isfile(path) else [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
+    for name in files:
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def timed(fn: Callable[[], Any]) -> float:
     """Seconds ``fn()`` took."""
     start = time.perf_counter()

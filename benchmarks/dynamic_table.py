@@ -39,7 +39,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import human_bytes, median, provenance, require_free_space, write_results
+from benchmarks.common import (
+    drop_cache,
+    human_bytes,
+    median,
+    provenance,
+    require_free_space,
+    timed,
+    write_results,
+)
 from reckpt.dynamic.index import KeyMap, kernels, mix64
 from reckpt.dynamic.table import DynamicTable
 
@@ -158,24 +166,6 @@ def _reset_peak() -> None:
         pass
 
 
-def drop_cache(path: str) -> None:
-    """fsync and evict every file under ``path`` from the page cache."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def clocked(fn: Any) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def _parallel(jobs: list[Any]) -> float:
     """Seconds until every job (run on its own thread) finished."""
     threads = [threading.Thread(target=j) for j in jobs]
@@ -236,14 +226,14 @@ def lookups(table: Any, rows: int, batch: int, repeats: int) -> dict[str, float]
     ]
     out = {}
     for name, train in (("lookup read", False), ("lookup train", True)):
-        out[name] = batch / median([clocked(lambda b=b, t=train: table.lookup(b, None, t)) for b in batches])
+        out[name] = batch / median([timed(lambda b=b, t=train: table.lookup(b, None, t)) for b in batches])
     sorted_keys = torch.from_numpy(np.sort(keys_of(np.arange(rows))))
 
     def search(b: torch.Tensor) -> None:
         pos = torch.searchsorted(sorted_keys, b).clamp_(max=rows - 1)
         torch.where(sorted_keys[pos] == b, pos, -1)
 
-    out["searchsorted"] = batch / median([clocked(lambda b=b: search(b)) for b in batches])
+    out["searchsorted"] = batch / median([timed(lambda b=b: search(b)) for b in batches])
     return out
 
 
@@ -280,11 +270,11 @@ def part_table(kind: str, rows: int, dim: int, batch: int, repeats: int) -> dict
     res["insert_s"] = fill(table, rows, batch)
     res["rss_growth"] = _status("VmHWM") - base
     res.update(lookups(table, rows, batch, 3 * repeats))
-    res["export_s"] = median([clocked(table.export) for _ in range(repeats)])
+    res["export_s"] = median([timed(table.export) for _ in range(repeats)])
     table.clear_touched()
     touch_some(table, rows, max(1, rows // 100), batch)
     res["delta_export_s"] = median(
-        [clocked(lambda: table.export(table.touched_keys())) for _ in range(repeats)]
+        [timed(lambda: table.export(table.touched_keys())) for _ in range(repeats)]
     )
     return res
 
@@ -372,7 +362,7 @@ def part_candidates(rows: int, batch: int, repeats: int) -> dict[str, Any]:
     out: dict[str, dict[str, float]] = {}
 
     def rate(fn: Any, batches: list[np.ndarray]) -> float:
-        return batch / median([clocked(lambda b=b: fn(b)) for b in batches])
+        return batch / median([timed(lambda b=b: fn(b)) for b in batches])
 
     out["dict (before)"] = _dict_rates(keys, hits, news, rate)
     out["searchsorted on sorted keys"] = _sorted_rates(keys, hits, news, rate)

@@ -31,7 +31,15 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Chart, human_bytes, median, provenance, require_free_space, write_results
+from benchmarks.common import (
+    Chart,
+    drop_cache,
+    human_bytes,
+    median,
+    provenance,
+    require_free_space,
+    write_results,
+)
 
 
 def _config(rows: int, tables: int, dim: int) -> Any:
@@ -41,17 +49,6 @@ def _config(rows: int, tables: int, dim: int) -> Any:
         data=DataConfig(dense_columns=["d0", "d1"], sparse_columns=[f"s{i}" for i in range(tables)]),
         model=ModelConfig(embedding_dim=dim, num_embeddings=rows, bottom_mlp=[32, dim], top_mlp=[32, 1]),
     )
-
-
-def _drop_cache(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def _worker(rank: int, world: int, init_file: str, args: dict[str, Any]) -> None:
@@ -73,7 +70,7 @@ def _worker(rank: int, world: int, init_file: str, args: dict[str, Any]) -> None
             times["save"] = time.perf_counter() - start
         for ckpt in args["restore"]:
             if rank == 0:
-                _drop_cache(ckpt)
+                drop_cache(ckpt)
             dist.barrier()
             start = time.perf_counter()
             reckpt.restore_model(ckpt, model, opt)

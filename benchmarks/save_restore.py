@@ -46,7 +46,15 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Chart, human_bytes, median, provenance, require_free_space, write_results
+from benchmarks.common import (
+    Chart,
+    drop_cache,
+    human_bytes,
+    median,
+    provenance,
+    require_free_space,
+    write_results,
+)
 
 TABLES, DIM = 4, 64
 _PIECE = 16 << 20
@@ -56,18 +64,6 @@ def rows_for(size_mb: float) -> int:
     """Rows per table so that weights + row-wise Adagrad state come to ``size_mb`` MiB."""
     per_row = 4 * (DIM + 1)  # fp32 weights + one momentum value per row
     return max(16, int(size_mb * (1 << 20) / (TABLES * per_row)))
-
-
-def drop_cache(path: str) -> None:
-    """fsync and evict every file under ``path`` from the page cache."""
-    files = [path] if os.path.isfile(path) else [os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs]
-    for name in files:
-        fd = os.open(name, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def _status_kb(field: str) -> int:
