@@ -101,6 +101,7 @@ TARGETS = (
         1.3,
     ),
     Target("delta", "full bytes / delta bytes at 5% rows", (("targets_at_5pct",),), "bytes_ratio", ">=", 15),
+    Target("delta", "full save s / delta save s at 5% rows", (("targets_at_5pct",),), "speedup", ">=", 5),
     Target("reliability", "checkpoints lost", (("summary",),), "checkpoints_lost", "<=", 0),
     Target("reliability", "failed checks", (("summary",),), "failures", "<=", 0),
 )

@@ -113,7 +113,7 @@ def test_suite_runs_the_selected_benchmarks_and_summarises_the_targets(tmp_path)
         assert b["files"] == [f"{b['name']}.json", f"{b['name']}.md", f"{b['name']}.png"]
     rows = summary["targets"]
     assert {r["benchmark"] for r in rows} == {"async_stall", "delta"}
-    assert {r["key"] for r in rows} == {"stall_over_sync", "fork_stall_over_sync", "bytes_ratio"}
+    assert {r["key"] for r in rows} == {"stall_over_sync", "fork_stall_over_sync", "bytes_ratio", "speedup"}
     for r in rows:
         assert isinstance(r["ratio"], float) and r["target"][:2] in (">=", "<=")
         assert r["pass"] in (True, False) and r["status"] == ("pass" if r["pass"] else "fail")

@@ -84,8 +84,8 @@ def encode_rows(rows: torch.Tensor, encoding: str, what: str = "rows") -> bytes:
     ``int8`` packs each row as codes + fp16 scale + fp16 offset; ``fp16`` casts; ``raw``
     keeps the dtype (lossless).
     """
-    if encoding == "raw":
-        return rows.detach().contiguous().numpy().tobytes()
+    if encoding == "raw":  # the bits as they are (through uint8: numpy has no bfloat16)
+        return rows.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     flat = rows.detach().reshape(rows.shape[0], -1)
     if encoding == "fp16":
         x = flat.to(torch.float32)

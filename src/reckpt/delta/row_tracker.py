@@ -21,8 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from reckpt.delta.row_writer import RowBuffers
 from reckpt.dist import Dist
 from reckpt.errors import ConfigError
 
@@ -100,6 +102,7 @@ class RowTracker:
     def __init__(self, model: torch.nn.Module, tables: Iterable[str] | None = None) -> None:
         wanted = None if tables is None else set(tables)
         self.tables: dict[str, TrackedTable] = {}
+        self.buffers = RowBuffers()  # where every delta of these tables copies their rows
         self._handles: list[Any] = []
         self._model = model
         sd_keys = set(model.state_dict().keys())
@@ -165,10 +168,14 @@ class RowTracker:
         d = Dist(process_group)
         out = {}
         for key, table in sorted(self.tables.items()):
-            bitmap = table.bitmap.to(torch.uint8)
-            if d.active:
+            bitmap = table.bitmap
+            if d.active and d.world_size > 1:
+                bitmap = bitmap.to(torch.uint8)
                 torch.distributed.all_reduce(bitmap, op=torch.distributed.ReduceOp.MAX, group=process_group)
-            out[key] = torch.nonzero(bitmap, as_tuple=True)[0]
+            # numpy scans on this thread: torch.nonzero splits a large bitmap over the intra-op
+            # threads, which wait for one another whenever another thread holds a core.
+            ids = np.flatnonzero(bitmap.numpy()).astype(np.int64, copy=False)
+            out[key] = torch.from_numpy(ids)
         return out
 
     def clear(self) -> None:
@@ -181,7 +188,8 @@ class RowTracker:
                 clear()
 
     def close(self) -> None:
-        """Remove the hooks."""
+        """Remove the hooks and drop the row buffers."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self.buffers.release()

@@ -13,6 +13,10 @@ dimension is a multiple ``m`` of the table's rows (row-wise momentum of ``m`` co
 is selected periodically: row ``r`` is indices ``r, r + rows, ..., r + (m - 1) rows``. Pieces
 are applied by global index, so a delta restores at any world size and any plan that keeps
 the table's shape.
+
+A save selects :class:`RowSource` s (:func:`row_sources`: where the touched rows are, nothing
+copied) and writes them with :mod:`reckpt.delta.row_writer`; :func:`select_rows` and
+:func:`encode_pieces` build the same file in memory (the reference the writer is tested against).
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from reckpt.delta.quant import decode_rows, encode_rows
+from reckpt.delta.quant import decode_rows, encode_rows, encoded_row_bytes
 from reckpt.dist import Dist
-from reckpt.errors import IntegrityError
+from reckpt.errors import ConfigError, IntegrityError
 
 __all__ = [
     "RowPiece",
+    "RowSource",
+    "bytes_view",
+    "row_sources",
     "apply_pieces",
     "global_nbytes",
     "decode_index",
@@ -42,6 +50,7 @@ _DTYPES = {
     str(t).removeprefix("torch."): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 }
 _DTYPES.update({"int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8})
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bit copies
 
 
 @dataclass(slots=True)
@@ -118,6 +127,138 @@ def select_rows(
         cols = int(local.shape[1]) if local.dim() > 1 else 0
         out.append(RowPiece(part, key, shape, local.dtype, col_off, cols, sel.clone(), values, encoding))
     return out
+
+
+@dataclass(slots=True)
+class RowSource:
+    """The touched rows of one piece of one key, where they live: nothing copied yet.
+
+    Attributes:
+        part, key, shape: the entry's ``part``, ``key`` and global ``shape``.
+        local: this rank's piece of the tensor.
+        row_offset: the piece's first global row.
+        col_offset: the piece's first global column.
+        ids: global row ids (int64) of the rows to write.
+        encoding: the entry's encoding (``"raw"`` for a tensor that is not floating point).
+    """
+
+    part: str
+    key: str
+    shape: tuple[int, ...]
+    local: torch.Tensor
+    row_offset: int
+    col_offset: int
+    ids: torch.Tensor
+    encoding: str
+
+    @property
+    def count(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def cols(self) -> int:
+        return int(self.local.shape[1]) if self.local.dim() > 1 else 0
+
+    @property
+    def row_elems(self) -> int:
+        n = 1
+        for s in self.local.shape[1:]:
+            n *= int(s)
+        return n
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row as gathered (the tensor's own dtype)."""
+        return self.row_elems * self.local.element_size()
+
+    @property
+    def values_nbytes(self) -> int:
+        """Bytes of the rows in the file (after encoding)."""
+        return self.count * encoded_row_bytes(self.encoding, self.row_elems, self.local.element_size())
+
+    def entry(self, offset: int) -> dict[str, Any]:
+        """The index entry of this piece when its ids start at ``offset`` of the data file."""
+        ids_nbytes = 8 * self.count
+        return {
+            "part": self.part,
+            "key": self.key,
+            "shape": list(self.shape),
+            "dtype": str(self.local.dtype).removeprefix("torch."),
+            "col_offset": self.col_offset,
+            "cols": self.cols,
+            "count": self.count,
+            "encoding": self.encoding,
+            "ids": [offset, ids_nbytes],
+            "values": [offset + ids_nbytes, self.values_nbytes],
+        }
+
+    def gather(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Copy rows ``ids[start:stop]`` into ``out`` (a uint8 buffer, at an offset aligned for
+        the dtype); the rows, viewed in it.
+
+        The copy is numpy's ``take(..., out=)`` on the rows' bits (``index_select`` off the
+        CPU): it runs on the calling thread without the GIL, whereas torch's ``index_select``
+        spreads the rows over the intra-op threads, which wait for one another whenever other
+        threads hold the cores (on two busy cores that made the gather 5x slower).
+        """
+        n = stop - start
+        view = out[: n * self.row_bytes].view(self.local.dtype).view(n, *self.local.shape[1:])
+        idx = self.ids[start:stop]
+        if self.row_offset:
+            idx = torch.from_numpy(idx.numpy() - self.row_offset)
+        src = self.local.detach()
+        bits = _SAME_SIZE_INT.get(src.element_size())
+        if src.device.type != "cpu":
+            view.copy_(src.index_select(0, idx.to(src.device)))
+        elif bits is not None and type(src) is torch.Tensor and src.layout == torch.strided:
+            np.take(src.view(bits).numpy(), idx.numpy(), axis=0, out=view.view(bits).numpy(), mode="clip")
+        else:
+            torch.index_select(src, 0, idx, out=view)
+        return view
+
+    def encoded(self, rows: torch.Tensor) -> memoryview:
+        """``rows`` as the file holds them (raw: the buffer itself, no copy)."""
+        if self.encoding == "raw":
+            return bytes_view(rows)
+        return memoryview(encode_rows(rows, self.encoding, f"{self.part}/{self.key}"))
+
+
+def row_sources(
+    part: str, key: str, t: Any, touched: torch.Tensor, table_rows: int, d: Dist, encoding: str = "raw"
+) -> list[RowSource] | None:
+    """This rank's pieces of ``t`` restricted to the touched rows (nothing copied); ``None`` if
+    ``t`` is not row-indexed. The selection of :func:`select_rows`.
+
+    Raises:
+        ConfigError: a touched row outside the table (checked here: the copy does not check).
+    """
+    shape = tuple(int(s) for s in t.shape)
+    if not shape:
+        return None
+    touched = touched.to(device="cpu", dtype=torch.int64).contiguous()
+    if touched.numel() and not 0 <= int(touched.numpy().min()) <= int(touched.numpy().max()) < table_rows:
+        raise ConfigError(f"{part}/{key}: touched rows outside 0..{table_rows - 1}")
+    ids = row_indices(touched, table_rows, shape[0])
+    if ids is None:
+        return None
+    ids = ids.contiguous()
+    out = []
+    for row_off, col_off, local in local_pieces(t, d):
+        n = local.shape[0]
+        sel = ids
+        if row_off or n < shape[0]:  # a row shard: its own rows (numpy: no intra-op threads)
+            every = ids.numpy()
+            sel = torch.from_numpy(every[(every >= row_off) & (every < row_off + n)])
+        enc = encoding if local.is_floating_point() else "raw"
+        out.append(RowSource(part, key, shape, local, row_off, col_off, sel, enc))
+    return out
+
+
+def bytes_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (writable)."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return t.detach().reshape(-1).view(torch.uint8).numpy().data.cast("B")
 
 
 def encode_pieces(pieces: list[RowPiece]) -> tuple[bytes, bytes]:

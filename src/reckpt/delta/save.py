@@ -8,6 +8,11 @@ Its manifest names its chain (``{"base", "parent", "chain"}``). The name never m
 ``model.ckpt-*``, so TorchEasyRec never loads a delta as a partial model. Restoring one is
 :mod:`reckpt.restore.chain`'s job. Raw deltas are lossless; int8/fp16 deltas
 (``encoding``) are serving dumps.
+
+The touched rows are copied once, into buffers the tracker keeps from one delta to the next
+(:mod:`reckpt.delta.row_writer`): a synchronous delta writes each chunk while the next is
+gathered; an asynchronous one (the manager's ``async_save``) gathers them all while the
+caller waits and writes them in the background, like the rest of the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 from reckpt.commit.state import checkpoint_state
 from reckpt.delta.quant import ENCODINGS
 from reckpt.delta.row_tracker import RowTracker
-from reckpt.delta.rows import RowPiece, encode_pieces, select_rows
+from reckpt.delta.row_writer import DeltaRows
+from reckpt.delta.rows import RowSource, row_sources
 from reckpt.dist import Dist
 from reckpt.errors import (
     CheckpointNotFoundError,
@@ -30,7 +36,7 @@ from reckpt.errors import (
 )
 from reckpt.format.integrity import FileRecord
 from reckpt.format.manifest import chain_names, read_manifest
-from reckpt.format.records import FileWriter, write_record
+from reckpt.format.records import FileWriter
 from reckpt.naming import (
     DELTA_ROWS_DIR,
     MODEL_DIR,
@@ -39,7 +45,7 @@ from reckpt.naming import (
     checkpoint_name,
     parse_delta_step,
 )
-from reckpt.save.contents import Part
+from reckpt.save.contents import CheckpointWrite, Part
 from reckpt.save.engine import save_checkpoint
 from reckpt.storage.core import Storage, storage_for
 
@@ -54,29 +60,29 @@ def _split_rows(
     touched: Mapping[str, torch.Tensor],
     d: Dist,
     encoding: str,
-) -> list[RowPiece]:
-    """Move the tracked tables' rows out of ``parts`` (in place) into pieces of touched rows."""
-    pieces: list[RowPiece] = []
+) -> list[RowSource]:
+    """Move the tracked tables out of ``parts`` (in place); their touched rows, not yet copied."""
+    sources: list[RowSource] = []
     for part, sd in parts:
         for key, table in tracker.tables.items():
             ids = touched[key]
             if part == MODEL_DIR and key in sd:
-                got = select_rows(MODEL_DIR, key, sd.pop(key), ids, table.num_rows, d, encoding)
-                pieces += got or []
+                got = row_sources(MODEL_DIR, key, sd.pop(key), ids, table.num_rows, d, encoding)
+                sources += got or []
             elif part == OPTIMIZER_DIR and isinstance(sd.get("state", {}).get(key), dict):
                 # state_dict() shares the per-parameter dicts with the live optimizer: copy.
                 sd["state"] = dict(sd["state"])
                 leaves = sd["state"][key] = dict(sd["state"][key])
                 for leaf in list(leaves):
-                    got = select_rows(
+                    got = row_sources(
                         OPTIMIZER_DIR, f"state.{key}.{leaf}", leaves[leaf], ids, table.num_rows, d
                     )
                     if got is not None:
-                        pieces += got
+                        sources += got
                         del leaves[leaf]
                 if not leaves:
                     del sd["state"][key]
-    return pieces
+    return sources
 
 
 def save_delta(
@@ -148,8 +154,14 @@ def save_delta_in(
     encoding: str = "raw",
     process_group: Any = None,
     touched: Mapping[str, torch.Tensor] | None = None,
+    write: CheckpointWrite | None = None,
 ) -> dict[str, int]:
-    """Collective: :func:`save_delta` on an open storage (the manager's)."""
+    """Collective: :func:`save_delta` on an open storage (the manager's).
+
+    ``write``: what writes the assembled delta (default: the engine, now). The manager's
+    asynchronous save passes its background writer; the touched rows are then copied into
+    the tracker's reused buffers before this returns (the snapshot), and written later.
+    """
     target = checkpoint_dir.rstrip("/")
     step, parent = parse_delta_step(target), parent.rstrip("/")
     if step is None:
@@ -168,15 +180,12 @@ def save_delta_in(
 
     def split(parts: list[Part]) -> list[FileWriter]:
         """The tracked tables' touched rows leave the parts for ``delta_rows/``."""
-        pieces = _split_rows(parts, tracker, union, d, encoding)
+        rows = DeltaRows(_split_rows(parts, tracker, union, d, encoding), tracker.buffers)
+        if write is not None:
+            rows.freeze()  # written later, after the caller has trained on: copy the rows now
 
         def rows_writer(st: Storage, work: str) -> dict[str, FileRecord]:
-            index, data = encode_pieces(pieces)
-            out = {}
-            for suffix, blob in (("bin", data), ("json", index)):
-                rel = f"{DELTA_ROWS_DIR}/rank_{d.rank}.{suffix}"
-                out[rel] = write_record(st, work, rel, blob)
-            return out
+            return rows.write(st, work, f"{DELTA_ROWS_DIR}/rank_{d.rank}")
 
         return [rows_writer]
 
@@ -202,5 +211,6 @@ def save_delta_in(
         dynamic_keys="touched",
         delta=link,
         process_group=process_group,
+        write=write,
     )
     return rows

@@ -34,6 +34,7 @@ from reckpt.lifecycle.pruner import Pruner
 from reckpt.policy import RetentionPolicy
 from reckpt.save.async_saver import AsyncSaver
 from reckpt.save.contents import CheckpointWrite, SaveContents
+from reckpt.save.host_copy import stage_state_dict
 from reckpt.save.pipeline import write_checkpoint
 from reckpt.storage.core import Storage
 
@@ -73,6 +74,7 @@ class Background:
         self.best = best
         self.eval_result_filename = eval_result_filename
         self.saver = AsyncSaver(async_snapshot)  # also holds a host copy reused between saves
+        self._delta_staged: dict[str, dict[str, Any]] = {}  # the host copy of deltas' dense parts
         self.pruner: Pruner | None = None
         self.sidecar_lock = threading.Lock()  # metrics sidecar: written by saves and evals
         self._lock: contextlib.ExitStack | None = None
@@ -92,6 +94,8 @@ class Background:
         the background (:func:`reckpt.save.pipeline.write_checkpoint`, on the gloo group of
         background saves, never the training group). Call after the previous save finished.
         Its first call is collective: it creates that gloo group. ``start``: when the save began.
+        A delta is frozen the same way: its touched rows were already copied when it was
+        assembled, and its dense part has a host copy of its own.
         """
 
         def write(
@@ -106,7 +110,16 @@ class Background:
             del process_group  # the training group: background saves use their own
             d = Dist(self.pg)
             group = self.saver.group(d.active)
-            staged, snapshot = self.saver.freeze(contents.parts, d.is_coordinator, storage)
+            if contents.delta is not None and self.saver.snapshot_mode == "copy":
+                # A delta's dense remainder keeps host buffers of its own: staged into the full
+                # saves' buffers, it would drop the tables' and the next full save would
+                # allocate them again.
+                staged = [
+                    (name, stage_state_dict(sd, self._delta_staged.get(name))) for name, sd in contents.parts
+                ]
+                self._delta_staged, snapshot = dict(staged), None
+            else:
+                staged, snapshot = self.saver.freeze(contents.parts, d.is_coordinator, storage)
             frozen = dataclasses.replace(contents, parts=staged)
             stall = time.time() - start
 
@@ -205,6 +218,7 @@ class Background:
                 self._lock.close()
                 self._lock = None
             self.saver.release()
+            self._delta_staged = {}
 
     def drain_at_exit(self) -> None:
         """The finalizer of a manager never closed: :meth:`close`, with a warning; never raises."""

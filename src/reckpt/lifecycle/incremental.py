@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from reckpt.commit.state import checkpoint_state
 from reckpt.delta.row_tracker import RowTracker
 from reckpt.delta.rows import global_nbytes
 from reckpt.delta.save import save_delta_in
@@ -20,6 +21,7 @@ from reckpt.format.manifest import chain_names, read_manifest
 from reckpt.lifecycle.discovery import scan_in
 from reckpt.naming import basename, delta_name
 from reckpt.policy import IncrementalPolicy, next_save_kind
+from reckpt.save.contents import CheckpointWrite
 from reckpt.storage.core import Storage, storage_for
 
 __all__ = ["Incremental", "latest_restorable", "latest_restorable_in"]
@@ -71,10 +73,34 @@ class Incremental:
         return self.tracker
 
     def maybe_save_delta(
-        self, step: int, model: torch.nn.Module, optimizer: Any, **kwargs: Any
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: Any,
+        *,
+        write: CheckpointWrite | None = None,
+        **kwargs: Any,
     ) -> str | None:
-        """Collective: save a delta for ``step`` when the policy says so; returns its path or ``None``."""
+        """Collective: save a delta for ``step`` when the policy says so; returns its path or ``None``.
+
+        ``write``: the manager's background writer for an asynchronous save (``None``: the
+        delta is written and committed before this returns). Asynchronous deltas copy the
+        touched rows and freeze the dense part while the caller waits (the same stall as a
+        full asynchronous save), then write and commit in the background; the tracker starts
+        over at once, since the frozen rows are the delta's.
+
+        A link that never committed (an asynchronous save that failed) ends the chain: the
+        rows touched before it were cleared from the tracker, so the next save is a full one.
+        """
         tracker = self.attach(model)
+        parent = Storage.join(self.model_dir, self.chain[-1]) if self.chain else None
+        if parent is not None and checkpoint_state(self.storage, parent) != "committed":
+            logger.warning(
+                "step %d: %s did not commit; saving a full checkpoint instead of a delta on it",
+                step,
+                self.chain[-1],
+            )
+            self.chain = []
         touched = tracker.touched(self._pg)
         sd = model.state_dict()
         full = sum(global_nbytes(v) for v in sd.values())
@@ -106,6 +132,7 @@ class Incremental:
             encoding=self.policy.encoding,
             process_group=self._pg,
             touched=touched,
+            write=write,
             **kwargs,
         )
         self.chain.append(basename(path))

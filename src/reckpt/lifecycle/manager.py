@@ -180,6 +180,7 @@ class CheckpointManager(ManagedRun):
         extras = manager_extras(
             extra_states, lr_scheduler, grad_scaler, TrainState(step, epoch or 0, self._pg)
         )
+        run_async = self._async if async_save is None else async_save
         if self._incremental is not None:
             delta = self._incremental.maybe_save_delta(
                 step,
@@ -189,13 +190,14 @@ class CheckpointManager(ManagedRun):
                 extra_states=extras,
                 dataloader_state=dataloader_state,
                 user_metadata=user_metadata,
+                write=self._bg.async_write(step, start) if run_async else None,  # as a full save
             )
             if delta is not None:
-                self._bg.committed(delta, time.time() - start, time.time() - start, False)
+                if not run_async:
+                    self._bg.committed(delta, time.time() - start, time.time() - start, False)
                 self._saved(step, delta)
                 return delta
         path = self.checkpoint_dir(step)
-        run_async = self._async if async_save is None else async_save
         save_checkpoint(
             self._storage,
             path,
