@@ -100,6 +100,7 @@ def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, worl
     state = json.loads((straight / "model.ckpt-59" / "dataloader_state.json").read_text())
     # 2 files x ceil(4000 / world / 128) batches per pass: one pass ends before step 59 only on 2 ranks.
     assert state["__epochs_completed__"] == world - 1 and len([k for k in state if ":" in k]) == 2 * world
+    assert state["__world_size__"] == world  # a resume on another number re-divides (test_elastic.py)
 
     # Killed with SIGKILL after step 45 (last checkpoint: 40), resumed: bitwise identical. This
     # run saves asynchronously (a fork snapshot on 2 ranks, a host copy on 1).

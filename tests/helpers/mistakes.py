@@ -637,12 +637,12 @@ MISTAKES: list[Mistake] = [
         " recorded {'size': 24, 'checksum': '<xxh3>'}); export again, or pass --no-verify to use it anyway",
     ),
     Mistake(
-        "resume: the saved data position names other input files (or another number of processes)",
+        "resume: the saved data position names other input files",
         lambda d: _foreign_position(d),
         errors.ConfigError,
         "<dir>/model.ckpt-5: the saved data position names ['/elsewhere/part-0.parquet:0'], which this run does"
-        " not read (1 file(s) in <dir>, 1 process(es)); resuming would re-read or skip data. Resume with the same"
-        " input paths and number of processes, or start a new model_dir with --fine-tune-checkpoint (weights"
+        " not read (1 file(s) in <dir>); resuming would re-read or skip data. Resume with the same"
+        " input paths, or start a new model_dir with --fine-tune-checkpoint (weights"
         " only, the data pass restarts)",
     ),
     Mistake(

@@ -2,7 +2,8 @@
 
 Keys containing ``:`` are per-source positions (``"<path>:<range_start>"`` -> last
 consumed row, ``"<topic>:<partition>"`` -> offset); keys without one are reserved
-(``__epochs_completed__``, ``__data_ts_watermark__``). Ranks' states merge key-wise
+(``__epochs_completed__``, ``__data_ts_watermark__``, and reckpt's ``__world_size__``: the
+number of processes whose reader wrote the positions). Ranks' states merge key-wise
 with ``max``.
 
 A checkpoint is immutable once written (a reckpt one's manifest checksums every file), so a
@@ -28,10 +29,15 @@ DATALOADER_STATE_SIDECAR = "dataloader_state"
 DATALOADER_CKPT_FILENAME = DATALOADER_STATE_FILE
 EPOCHS_COMPLETED = "__epochs_completed__"
 DATA_TS_WATERMARK = "__data_ts_watermark__"
+# reckpt's own reserved key (TorchEasyRec ignores keys without ":"): the number of processes
+# that read the data when the positions were written, so a resume on another number knows
+# to re-divide what is left (the trainer's reader, docs/data.md).
+DATA_WORLD_SIZE = "__world_size__"
 
 __all__ = [
     "DATALOADER_CKPT_FILENAME",
     "DATA_TS_WATERMARK",
+    "DATA_WORLD_SIZE",
     "EPOCHS_COMPLETED",
     "merge_dataloader_states",
     "update_dataloader_state",

@@ -3,7 +3,8 @@
 Built on reckpt's public API only. Restore-source precedence follows TorchEasyRec (compat
 §7.1): a model_dir that already holds checkpoints needs ``--continue-train`` (which then wins
 over ``--fine-tune-checkpoint``); a fine-tune restarts step numbering and reads data from
-the start.
+the start. A resume may use another number of processes: the rows of the current pass not
+consumed yet are re-divided among them, each still read once (``docs/data.md``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
@@ -37,6 +39,9 @@ __all__ = ["train_and_evaluate", "evaluate", "TrainResult"]
 logger = logging.getLogger(__name__)
 
 KILL_AT_STEP = "RECKPT_TRAIN_KILL_AT_STEP"  # test knob: SIGKILL after this step is trained
+ROW_LOG = "RECKPT_TRAIN_ROW_LOG"
+"""Audit knob: a folder where every rank appends, per trained batch, ``<step> <pass> <row ids>``
+(the data's ``row_id`` column) to ``rows-rank<r>-pid<pid>.txt``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,32 @@ def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool
     return out
 
 
+def restore_constraints(ckpt: str, world: int, rank: int, *, resume: bool = True) -> dict[str, Any]:
+    """Planner constraints that keep the plan of the checkpoint a run restores.
+
+    TorchEasyRec pins data-parallel tables to their saved sharding type (every table with
+    ``FORCE_LOAD_SHARDING_PLAN=1``). This trainer pins every table on a resume, and on a
+    fine-tune from a checkpoint saved by another number of processes: the planner would
+    otherwise move a small sharded table into data_parallel (or back) when the number of
+    processes changes, and here that changes the table's optimizer (row-wise Adagrad when
+    sharded, Adam when data-parallel), whose state would start over. With the types pinned,
+    the planner re-derives only ranks and kernels.
+    """
+    from reckpt.format.manifest import read_manifest
+
+    manifest = read_manifest(storage_for(ckpt), ckpt)
+    moved = manifest is not None and manifest.world_size != world
+    if moved and rank == 0 and manifest is not None:
+        print(
+            f"{ckpt} was saved by {manifest.world_size} process(es), this run has {world}:"
+            " every embedding table keeps its saved sharding type",
+            file=sys.stderr,
+            flush=True,
+        )
+    pin_all = resume or moved or os.environ.get(FORCE_LOAD_SHARDING_PLAN, "") == "1"
+    return plan_constraints(read_plan(ckpt), pin_all=pin_all)
+
+
 def evaluate(cfg: Config, model: torch.nn.Module) -> dict[str, float]:
     """Collective: AUC and log-loss over the whole eval input (every rank scores its slice)."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -95,14 +126,18 @@ def evaluate(cfg: Config, model: torch.nn.Module) -> dict[str, float]:
     labels, probs = [], []
     model.eval()
     with torch.no_grad():
-        for i, b in enumerate(reader.batches()):
+        for i, b in enumerate(reader.batches()):  # every rank the same number (padded)
             if cfg.eval_config.num_steps and i >= cfg.eval_config.num_steps:
                 break
+            if b.padding:  # the forward keeps the ranks in step; its stand-in row is not scored
+                model(b.dense, b.sparse)
+                continue
             probs.append(torch.sigmoid(model(b.dense, b.sparse).squeeze(-1)))
             labels.append(b.label)
     model.train()
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, (torch.cat(labels), torch.cat(probs)))
+    none = torch.zeros(0)  # a rank with fewer eval rows than batches may have only stand-ins
+    dist.all_gather_object(gathered, (torch.cat([none, *labels]), torch.cat([none, *probs])))
     y = torch.cat([g[0] for g in gathered])
     p = torch.cat([g[1] for g in gathered])
     return {"auc": auc(y, p), "logloss": logloss(y, p)}
@@ -117,15 +152,11 @@ def train_and_evaluate(
     torch.manual_seed(t.seed)
     files = input_files(cfg.data.train_input_path, "data.train_input_path")
     input_files(cfg.data.eval_input_path, "data.eval_input_path")
-    reader = ParquetReader(files, cfg.data, rank, world, table_rows(cfg))
+    row_log = os.environ.get(ROW_LOG, "")
+    reader = ParquetReader(files, cfg.data, rank, world, table_rows(cfg), row_ids=bool(row_log))
     ckpt, fine_tune = _resolve_source(cfg, continue_train)
 
-    constraints = None
-    if ckpt is not None:
-        # TorchEasyRec: the restored checkpoint's plan pins data-parallel tables (all tables
-        # with FORCE_LOAD_SHARDING_PLAN=1), so the resumed run keeps its plan.
-        pin_all = os.environ.get(FORCE_LOAD_SHARDING_PLAN, "") == "1"
-        constraints = plan_constraints(read_plan(ckpt), pin_all=pin_all)
+    constraints = None if ckpt is None else restore_constraints(ckpt, world, rank, resume=not fine_tune)
     model, optimizer = shard_model(cfg, build_model(cfg), constraints)
     mgr = reckpt.CheckpointManager(
         cfg.model_dir,
@@ -142,7 +173,8 @@ def train_and_evaluate(
         ),
     )
     mgr.start()  # the writer lock: a second job in this model_dir stops now, not at its first save
-    position: dict[str, Any] = {EPOCHS_KEY: 0}
+    position: dict[str, Any] = reader.fresh_position(0)
+    source = "the data position"
     step = -1
     restore_opt = None if ignore_restore_optimizer else optimizer
     param_map = t.fine_tune_ckpt_param_map or None
@@ -157,6 +189,7 @@ def train_and_evaluate(
             )
         position, step = dict(resumed.dataloader_state or {EPOCHS_KEY: 0}), resumed.step
         position = reader.adopt(position, resumed.path)
+        source = f"{resumed.path}: dataloader state"
         logger.info("resumed from %s at step %d", resumed.path, step)
     elif ckpt is not None:
         report = reckpt.restore_model(ckpt, model, restore_opt, param_map)
@@ -182,18 +215,28 @@ def train_and_evaluate(
 
     stack = contextlib.ExitStack()
     preemption = stack.enter_context(Preemption())
+    rows_out = stack.enter_context(_row_log(row_log, rank))
     while not preempted and (
         (t.num_steps and step + 1 < t.num_steps) or (t.num_epochs and epoch < t.num_epochs)
     ):
-        for batch in reader.batches(position):
+        layout = reader.plan(position, source)
+        if layout.redivided and rank == 0:
+            print(f"{source}: {layout.describe(cfg.data.batch_size)}", file=sys.stderr, flush=True)
+        position = dict(layout.position)
+        for batch in reader.batches(layout):
             step += 1
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                model(batch.dense, batch.sparse).squeeze(-1), batch.label
-            )
+            logits = model(batch.dense, batch.sparse).squeeze(-1)
+            if batch.padding:  # this rank's data ended first: a stand-in step, zero gradient
+                loss = logits.sum() * 0.0
+            else:
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
             optimizer.zero_grad()
             torch.autograd.backward(loss)
             optimizer.step()
-            loss_value = float(loss.detach())
+            if not batch.padding:
+                loss_value = float(loss.detach())
+                if rows_out is not None and batch.row_ids is not None:
+                    rows_out.write(f"{step} {epoch} {' '.join(map(str, batch.row_ids.tolist()))}\n")
             reckpt.update_dataloder_state(position, batch.position)
             if writer is not None and step % max(t.log_step_count_steps, 1) == 0:
                 writer.add_scalar("loss", loss_value, step)
@@ -208,9 +251,9 @@ def train_and_evaluate(
                 break
             if t.num_steps and step + 1 >= t.num_steps:
                 break
-        else:  # the data pass ended
+        else:  # the data pass ended (on every rank at the same step: the passes are padded)
             epoch += 1
-            position = {EPOCHS_KEY: epoch}
+            position = reader.fresh_position(epoch)
             if t.num_epochs and mgr.maybe_save(
                 step, model, optimizer, dataloader_state=position, epoch=epoch - 1
             ):
@@ -242,6 +285,17 @@ def train_and_evaluate(
         print(summary_table(checkpoints, latest, best, loss_value))
     dist.barrier()
     return TrainResult(step, checkpoints, latest, best)
+
+
+@contextlib.contextmanager
+def _row_log(folder: str, rank: int) -> Iterator[TextIO | None]:
+    """The :data:`ROW_LOG` file of this rank (line-buffered: a killed run keeps its lines), or None."""
+    if not folder:
+        yield None
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rows-rank{rank}-pid{os.getpid()}.txt"), "a", buffering=1) as f:
+        yield f
 
 
 def summary_table(
