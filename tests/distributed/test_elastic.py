@@ -4,6 +4,11 @@ The demo data carries a ``row_id`` column; with ``RECKPT_TRAIN_ROW_LOG`` set eve
 the row ids of each batch it trains. A killed run's batches count up to its last checkpoint's
 step (what the resumed model holds); the resumed runs' batches count whole. Across the
 restarts each pass must train every row exactly once.
+
+The runs train through TorchRec's pipeline (the default), which reads two batches ahead of the
+one it trains: a checkpoint whose data position counted those would make the resumed run skip
+them, and the exactly-once check would fail. The model has a sequence feature (an
+``EmbeddingCollection`` table, row-wise sharded), resharded with the rest.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ train_input_path = "{data}/train"
 eval_input_path = "{data}/eval"
 dense_columns = ["d0", "d1", "d2", "d3"]
 sparse_columns = ["s0", "s1", "s2"]
+sequence_columns = ["h0"]
 batch_size = {BATCH}
 [model]
 embedding_dim = 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,18 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_config(
-    path: Path, data: Path, model_dir: Path, sparse: tuple[str, ...] = ("s0", "s1", "s2"), **extra: str
+    path: Path,
+    data: Path,
+    model_dir: Path,
+    sparse: tuple[str, ...] = ("s0", "s1", "s2"),
+    sequence: tuple[str, ...] = ("h0",),
+    **extra: str,
 ) -> str:
+    """A config of 60 steps (checkpoints at 20, 40, 59): bags, and a sequence feature (``h0``, an
+    ``EmbeddingCollection`` table) unless ``sequence`` is empty; ``extra`` adds lines to
+    ``[model]`` (``model=``) and ``[train_config]`` (``train=``)."""
     sparse_list = ", ".join(f'"{s}"' for s in sparse)
+    sequence_list = ", ".join(f'"{s}"' for s in sequence)
     text = f"""
 model_dir = "{model_dir}"
 [data]
@@ -54,6 +64,7 @@ train_input_path = "{data}/train"
 eval_input_path = "{data}/eval"
 dense_columns = ["d0", "d1", "d2", "d3"]
 sparse_columns = [{sparse_list}]
+sequence_columns = [{sequence_list}]
 batch_size = 128
 [model]
 embedding_dim = 8
@@ -97,24 +108,30 @@ def test_train_kill_resume_exact_export_predict(tmp_path: Path, data: Path, worl
     assert list(straight.glob("events.out.tfevents.*")), "TensorBoard summaries"
     plan = json.loads((straight / "model.ckpt-59" / "plan").read_text())
     assert any("embedding_bag_collection" in k for k in plan)
+    assert "sequence_arch.embedding_collection" in plan  # the history feature's table
+    assert "model/sequence_arch.embedding_collection.embeddings.t_h0.weight" in final_state(straight)
     state = json.loads((straight / "model.ckpt-59" / "dataloader_state.json").read_text())
     # 2 files x ceil(4000 / world / 128) batches per pass: one pass ends before step 59 only on 2 ranks.
     assert state["__epochs_completed__"] == world - 1 and len([k for k in state if ":" in k]) == 2 * world
     assert state["__world_size__"] == world  # a resume on another number re-divides (test_elastic.py)
 
     # Killed with SIGKILL after step 45 (last checkpoint: 40), resumed: bitwise identical. This
-    # run saves asynchronously (a fork snapshot on 2 ranks, a host copy on 1).
+    # run saves asynchronously (a fork snapshot on 2 ranks, a host copy on 1). The killed leg
+    # trains with the plain loop, the resumed one (like the straight run) through TorchRec's
+    # pipeline: the plain loop's checkpoint resumes in the pipeline, to the same weights.
     resumed = tmp_path / "resumed"
     snapshot = "fork" if world == 2 else "copy"
     async_cfg = f'async_save = true\nasync_snapshot = "{snapshot}"'
     cfg_b = write_config(tmp_path / "b.toml", data, resumed, train=async_cfg)
-    killed = cli("train", cfg_b, world=world, env={"RECKPT_TRAIN_KILL_AT_STEP": "45"})
+    plain_b = write_config(tmp_path / "b-plain.toml", data, resumed, train=f"{async_cfg}\npipeline = false")
+    killed = cli("train", plain_b, world=world, env={"RECKPT_TRAIN_KILL_AT_STEP": "45"})
     assert killed.returncode != 0
     assert reckpt.latest_checkpoint(str(resumed))[1] == 40
     again = cli("train", cfg_b, world=world)
     assert again.returncode != 0 and "pass --continue-train" in again.stderr
     proc = cli("train", cfg_b, "--continue_train", world=world)  # the underscore alias works too
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"restore {resumed}/model.ckpt-40: " in proc.stderr and "GB/s, tier disk" in proc.stderr
     assert_state_dicts_equal(final_state(straight), final_state(resumed))
 
     # Export the best checkpoint; predict in a plain process matches the trained model.
@@ -199,9 +216,11 @@ def test_dynamic_features_train_and_resume_exactly(tmp_path: Path, data: Path) -
     assert "dynamic" not in (final / "plan").read_text()
     assert reckpt.verify(str(final)).ok
 
+    # killed in the pipeline (the default), resumed in the plain loop
     cfg = write_config(tmp_path / "b.toml", data, resumed, model=DYNAMIC)
     killed = cli("train", cfg, world=2, env={"RECKPT_TRAIN_KILL_AT_STEP": "45"})
     assert killed.returncode != 0 and reckpt.latest_checkpoint(str(resumed))[1] == 40
+    cfg = write_config(tmp_path / "b-plain.toml", data, resumed, model=DYNAMIC, train="pipeline = false")
     proc = cli("train", cfg, "--continue-train", world=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_state_dicts_equal(final_state(straight), final_state(resumed))
@@ -289,6 +308,12 @@ def test_train_into_s3_model_dir(tmp_path: Path, data: Path, s3_root: str) -> No
     proc = cli("train", cfg, "--continue-train")  # nothing left to do: no new checkpoint
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert reckpt.latest_checkpoint(f"{s3_root}/run")[1] == 59
+    # the training log goes through the storage layer: rewritten at each save, then appended to
+    from reckpt.storage.core import storage_for
+
+    log = storage_for(s3_root).read_text(f"{s3_root}/run/train_log.jsonl").splitlines()
+    events = [(r["step"], r["event"]) for r in map(json.loads, log) if r.get("event") in ("save", "restore")]
+    assert events == [(20, "save"), (40, "save"), (59, "save"), (59, "restore")]
 
 
 def plain_restored(cfg: str, checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -404,9 +429,10 @@ def test_sigterm_saves_the_current_step_and_exits_0(tmp_path: Path, data: Path) 
 
 def test_resume_says_what_it_did(tmp_path: Path, data: Path) -> None:
     """--continue-train into an empty model_dir says it starts from scratch; a finished run
-    resumed says there was nothing to train (not a final loss of nan)."""
+    resumed says there was nothing to train (not a final loss of nan). Every save and restore
+    is a line (size, time, GB/s, tier) and a record of train_log.jsonl, which `reckpt plot` draws."""
     run = tmp_path / "typo"
-    cfg = write_config(tmp_path / "a.toml", data, run)
+    cfg = write_config(tmp_path / "a.toml", data, run, train="log_step_count_steps = 10")
     first = cli("train", cfg, "--continue-train")
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"--continue-train: no checkpoint in model_dir {run} (it does not exist);" in first.stderr
@@ -414,10 +440,40 @@ def test_resume_says_what_it_did(tmp_path: Path, data: Path) -> None:
     # saves, evals and an ETA are shown without -v
     assert f"step {EVERY}: saved {run}/model.ckpt-{EVERY}; eval auc " in first.stderr
     assert " eta " in first.stderr
+    for step in (EVERY, 2 * EVERY, STEPS - 1):
+        assert re.search(
+            rf"save {run}/model.ckpt-{step} \(full\): [\d.]+ KB in [\d.]+ s, [\d.e-]+ GB/s"
+            r" \(sync\), tier disk",
+            first.stderr,
+        ), first.stderr[-3000:]
     again = cli("train", cfg, "--continue-train")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"nothing to train: model_dir {run} is already at step {STEPS - 1}" in again.stderr
     assert "final train loss n/a (no step trained by this run)" in again.stdout and "nan" not in again.stdout
+    assert re.search(
+        rf"restore {run}/model.ckpt-{STEPS - 1}: [\d.]+ KB in [\d.]+ s, .* tier disk", again.stderr
+    )
+
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(0, STEPS, 10))
+    saves = [r for r in records if r.get("event") == "save"]
+    assert [r["step"] for r in saves] == [EVERY, 2 * EVERY, STEPS - 1]
+    ckpt = run / f"model.ckpt-{STEPS - 1}"
+    on_disk = sum(f["size"] for f in json.loads((ckpt / "reckpt.json").read_text())["files"].values())
+    assert saves[-1]["bytes"] == on_disk and saves[-1]["tier"] == "disk" and saves[-1]["kind"] == "full"
+    assert all(0 < r["stall_s"] <= r["seconds"] and r["gbps"] > 0 and r["async"] is False for r in saves)
+    (restore,) = [r for r in records if r.get("event") == "restore"]
+    assert restore["step"] == STEPS - 1 and restore["bytes"] == on_disk and restore["tier"] == "disk"
+    assert [r["step"] for r in records if r.get("event") == "eval"] == [EVERY, 2 * EVERY, STEPS - 1]
+
+    png = tmp_path / "run.png"
+    proc = cli("plot", str(run), "-o", str(png), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["metric"] == "auc" and doc["steps"] == [EVERY, 2 * EVERY, STEPS - 1]
+    assert doc["loss"]["steps"] == list(range(0, STEPS, 10))
+    assert [(s["step"], s["bytes"]) for s in doc["saves"]][-1] == (STEPS - 1, on_disk)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_data_position_matches_relative_and_absolute_paths(tmp_path: Path, data: Path) -> None:

@@ -13,3 +13,16 @@ def test_quickstart(tmp_path) -> None:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--model-dir", str(tmp_path / "model_dir"), "--steps", "5"]) == 0
+
+
+def test_demo_config_reads_the_columns_make_data_writes(tmp_path) -> None:
+    """examples/demo.toml (README) validates and names exactly the columns `reckpt make-data`
+    writes, the sequence feature included, and trains through TorchRec's pipeline."""
+    from reckpt.trainer.config import load_config
+    from reckpt.trainer.data import make_data
+
+    cfg = load_config(str(REPO / "examples" / "demo.toml")).validate("examples/demo.toml")
+    written = make_data(str(tmp_path), rows=20, eval_rows=10)
+    for columns in ("dense_columns", "sparse_columns", "sequence_columns", "label"):
+        assert getattr(cfg.data, columns) == getattr(written, columns), columns
+    assert cfg.data.sequence_columns == ["h0"] and cfg.train_config.pipeline is True

@@ -130,13 +130,23 @@ def _demo_config(args: argparse.Namespace) -> Any:
 
 
 def _demo_data(data_dir: str) -> Any:
+    """The demo data's config; its history column ``h0`` only if the data has it (older demo
+    data, written before the sequence feature existed, trains without it)."""
+    import glob
+
+    import pyarrow.parquet as pq
+
     from reckpt.trainer.config import DataConfig
 
+    train = os.path.join(data_dir, "train")
+    first = sorted(glob.glob(os.path.join(train, "*.parquet")))[:1]
+    names = set(pq.ParquetFile(first[0]).schema_arrow.names) if first else set()
     return DataConfig(
-        train_input_path=os.path.join(data_dir, "train"),
+        train_input_path=train,
         eval_input_path=os.path.join(data_dir, "eval"),
         dense_columns=[f"d{j}" for j in range(4)],
         sparse_columns=[f"s{j}" for j in range(3)],
+        sequence_columns=["h0"] if "h0" in names else [],
     )
 
 

@@ -6,8 +6,11 @@ optimizer — TorchRec's fused optimizers (SGD, row-wise Adagrad, Adagrad, lazy 
 update only the rows a batch looked up — these are exactly the rows whose weights and
 optimizer state changed, which makes a delta of them lossless.
 
-Tracked by default: every TorchRec ``EmbeddingBagCollection`` / ``EmbeddingCollection``
-sharded by ``DistributedModelParallel`` (fused kernels). Unsharded TorchRec collections and
+Tracked by default: every table of a TorchRec ``EmbeddingBagCollection`` /
+``EmbeddingCollection`` sharded by ``DistributedModelParallel`` (fused kernels), except the
+tables its plan shards ``data_parallel``: those are dense parameters replicated on every rank
+and stepped by the dense optimizer (Adam in the reference trainer), which changes rows no batch
+looked up, so they stay in a delta's dense part, in full. Unsharded TorchRec collections and
 plain ``nn.Embedding`` / ``nn.EmbeddingBag`` are tracked only when named in ``tables``:
 under a dense optimizer (Adam with weight decay, momentum SGD) untouched rows change too,
 and a delta of the looked-up rows would not be lossless. Dynamic tables
@@ -17,7 +20,7 @@ them too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,8 +64,8 @@ def _state_key(path: str, suffix: str, keys: set[str]) -> str:
     return next((n for n in names if n in keys), names[0])
 
 
-def _collection_tables(module: Any) -> list[tuple[str, int, list[str]]] | None:
-    """``[(weight key suffix, rows, feature names)]`` of a TorchRec collection, else ``None``."""
+def _collection_tables(module: Any) -> list[tuple[str, str, int, list[str]]] | None:
+    """``[(table name, weight key suffix, rows, feature names)]`` of a TorchRec collection, else ``None``."""
     for attr, getter, sub in (
         ("_embedding_bag_configs", "embedding_bag_configs", "embedding_bags"),
         ("_embedding_configs", "embedding_configs", "embeddings"),
@@ -71,8 +74,19 @@ def _collection_tables(module: Any) -> list[tuple[str, int, list[str]]] | None:
         if configs is None and callable(getattr(module, getter, None)):
             configs = getattr(module, getter)()
         if configs:
-            return [(f"{sub}.{c.name}.weight", int(c.num_embeddings), list(c.feature_names)) for c in configs]
+            return [
+                (c.name, f"{sub}.{c.name}.weight", int(c.num_embeddings), list(c.feature_names))
+                for c in configs
+            ]
     return None
+
+
+def _data_parallel(module: Any) -> set[str]:
+    """Names of the tables a sharded collection's plan replicates (``data_parallel``)."""
+    plan = getattr(module, "module_sharding_plan", None)
+    if not isinstance(plan, Mapping):
+        return set()
+    return {name for name, ps in plan.items() if getattr(ps, "sharding_type", None) == "data_parallel"}
 
 
 def _is_sharded(module: Any) -> bool:
@@ -115,10 +129,11 @@ class RowTracker:
             found = _collection_tables(module)
             if found is None or (wanted is None and not _is_sharded(module)):
                 continue
+            replicated = _data_parallel(module) if wanted is None else set()
             by_feature: dict[str, list[TrackedTable]] = {}
-            for suffix, rows, features in found:
+            for name, suffix, rows, features in found:
                 key = _state_key(path, suffix, sd_keys)
-                if wanted is not None and key not in wanted:
+                if (wanted is not None and key not in wanted) or name in replicated:
                     continue
                 table = self._add(key, rows)
                 for f in features:

@@ -12,6 +12,9 @@ prune threads call back into it, never into the manager), so the manager registe
 ``weakref.finalize(manager, background.drain_at_exit)``: when a manager that was never
 closed is garbage-collected, or the interpreter exits, the save in flight is finished and
 committed, queued pruning runs, the lock and leases are released, with a warning.
+
+Rank 0 also keeps a :class:`SaveRecord` of every save it commits (size, stall, total time,
+throughput, tier), for a training loop to log: :meth:`Background.take_saves`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from reckpt.best import BestRule
@@ -30,7 +35,9 @@ from reckpt.commit.state import checkpoint_state
 from reckpt.commit.writer_lock import model_dir_lock
 from reckpt.dist import Dist
 from reckpt.format.eval_results import append_eval_result, write_checkpoint_metrics
+from reckpt.format.manifest import read_manifest
 from reckpt.lifecycle.pruner import Pruner
+from reckpt.naming import parse_any_step
 from reckpt.policy import RetentionPolicy
 from reckpt.save.async_saver import AsyncSaver
 from reckpt.save.contents import CheckpointWrite, SaveContents
@@ -38,9 +45,40 @@ from reckpt.save.host_copy import stage_state_dict
 from reckpt.save.pipeline import write_checkpoint
 from reckpt.storage.core import Storage
 
-__all__ = ["Background"]
+__all__ = ["Background", "SaveRecord"]
 
 logger = logging.getLogger(__name__)
+
+SAVE_RECORDS_KEPT = 1000
+"""Records :meth:`Background.take_saves` can hand out at most (older ones are dropped)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SaveRecord:
+    """One committed save, as rank 0 saw it.
+
+    Attributes:
+        path: the checkpoint (``model.ckpt-<step>`` or ``model.delta-<step>``).
+        step: its step (``None`` for a directory not named by step).
+        bytes: bytes written: the sizes its manifest records (``0`` when it has none).
+        stall_s: how long the caller was blocked (all of ``seconds`` for a synchronous save).
+        seconds: from the call to the commit.
+        is_async: written in the background.
+        tier: where it went: ``"disk"`` (the model_dir) unless tiers are configured.
+    """
+
+    path: str
+    step: int | None
+    bytes: int
+    stall_s: float
+    seconds: float
+    is_async: bool
+    tier: str = "disk"
+
+    @property
+    def gbps(self) -> float:
+        """Throughput of the whole save, in GB/s (10^9 bytes)."""
+        return self.bytes / 1e9 / max(self.seconds, 1e-9)
 
 
 class Background:
@@ -79,6 +117,7 @@ class Background:
         self.sidecar_lock = threading.Lock()  # metrics sidecar: written by saves and evals
         self._lock: contextlib.ExitStack | None = None
         self._leases: dict[str, contextlib.ExitStack] = {}
+        self._saves: deque[SaveRecord] = deque(maxlen=SAVE_RECORDS_KEPT)  # appended by save threads
 
     def take_lock(self) -> None:
         """Rank 0, at the first save: the model_dir's writer lock (released by :meth:`close`)."""
@@ -140,15 +179,46 @@ class Background:
 
         return write
 
-    def committed(self, path: str, stall: float, total: float, is_async: bool) -> None:
+    def committed(self, path: str, stall: float, total: float, is_async: bool, tier: str = "disk") -> None:
         """Rank 0, after a save committed ``path``: record its timings, queue a prune pass."""
         if not Dist(self.pg).is_coordinator:
             return
         with self.sidecar_lock:
             timings = {"stall_s": stall, "total_s": total, "async": is_async}
             write_checkpoint_metrics(self.storage, path, "save", timings)
-        logger.info("saved %s: caller blocked %.3fs, total %.3fs (async=%s)", path, stall, total, is_async)
+        record = SaveRecord(path, parse_any_step(path), self._bytes(path), stall, total, is_async, tier)
+        self._saves.append(record)
+        logger.info(
+            "saved %s: %d bytes, caller blocked %.3fs, total %.3fs, %.3f GB/s (async=%s, tier %s)",
+            path,
+            record.bytes,
+            stall,
+            total,
+            record.gbps,
+            is_async,
+            tier,
+        )
         self.prune()
+
+    def _bytes(self, path: str) -> int:
+        """The bytes a committed checkpoint's manifest records (0 when it cannot be read)."""
+        try:
+            manifest = read_manifest(self.storage, path, check=False)
+        except Exception as e:  # a statistic: a failure to read it must not fail the save
+            logger.warning("%s: cannot read its manifest for the save's size: %s", path, e)
+            return 0
+        return 0 if manifest is None else sum(f.size for f in manifest.files.values())
+
+    def take_saves(self) -> list[SaveRecord]:
+        """Rank 0: the saves committed since the last call, oldest first (other ranks: none).
+
+        An async save appears once its background write committed; call this again later
+        (after :meth:`close`, every save of the run has appeared).
+        """
+        out = []
+        while self._saves:
+            out.append(self._saves.popleft())
+        return out
 
     def record_eval(self, step: int, metrics: Mapping[str, float], checkpoint_dir: str) -> None:
         """Rank 0: append an eval line; the metrics also go into ``checkpoint_dir``'s sidecar."""

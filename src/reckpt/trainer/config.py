@@ -36,7 +36,10 @@ class DataConfig:
     label: str = "label"
     dense_columns: list[str] = field(default_factory=list)
     sparse_columns: list[str] = field(default_factory=list)
-    """int64 or list<int64> (multi-valued) id columns; one embedding table each."""
+    """int64 or list<int64> (multi-valued) id columns; one embedding-bag table each."""
+    sequence_columns: list[str] = field(default_factory=list)
+    """list<int64> id columns read as sequences (a user's history of ids, say): one table each
+    in a TorchRec ``EmbeddingCollection``, every id looked up, the rows mean-pooled per example."""
     batch_size: int = 256
 
 
@@ -62,7 +65,7 @@ class ModelConfig:
     num_embeddings: int = 10000
     """Rows per table; ids are taken modulo this."""
     table_sizes: dict[str, int] = field(default_factory=dict)
-    """Per-feature row counts overriding ``num_embeddings``."""
+    """Per-feature row counts overriding ``num_embeddings`` (sparse and sequence columns)."""
     dynamic_tables: dict[str, DynamicTableConfig] = field(default_factory=dict)
     """Sparse columns whose ids are raw keys of a dynamic table (rows created on first sight,
     sharded by ``id % world_size``, saved in ``dynamicemb/``), e.g. ``[model.dynamic_tables.s2]``."""
@@ -96,6 +99,11 @@ class TrainConfig:
     checkpoint after this many deltas; 0 (default) writes full checkpoints only."""
     incremental_max_delta_fraction: float = 0.2
     """A full checkpoint instead when a delta would exceed this fraction of a full one."""
+    pipeline: bool = True
+    """Train with TorchRec's ``TrainPipelineSparseDist``: the next batches are read and the
+    next batch's embedding input exchange is started while this one trains
+    (``docs/pipeline.md``); ``false``: the plain loop, one batch at a time. Both train the same
+    batches in the same order to the same weights, and read each other's checkpoints."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -141,8 +149,11 @@ class Config:
         ):
             if getattr(t, name) < 0:
                 raise ConfigError(f"{source}: train_config.{name} must be >= 0")
-        if not d.sparse_columns and not d.dense_columns:
-            raise ConfigError(f"{source}: data.sparse_columns and data.dense_columns are both empty")
+        if not d.sparse_columns:
+            raise ConfigError(
+                f"{source}: data.sparse_columns is empty; the model needs at least one id column"
+                " (an embedding-bag table)"
+            )
         if d.batch_size < 1:
             raise ConfigError(f"{source}: data.batch_size must be >= 1")
         if m.bottom_mlp and m.bottom_mlp[-1] != m.embedding_dim:
@@ -152,9 +163,17 @@ class Config:
             )
         if not m.top_mlp or m.top_mlp[-1] != 1:
             raise ConfigError(f"{source}: model.top_mlp must end with 1, got {m.top_mlp}")
-        unknown_tables = sorted(set(m.table_sizes) - set(d.sparse_columns))
+        unknown_tables = sorted(set(m.table_sizes) - set(d.sparse_columns) - set(d.sequence_columns))
         if unknown_tables:
-            raise ConfigError(f"{source}: model.table_sizes names unknown sparse columns {unknown_tables}")
+            raise ConfigError(
+                f"{source}: model.table_sizes names unknown sparse or sequence columns {unknown_tables}"
+            )
+        both = sorted(set(d.sparse_columns) & set(d.sequence_columns))
+        if both:
+            raise ConfigError(
+                f"{source}: {both} listed in data.sparse_columns and data.sequence_columns; a column is"
+                " one or the other"
+            )
         self._validate_dynamic(source)
         if e.exporter_type not in ("latest", "best"):
             raise ConfigError(
@@ -166,7 +185,9 @@ class Config:
         m, d = self.model, self.data
         unknown = sorted(set(m.dynamic_tables) - set(d.sparse_columns))
         if unknown:
-            raise ConfigError(f"{source}: model.dynamic_tables names unknown sparse columns {unknown}")
+            seq = sorted(set(unknown) & set(d.sequence_columns))
+            hint = f" ({seq} are sequence columns, which use an EmbeddingCollection table)" if seq else ""
+            raise ConfigError(f"{source}: model.dynamic_tables names unknown sparse columns {unknown}{hint}")
         if m.dynamic_tables and set(m.dynamic_tables) == set(d.sparse_columns):
             raise ConfigError(
                 f"{source}: model.dynamic_tables covers every sparse column; keep at least one in a"

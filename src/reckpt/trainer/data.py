@@ -50,21 +50,28 @@ def make_data(
     files: int = 2,
     seed: int = 0,
     row_group_size: int = 8192,
+    sequence: int = 1,
+    max_history: int = 10,
 ) -> DataConfig:
     """Write a synthetic click log with a planted, learnable signal and Zipf-distributed ids.
 
     Each sparse feature's ids follow a Zipf law (a few very hot ids, a long tail), as in real
     recommendation traffic; every id carries a hidden weight, and the click probability is
-    ``sigmoid(dense . w + sum of id weights + bias)``. Every row also gets a ``row_id`` (0 to
-    ``rows - 1`` over the train files, in file order; likewise for eval), which training
-    ignores and tests use to check that each row is trained exactly once per pass. Returns
-    the matching data config.
+    ``sigmoid(dense . w + sum of id weights + mean of history weights + bias)``. The
+    ``sequence`` history columns ``h0``, ``h1`` ... are lists of 0 to ``max_history`` ids (a
+    user's recent items, say; some rows have none) whose mean hidden weight enters the logit;
+    they are drawn from a generator of their own, so the other feature columns do not depend
+    on ``sequence`` (the label does). Every row also gets a ``row_id`` (0 to ``rows - 1`` over
+    the train files, in file order; likewise for eval), which training ignores and tests use
+    to check that each row is trained exactly once per pass. Returns the matching data config.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(seed)
+    history_rng = np.random.default_rng([seed, 1])
     id_weight = rng.normal(0.0, 1.0, size=(sparse, vocab))
+    history_weight = history_rng.normal(0.0, 1.0, size=(sequence, vocab))
     dense_w = rng.normal(0.0, 0.5, size=dense)
 
     def table(n: int, first_id: int) -> pa.Table:
@@ -86,6 +93,9 @@ def make_data(
             else:
                 logit += id_weight[j, ids]
                 cols[f"s{j}"] = ids.astype(np.int64)
+        for j in range(sequence):
+            cols[f"h{j}"], signal = _history(history_rng, history_weight[j], n, max_history)
+            logit += signal
         prob = 1.0 / (1.0 + np.exp(-logit))
         cols["label"] = (rng.random(n) < prob).astype(np.float32)
         cols[ROW_ID_COLUMN] = np.arange(first_id, first_id + n, dtype=np.int64)
@@ -107,7 +117,22 @@ def make_data(
         label="label",
         dense_columns=[f"d{j}" for j in range(dense)],
         sparse_columns=[f"s{j}" for j in range(sparse)],
+        sequence_columns=[f"h{j}" for j in range(sequence)],
     )
+
+
+def _history(rng: np.random.Generator, weight: np.ndarray, n: int, longest: int) -> tuple[Any, np.ndarray]:
+    """A list<int64> column of ``n`` histories (0 to ``longest`` Zipf ids each) and its logit term
+    (the mean weight of a row's ids, 0 for an empty history)."""
+    import pyarrow as pa
+
+    lengths = rng.integers(0, longest + 1, size=n)
+    flat = (rng.zipf(1.2, size=int(lengths.sum())) - 1) % len(weight)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    sums = np.zeros(n)
+    np.add.at(sums, np.repeat(np.arange(n), lengths), weight[flat])
+    column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int64()))
+    return column, sums / np.maximum(lengths, 1)
 
 
 def input_files(path: str, what: str) -> list[str]:
@@ -127,7 +152,8 @@ def input_files(path: str, what: str) -> list[str]:
 @dataclass(slots=True)
 class Batch:
     dense: torch.Tensor
-    sparse: Any  # a torchrec KeyedJaggedTensor
+    sparse: Any
+    """A TorchRec ``KeyedJaggedTensor``: the sparse columns, then the sequence columns."""
     label: torch.Tensor
     position: dict[str, int]
     """``"<file>:<range start>"`` -> the last row of that range in this batch (several keys
@@ -174,7 +200,8 @@ class ParquetReader:
         # file (a config's "data/train" and the demo's absolute path) name the same position.
         self.files, self.cfg, self.table_rows = [os.path.realpath(f) for f in files], cfg, table_rows
         self.rank, self.world_size = rank, world_size
-        self.columns = [cfg.label, *cfg.dense_columns, *cfg.sparse_columns]
+        self.features = [*cfg.sparse_columns, *cfg.sequence_columns]  # the batches' KJT keys
+        self.columns = [cfg.label, *cfg.dense_columns, *self.features]
         if row_ids:
             self.columns.append(ROW_ID_COLUMN)
         self.with_row_ids = row_ids
@@ -330,7 +357,7 @@ class ParquetReader:
             else torch.zeros(label.shape[0], 0)
         )
         values, lengths = [], []
-        for c in cfg.sparse_columns:
+        for c in self.features:
             for rb in rbs:
                 col = rb.column(c)
                 if hasattr(col, "flatten"):  # list<int64>: multi-valued
@@ -342,7 +369,7 @@ class ParquetReader:
                 values.append(torch.from_numpy(ids.astype(np.int64) % self.table_rows[c]))
                 lengths.append(torch.from_numpy(lens.astype(np.int32)))
         kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=list(cfg.sparse_columns), values=torch.cat(values), lengths=torch.cat(lengths)
+            keys=list(self.features), values=torch.cat(values), lengths=torch.cat(lengths)
         )
         row_ids = column(ROW_ID_COLUMN).astype(np.int64) if self.with_row_ids else None
         return Batch(dense, kjt, label, position, row_ids)
@@ -355,9 +382,9 @@ class ParquetReader:
 
         cfg = self.cfg
         kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=list(cfg.sparse_columns),
+            keys=list(self.features),
             values=torch.zeros(0, dtype=torch.int64),
-            lengths=torch.zeros(len(cfg.sparse_columns), dtype=torch.int32),
+            lengths=torch.zeros(len(self.features), dtype=torch.int32),
         )
         no_ids = np.zeros(0, dtype=np.int64) if self.with_row_ids else None
         dense = torch.zeros(1, len(cfg.dense_columns))

@@ -1,4 +1,16 @@
-"""The DLRM-style model, its sharding (DistributedModelParallel on CPU) and optimizers."""
+"""The trainer's model, its sharding (DistributedModelParallel on CPU) and optimizers.
+
+The model is TorchRec's DLRM, kept under DLRM's module names (``sparse_arch``, ``dense_arch``,
+``inter_arch``, ``over_arch``) so that its state-dict keys are DLRM's, plus what TorchEasyRec
+models use next to the embedding bags: sequence features looked up in an
+``EmbeddingCollection`` (``sequence_arch``) and mean-pooled per example, and dynamic tables
+(``dynamic``, no parameters: saved in ``dynamicemb/``).
+
+The model takes either ``(dense, sparse)`` and returns logits (eval, export, predict), or one
+training batch (``dense``, ``sparse``, ``label``, ``weight`` attributes) and returns
+``(loss, loss.detach())``, the shape TorchRec's train pipelines expect of a model. Both loops
+(plain and pipelined) call the second form, so they compute the same thing.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +26,17 @@ from torch import nn
 
 from reckpt.trainer.config import Config
 
-__all__ = ["init_distributed", "table_rows", "build_model", "shard_model", "table_name", "DynamicDLRM"]
+__all__ = [
+    "init_distributed",
+    "table_rows",
+    "build_model",
+    "shard_model",
+    "table_name",
+    "RecModel",
+    "SequenceArch",
+    "MeanPool",
+    "DynamicLookups",
+]
 
 
 def init_distributed() -> tuple[int, int]:
@@ -44,103 +66,169 @@ DYNAMIC_ROWS = 1 << 62
 
 
 def table_rows(cfg: Config) -> dict[str, int]:
+    """Rows per table of every sparse and sequence column (ids are reduced modulo this)."""
     return {
         c: DYNAMIC_ROWS
         if c in cfg.model.dynamic_tables
         else cfg.model.table_sizes.get(c, cfg.model.num_embeddings)
-        for c in cfg.data.sparse_columns
+        for c in [*cfg.data.sparse_columns, *cfg.data.sequence_columns]
     }
 
 
 def build_model(cfg: Config, device: str = "cpu") -> nn.Module:
-    """A plain (unsharded) TorchRec DLRM: one embedding-bag table per sparse feature.
+    """The plain (unsharded) model of ``cfg``: a :class:`RecModel`."""
+    return RecModel(cfg, torch.device(device))
 
-    Features listed in ``model.dynamic_tables`` get a :class:`~reckpt.dynamic.DynamicEmbedding`
-    instead (a :class:`DynamicDLRM`).
+
+class MeanPool(nn.Module):
+    """The mean of each example's looked-up rows, per sequence feature: ``(B, S, D)``.
+
+    An example with an empty sequence pools to zeros. It has no parameters; TorchRec's
+    pipeline tracer treats it as a leaf (it is not traced into).
     """
-    from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
-    from torchrec.models.dlrm import DLRM
+
+    def __init__(self, features: list[str]) -> None:
+        super().__init__()
+        self.features = list(features)
+
+    def forward(self, embeddings: dict[str, Any]) -> torch.Tensor:
+        pooled = []
+        for f in self.features:
+            jt = embeddings[f]
+            values, lengths = jt.values(), jt.lengths().to(torch.int64)
+            rows = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+            sums = torch.zeros(lengths.numel(), values.shape[1], dtype=values.dtype).index_add(
+                0, rows, values
+            )
+            pooled.append(sums / lengths.clamp(min=1).unsqueeze(1).to(values.dtype))
+        return torch.stack(pooled, 1)
+
+
+class SequenceArch(nn.Module):
+    """Sequence features: an ``EmbeddingCollection`` lookup (one row per id), mean-pooled."""
+
+    def __init__(self, embedding_collection: nn.Module, features: list[str]) -> None:
+        super().__init__()
+        self.embedding_collection = embedding_collection
+        self.pool = MeanPool(features)
+
+    def forward(self, features: Any) -> torch.Tensor:
+        pooled: torch.Tensor = self.pool(self.embedding_collection(features))
+        return pooled
+
+
+class DynamicLookups(nn.ModuleDict):
+    """The dynamic tables (``dynamic.<feature>``), each pooled to one row per example: ``(B, K, D)``."""
+
+    def forward(self, features: Any) -> torch.Tensor:
+        jts = features.to_dict()
+        return torch.stack([emb(jts[f]) for f, emb in self.items()], 1)
+
+
+class RecModel(nn.Module):
+    """TorchRec's DLRM under DLRM's names, with sequence features and dynamic tables.
+
+    The interaction takes one pooled embedding per feature: the bags' (``sparse_arch``), the
+    sequences' (``sequence_arch``, mean-pooled) and the dynamic tables' (``dynamic``), in this
+    order. Without sequence features and dynamic tables the module tree, the state-dict keys
+    and the computation are those of ``torchrec.models.dlrm.DLRM``.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device) -> None:
+        super().__init__()
+        from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+        from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch, SparseArch
+
+        rows, dim = table_rows(cfg), cfg.model.embedding_dim
+        bags = [c for c in cfg.data.sparse_columns if c not in cfg.model.dynamic_tables]
+        ebc = EmbeddingBagCollection(
+            tables=[
+                EmbeddingBagConfig(
+                    name=table_name(c), embedding_dim=dim, num_embeddings=rows[c], feature_names=[c]
+                )
+                for c in bags
+            ],
+            device=device,
+        )
+        n = len(bags) + len(cfg.data.sequence_columns) + len(cfg.model.dynamic_tables)
+        self.sparse_arch = SparseArch(ebc)
+        self.dense_arch = DenseArch(
+            in_features=len(cfg.data.dense_columns), layer_sizes=list(cfg.model.bottom_mlp), device=device
+        )
+        self.inter_arch = InteractionArch(num_sparse_features=n)
+        self.over_arch = OverArch(
+            in_features=dim + n * (n - 1) // 2 + n, layer_sizes=list(cfg.model.top_mlp), device=device
+        )
+        self.sequence_arch: SequenceArch | None = None
+        if cfg.data.sequence_columns:
+            self.sequence_arch = SequenceArch(_embedding_collection(cfg, device), cfg.data.sequence_columns)
+        self.dynamic: DynamicLookups | None = None
+        if cfg.model.dynamic_tables:
+            self.dynamic = _dynamic_lookups(cfg)
+
+    def forward(self, inputs: Any, sparse: Any = None) -> Any:
+        """``(dense, sparse)`` -> logits ``(B, 1)``; a training batch -> ``(loss, loss.detach())``.
+
+        A batch's ``weight`` (1 per real row, 0 for a stand-in row) scales its rows' losses, so
+        a stand-in step learns nothing. The branch is on the type of ``inputs``: TorchRec's
+        pipeline tracer passes a proxy (not a tensor) and so sees the batch form.
+        """
+        if isinstance(inputs, torch.Tensor):
+            return self.logits(inputs, sparse)
+        logits = self.logits(inputs.dense, inputs.sparse).squeeze(-1)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, inputs.label, weight=inputs.weight)
+        return loss, loss.detach()
+
+    def logits(self, dense: torch.Tensor, sparse: Any) -> torch.Tensor:
+        embedded_dense = self.dense_arch(dense)
+        pooled = [self.sparse_arch(sparse)]
+        if self.sequence_arch is not None:
+            pooled.append(self.sequence_arch(sparse))
+        if self.dynamic is not None:
+            pooled.append(self.dynamic(sparse))
+        embedded_sparse = pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1)
+        inter = self.inter_arch(dense_features=embedded_dense, sparse_features=embedded_sparse)
+        out: torch.Tensor = self.over_arch(inter)
+        return out
+
+
+def _embedding_collection(cfg: Config, device: torch.device) -> nn.Module:
+    from torchrec import EmbeddingCollection, EmbeddingConfig
 
     rows = table_rows(cfg)
-    static = [c for c in cfg.data.sparse_columns if c not in cfg.model.dynamic_tables]
-    ebc = EmbeddingBagCollection(
+    ec: nn.Module = EmbeddingCollection(
         tables=[
-            EmbeddingBagConfig(
+            EmbeddingConfig(
                 name=table_name(c),
                 embedding_dim=cfg.model.embedding_dim,
                 num_embeddings=rows[c],
                 feature_names=[c],
             )
-            for c in static
+            for c in cfg.data.sequence_columns
         ],
-        device=torch.device(device),
+        device=device,
     )
-    kwargs: dict[str, Any] = {
-        "embedding_bag_collection": ebc,
-        "dense_in_features": len(cfg.data.dense_columns),
-        "dense_arch_layer_sizes": list(cfg.model.bottom_mlp),
-        "over_arch_layer_sizes": list(cfg.model.top_mlp),
-        "dense_device": torch.device(device),
-    }
-    if cfg.model.dynamic_tables:
-        return DynamicDLRM(cfg, **kwargs)
-    model: nn.Module = DLRM(**kwargs)
-    return model
+    return ec
 
 
-class DynamicDLRM(nn.Module):
-    """TorchRec's DLRM whose interaction also takes pooled rows of dynamic tables.
+def _dynamic_lookups(cfg: Config) -> DynamicLookups:
+    from reckpt.dynamic.module import DynamicEmbedding
 
-    The TorchRec parts keep DLRM's names (``sparse_arch``, ``dense_arch``, ``inter_arch``,
-    ``over_arch``); the dynamic tables (``dynamic.<feature>``) have no parameters, so
-    DistributedModelParallel neither shards nor broadcasts them, and they are saved in the
-    checkpoint's ``dynamicemb/`` folder.
-    """
-
-    def __init__(self, cfg: Config, **dlrm_kwargs: Any) -> None:
-        super().__init__()
-        from torchrec.models.dlrm import DLRM, InteractionArch, OverArch
-
-        from reckpt.dynamic.module import DynamicEmbedding
-
-        base = DLRM(**dlrm_kwargs)
-        self.static_features: list[str] = list(base.sparse_arch.sparse_feature_names)
-        n = len(self.static_features) + len(cfg.model.dynamic_tables)
-        dim = cfg.model.embedding_dim
-        self.sparse_arch, self.dense_arch = base.sparse_arch, base.dense_arch
-        self.inter_arch = InteractionArch(num_sparse_features=n)
-        self.over_arch = OverArch(
-            in_features=dim + n * (n - 1) // 2 + n,
-            layer_sizes=list(cfg.model.top_mlp),
-            device=dlrm_kwargs["dense_device"],
-        )
-        lr = cfg.train_config.sparse_learning_rate
-        self.dynamic = nn.ModuleDict(
-            {
-                f: DynamicEmbedding(
-                    dim,
-                    name=table_name(f),
-                    capacity=t.capacity or None,
-                    eviction=t.eviction,
-                    admit_threshold=t.admit_threshold,
-                    lr=t.learning_rate or lr,
-                    seed=cfg.train_config.seed,
-                )
-                for f, t in cfg.model.dynamic_tables.items()
-            }
-        )
-
-    def forward(self, dense_features: torch.Tensor, sparse_features: Any) -> torch.Tensor:
-        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-        jts = sparse_features.to_dict()
-        static = KeyedJaggedTensor.from_jt_dict({f: jts[f] for f in self.static_features})
-        pooled = [self.sparse_arch(static), *(emb(jts[f]).unsqueeze(1) for f, emb in self.dynamic.items())]
-        inter = self.inter_arch(
-            dense_features=self.dense_arch(dense_features), sparse_features=torch.cat(pooled, 1)
-        )
-        out: torch.Tensor = self.over_arch(inter)
-        return out
+    lr = cfg.train_config.sparse_learning_rate
+    return DynamicLookups(
+        {
+            f: DynamicEmbedding(
+                cfg.model.embedding_dim,
+                name=table_name(f),
+                capacity=t.capacity or None,
+                eviction=t.eviction,
+                admit_threshold=t.admit_threshold,
+                lr=t.learning_rate or lr,
+                seed=cfg.train_config.seed,
+            )
+            for f, t in cfg.model.dynamic_tables.items()
+        }
+    )
 
 
 def shard_model(
@@ -153,6 +241,7 @@ def shard_model(
     ``constraints`` (``table -> ParameterConstraints``) go to the planner, e.g. those of
     :func:`reckpt.sharding.plan.plan_constraints` to keep a resumed run's plan.
     """
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
@@ -162,9 +251,11 @@ def shard_model(
     from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
     t = cfg.train_config
-    ebc: Any = model.get_submodule("sparse_arch.embedding_bag_collection")
-    apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": t.sparse_learning_rate})
-    sharders: list[Any] = [EmbeddingBagCollectionSharder()]
+    tables: list[Any] = [*model.get_submodule("sparse_arch.embedding_bag_collection").parameters()]
+    if cfg.data.sequence_columns:
+        tables += model.get_submodule("sequence_arch.embedding_collection").parameters()
+    apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": t.sparse_learning_rate})
+    sharders: list[Any] = [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
     world = dist.get_world_size()
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints

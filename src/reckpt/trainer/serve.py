@@ -105,7 +105,9 @@ def _checkpoint_weights(
 
 
 def _table_keys(weights: dict[str, torch.Tensor]) -> list[str]:
-    return sorted(k for k in weights if ".embedding_bags." in k and weights[k].dim() == 2)
+    """The embedding tables' keys: the bags' and the sequence features' (``EmbeddingCollection``)."""
+    tables = (".embedding_bags.", ".embeddings.")
+    return sorted(k for k in weights if any(t in k for t in tables) and weights[k].dim() == 2)
 
 
 def export_model(

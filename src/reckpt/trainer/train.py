@@ -5,6 +5,10 @@ Built on reckpt's public API only. Restore-source precedence follows TorchEasyRe
 over ``--fine-tune-checkpoint``); a fine-tune restarts step numbering and reads data from
 the start. A resume may use another number of processes: the rows of the current pass not
 consumed yet are re-divided among them, each still read once (``docs/data.md``).
+
+The steps run through TorchRec's train pipeline unless ``train_config.pipeline = false``
+(:mod:`reckpt.trainer.pipeline`, ``docs/pipeline.md``); the loop is :mod:`reckpt.trainer.loop`,
+what rank 0 prints and logs is :mod:`reckpt.trainer.log`.
 """
 
 from __future__ import annotations
@@ -12,12 +16,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,8 +33,19 @@ from reckpt.sharding.plan import FORCE_LOAD_SHARDING_PLAN, plan_constraints, rea
 from reckpt.storage.core import storage_for
 from reckpt.trainer.config import Config
 from reckpt.trainer.data import EPOCHS_KEY, ParquetReader, input_files
+from reckpt.trainer.log import (
+    Progress,
+    TrainLog,
+    checkpoint_bytes,
+    restore_line,
+    row_log,
+    summary_table,
+    summary_writer,
+)
+from reckpt.trainer.loop import Loop
 from reckpt.trainer.metrics import auc, logloss
 from reckpt.trainer.model import build_model, init_distributed, shard_model, table_rows
+from reckpt.trainer.pipeline import make_steps
 
 __all__ = ["train_and_evaluate", "evaluate", "TrainResult"]
 
@@ -152,8 +165,8 @@ def train_and_evaluate(
     torch.manual_seed(t.seed)
     files = input_files(cfg.data.train_input_path, "data.train_input_path")
     input_files(cfg.data.eval_input_path, "data.eval_input_path")
-    row_log = os.environ.get(ROW_LOG, "")
-    reader = ParquetReader(files, cfg.data, rank, world, table_rows(cfg), row_ids=bool(row_log))
+    row_log_dir = os.environ.get(ROW_LOG, "")
+    reader = ParquetReader(files, cfg.data, rank, world, table_rows(cfg), row_ids=bool(row_log_dir))
     ckpt, fine_tune = _resolve_source(cfg, continue_train)
 
     constraints = None if ckpt is None else restore_constraints(ckpt, world, rank, resume=not fine_tune)
@@ -173,11 +186,14 @@ def train_and_evaluate(
         ),
     )
     mgr.start()  # the writer lock: a second job in this model_dir stops now, not at its first save
+    log = TrainLog(cfg.model_dir, enabled=rank == 0)
     position: dict[str, Any] = reader.fresh_position(0)
     source = "the data position"
     step = -1
     restore_opt = None if ignore_restore_optimizer else optimizer
     param_map = t.fine_tune_ckpt_param_map or None
+    notes: list[str] = []
+    began = time.time()
     if ckpt is not None and not fine_tune:
         # The newest checkpoint that verifies: a damaged one is skipped (and logged).
         # A resume continues the same model: a changed shape is a mistake (another model's
@@ -191,181 +207,68 @@ def train_and_evaluate(
         position = reader.adopt(position, resumed.path)
         source = f"{resumed.path}: dataloader state"
         logger.info("resumed from %s at step %d", resumed.path, step)
+        notes.append(_restored(log, resumed.path, step, time.time() - began, rank))
     elif ckpt is not None:
         report = reckpt.restore_model(ckpt, model, restore_opt, param_map)
+        notes.append(_restored(log, ckpt, step, time.time() - began, rank))
         if rank == 0:
             print(f"fine-tune from {ckpt}:\n{report.summary()}", file=sys.stderr)
-    writer = _summary_writer(cfg.model_dir) if rank == 0 else None
-    kill_at = int(os.environ.get(KILL_AT_STEP, "-1"))
-    epoch = int(position.get(EPOCHS_KEY, 0))
-    start, first = time.time(), step + 1
-    bar = _progress(rank, t.num_steps or None, step + 1, t.log_step_count_steps)
-    loss_value = float("nan")
-    preempted = False
-
-    def after_save(s: int) -> None:
-        metrics = evaluate(cfg, model)
-        mgr.record_eval(s, metrics)
-        if writer is not None:
-            for k, v in metrics.items():
-                writer.add_scalar(f"metric/{k}", v, s)
-        if rank == 0:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            bar.note(f"step {s}: saved {mgr.checkpoint_dir(s)}; eval {shown}")
-
+    steps = make_steps(model, optimizer, t.pipeline)
     stack = contextlib.ExitStack()
     preemption = stack.enter_context(Preemption())
-    rows_out = stack.enter_context(_row_log(row_log, rank))
-    while not preempted and (
-        (t.num_steps and step + 1 < t.num_steps) or (t.num_epochs and epoch < t.num_epochs)
-    ):
-        layout = reader.plan(position, source)
-        if layout.redivided and rank == 0:
-            print(f"{source}: {layout.describe(cfg.data.batch_size)}", file=sys.stderr, flush=True)
-        position = dict(layout.position)
-        for batch in reader.batches(layout):
-            step += 1
-            logits = model(batch.dense, batch.sparse).squeeze(-1)
-            if batch.padding:  # this rank's data ended first: a stand-in step, zero gradient
-                loss = logits.sum() * 0.0
-            else:
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch.label)
-            optimizer.zero_grad()
-            torch.autograd.backward(loss)
-            optimizer.step()
-            if not batch.padding:
-                loss_value = float(loss.detach())
-                if rows_out is not None and batch.row_ids is not None:
-                    rows_out.write(f"{step} {epoch} {' '.join(map(str, batch.row_ids.tolist()))}\n")
-            reckpt.update_dataloder_state(position, batch.position)
-            if writer is not None and step % max(t.log_step_count_steps, 1) == 0:
-                writer.add_scalar("loss", loss_value, step)
-            done = step + 1 - first  # steps trained by this run (a resumed run starts later)
-            bar.update(step, loss_value, done * cfg.data.batch_size * world / max(time.time() - start, 1e-9))
-            if mgr.maybe_save(step, model, optimizer, dataloader_state=position):
-                after_save(step)
-            if step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if preemption.requested():
-                preempted = True
-                break
-            if t.num_steps and step + 1 >= t.num_steps:
-                break
-        else:  # the data pass ended (on every rank at the same step: the passes are padded)
-            epoch += 1
-            position = reader.fresh_position(epoch)
-            if t.num_epochs and mgr.maybe_save(
-                step, model, optimizer, dataloader_state=position, epoch=epoch - 1
-            ):
-                after_save(step)
-    bar.close()
-    if preempted:
-        if rank == 0:
-            name = signal.Signals(preemption.signum).name if preemption.signum else "a signal on another rank"
-            print(f"{name}: saving step {step} and stopping (resume with --continue-train)", file=sys.stderr)
-        mgr.maybe_save(
-            step, model, optimizer, dataloader_state=position, final=True
-        )  # no eval: time is short
-    elif mgr.maybe_save(step, model, optimizer, dataloader_state=position, final=True):
-        after_save(step)
+    loop = Loop(
+        cfg,
+        reader,
+        mgr,
+        model,
+        optimizer,
+        steps,
+        lambda: evaluate(cfg, model),
+        rank,
+        world,
+        position,
+        source,
+        step,
+        Progress(rank, t.num_steps or None, step + 1, t.log_step_count_steps),
+        log,
+        writer=summary_writer(cfg.model_dir) if rank == 0 else None,
+        rows_out=stack.enter_context(row_log(row_log_dir, rank)),
+        kill_at=int(os.environ.get(KILL_AT_STEP, "-1")),
+    )
+    for line in notes:
+        if line:
+            loop.bar.note(line)
+    preempted = loop.run(preemption)
+    loop.bar.close()
+    loop.final_save(preempted, preemption)
     mgr.close()  # waits for an async save's commit
+    loop.report_saves()
+    log.close()
     stack.close()
-    if step + 1 == first and rank == 0:
+    step = loop.step
+    if step + 1 == loop.first and rank == 0:
         print(
             f"nothing to train: model_dir {cfg.model_dir} is already at step {step}"
             f" (num_steps {t.num_steps}, num_epochs {t.num_epochs})",
             file=sys.stderr,
         )
-    if writer is not None:
-        writer.close()
+    if loop.writer is not None:
+        loop.writer.close()
     checkpoints = mgr.list_checkpoints()
     latest, _ = mgr.latest_checkpoint()
     best, _ = mgr.best_checkpoint()
     if rank == 0:
-        print(summary_table(checkpoints, latest, best, loss_value))
+        print(summary_table(checkpoints, latest, best, loop.loss_value))
     dist.barrier()
     return TrainResult(step, checkpoints, latest, best)
 
 
-@contextlib.contextmanager
-def _row_log(folder: str, rank: int) -> Iterator[TextIO | None]:
-    """The :data:`ROW_LOG` file of this rank (line-buffered: a killed run keeps its lines), or None."""
-    if not folder:
-        yield None
-        return
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"rows-rank{rank}-pid{os.getpid()}.txt"), "a", buffering=1) as f:
-        yield f
-
-
-def summary_table(
-    checkpoints: list[reckpt.CheckpointInfo], latest: str | None, best: str | None, loss: float
-) -> str:
-    head = (
-        f"final train loss {loss:.4f}"
-        if loss == loss
-        else "final train loss n/a (no step trained by this run)"
-    )
-    lines = [head, f"{'step':>8}  {'state':<10} {'auc':>8} {'logloss':>8}  marks"]
-    for c in checkpoints:
-        marks = " ".join(m for m, p in (("latest", latest), ("best", best)) if p == c.path)
-        a, ll = c.metrics.get("auc", float("nan")), c.metrics.get("logloss", float("nan"))
-        lines.append(f"{c.step:>8}  {c.state:<10} {a:>8.4f} {ll:>8.4f}  {marks}")
-    return "\n".join(lines)
-
-
-def _summary_writer(model_dir: str) -> Any:
-    """TensorBoard events in model_dir (local model_dirs; a URL model_dir gets none, with a warning)."""
-    if "://" in model_dir and not model_dir.startswith("file://"):
-        logger.warning("model_dir %s is remote: TensorBoard summaries are not written", model_dir)
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    local = model_dir.removeprefix("file://")
-    os.makedirs(local, exist_ok=True)
-    return SummaryWriter(log_dir=local)
-
-
-def _duration(seconds: float) -> str:
-    """``3725`` -> ``"1h02m"``, ``125`` -> ``"2m05s"``, ``7`` -> ``"7s"``."""
-    m, sec = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
-
-
-class _progress:
-    """Rank 0's progress (step, loss, examples/s): a tqdm bar on a terminal, else a line every
-    ``log_every`` steps."""
-
-    def __init__(self, rank: int, total: int | None, initial: int, log_every: int) -> None:
-        self.bar = None
-        self.rank, self.log_every = rank, max(log_every, 1)
-        self.total, self.initial, self.started = total, initial, time.time()
-        if rank == 0 and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-        self.last = initial
-
-    def update(self, step: int, loss: float, eps: float) -> None:
-        if self.bar is not None:
-            self.bar.update(step + 1 - self.last)
-            self.bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{eps:,.0f}")
-        elif self.rank == 0 and step % self.log_every == 0:
-            eta = ""
-            if self.total and self.started is not None and step + 1 > self.initial:
-                rate = (step + 1 - self.initial) / max(time.time() - self.started, 1e-9)
-                eta = f" eta {_duration((self.total - step - 1) / rate)}"
-            print(f"step {step} loss {loss:.4f} examples/s {eps:,.0f}{eta}", file=sys.stderr, flush=True)
-        self.last = step + 1
-
-    def note(self, line: str) -> None:
-        """A line of its own (a save, an eval), shown without -v."""
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stderr)
-        elif self.rank == 0:
-            print(line, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _restored(log: TrainLog, path: str, step: int, seconds: float, rank: int) -> str:
+    """Rank 0: the restore's train-log record, and its line (empty on other ranks)."""
+    if rank != 0:
+        return ""
+    nbytes, links = checkpoint_bytes(path)
+    gbps = nbytes / 1e9 / max(seconds, 1e-9)
+    fields = {"path": path, "bytes": nbytes, "seconds": round(seconds, 6), "gbps": round(gbps, 6)}
+    log.write(step, event="restore", **fields, tier="disk")
+    return restore_line(path, nbytes, seconds, "disk", links)
