@@ -13,7 +13,7 @@ import pytest
 
 import reckpt
 from tests.distributed.launcher import run_world
-from tests.distributed.test_trainer import STEPS, cli, write_config
+from tests.helpers.trainer_runs import STEPS, cli, write_config
 
 
 @pytest.fixture(scope="module")

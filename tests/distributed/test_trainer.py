@@ -16,24 +16,8 @@ import reckpt
 from reckpt.restore.inspection import read_part
 from tests.helpers import assert_state_dicts_equal, flip_byte
 from tests.helpers.paths import REPO
-from tests.helpers.processes import child_env, free_port, run_python
-
-STEPS, EVERY = 60, 20
-
-
-def cli(*args: str, world: int = 1, env: dict[str, str] | None = None, cwd: str | None = None):
-    launch = []
-    if world > 1:
-        launch = [
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={world}",
-            "--nnodes=1",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-        ]
-    env = {"OMP_NUM_THREADS": "1", **(env or {})}
-    return run_python(*launch, "-m", "reckpt.cli", *args, env=env, cwd=cwd or REPO, timeout=600)
+from tests.helpers.processes import child_env
+from tests.helpers.trainer_runs import EVERY, STEPS, cli, write_config
 
 
 @pytest.fixture(scope="module")
@@ -42,46 +26,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = cli("make-data", "--out", str(root), "--rows", "8000", "--eval-rows", "2000")
     assert proc.returncode == 0, proc.stderr
     return root
-
-
-def write_config(
-    path: Path,
-    data: Path,
-    model_dir: Path,
-    sparse: tuple[str, ...] = ("s0", "s1", "s2"),
-    sequence: tuple[str, ...] = ("h0",),
-    **extra: str,
-) -> str:
-    """A config of 60 steps (checkpoints at 20, 40, 59): bags, and a sequence feature (``h0``, an
-    ``EmbeddingCollection`` table) unless ``sequence`` is empty; ``extra`` adds lines to
-    ``[model]`` (``model=``) and ``[train_config]`` (``train=``)."""
-    sparse_list = ", ".join(f'"{s}"' for s in sparse)
-    sequence_list = ", ".join(f'"{s}"' for s in sequence)
-    text = f"""
-model_dir = "{model_dir}"
-[data]
-train_input_path = "{data}/train"
-eval_input_path = "{data}/eval"
-dense_columns = ["d0", "d1", "d2", "d3"]
-sparse_columns = [{sparse_list}]
-sequence_columns = [{sequence_list}]
-batch_size = 128
-[model]
-embedding_dim = 8
-num_embeddings = 500
-bottom_mlp = [16, 8]
-top_mlp = [16, 1]
-{extra.get("model", "")}
-[train_config]
-num_steps = {STEPS}
-save_checkpoints_steps = {EVERY}
-learning_rate = 0.003
-{extra.get("train", "")}
-[export_config]
-exporter_type = "best"
-"""
-    path.write_text(text)
-    return str(path)
 
 
 def final_state(model_dir: Path) -> dict[str, torch.Tensor]:
