@@ -15,15 +15,26 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def git_revision() -> str:
-    """The short commit of the checkout, ``-dirty`` when tracked files changed (``unknown`` outside git)."""
+
+def git_revision(root: str = REPO_ROOT) -> str:
+    """The short commit of the repository at ``root``, ``-dirty`` when its tree differs from it.
+
+    Asked of the benchmarks' own repository whatever the current directory. The tree is
+    dirty when a tracked file changed or an untracked file that git does not ignore exists
+    (a new module the results may depend on). ``unknown`` outside git.
+    """
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=normal"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
@@ -45,6 +56,36 @@ def provenance(workdir: str) -> dict[str, Any]:
     }
 
 
+def stamp_revision(path: str, revision: str) -> bool:
+    """Make a results file carry the commit it was measured at; whether it had to be added.
+
+    A JSON document without ``provenance.git_revision`` gains it; a markdown file that does
+    not mention the commit gains a line under its title. Other files are left alone.
+    """
+    if path.endswith(".json"):
+        with open(path) as f:
+            doc = json.load(f)
+        prov = doc.get("provenance") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or (isinstance(prov, dict) and prov.get("git_revision")):
+            return False
+        doc["provenance"] = {**(prov if isinstance(prov, dict) else {}), "git_revision": revision}
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        return True
+    if path.endswith(".md"):
+        with open(path) as f:
+            lines = f.read().splitlines()
+        if any(revision.removesuffix("-dirty") in line for line in lines):
+            return False
+        at = 1 if lines and lines[0].startswith("# ") else 0
+        lines[at:at] = ["", f"measured at {revision} (stamped by the suite)"]
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return True
+    return False
+
+
 def require_free_space(path: str, needed_bytes: int) -> None:
     """Exit (``SystemExit``) with a message when ``path``'s file system has under ``needed_bytes`` free."""
     free = shutil.disk_usage(path).free
@@ -62,6 +103,63 @@ def drop_cache(path: str) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def status_bytes(field: str, pid: str = "self") -> int:
+    """A size field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``) in bytes; 0 when absent."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident size (``VmHWM``) to its current size, where Linux allows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def memory_available() -> int:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def children_private_bytes() -> int:
+    """Memory held only by this process's children (``Private_*`` of their ``smaps_rollup``).
+
+    A forked child shares the parent's pages copy-on-write: its resident size counts them,
+    its private bytes only what it copied or allocated itself.
+    """
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids = f.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    for line in f:
+                        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                            total += int(line.split()[1]) << 10
+            except OSError:
+                pass
+    return total
 
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "within_bound": {m: r["extra_rss_mb"] <= bound for m, r in results.items()},
         "exact": {m: r["exact"] for m, r in results.items()},
     }
+    target_ratios = {f"{m} extra RSS / bound": r["extra_rss_mb"] / bound for m, r in results.items()}
     base = results.get("dcp_load")
     ratios = {}
     if base is not None:
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "world_saved": 2,
         },
         "results": results,
+        "target_ratios": target_ratios,
         "figures": figures,
         "ratios": ratios,
     }

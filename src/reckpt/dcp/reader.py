@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import re
 from typing import IO, TYPE_CHECKING, Any, cast
@@ -21,6 +22,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 from reckpt.dcp.items import data_offset, read_full
+from reckpt.dcp.parallel_read import FileRead, read_files
 from reckpt.dcp.writer import StorageFileSystem
 from reckpt.errors import UnsafeCheckpointError
 from reckpt.format.integrity import SequentialHasher
@@ -92,6 +94,14 @@ def read_dcp_metadata(storage: Storage, dcp_dir: str) -> Metadata:
     return md
 
 
+def _fileno(stream: IO[bytes]) -> int | None:
+    """The stream's file descriptor, or ``None`` when it has none (not a local file)."""
+    try:
+        return int(stream.fileno())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
 class SafeReader(FileSystemReader):
     """DCP ``StorageReader`` that reads metadata safely and through :class:`Storage`.
 
@@ -124,11 +134,15 @@ class SafeReader(FileSystemReader):
         """Read tensor items straight into their destinations; DCP's own path for the rest.
 
         A tensor item that fills a contiguous CPU destination exactly (same dtype, the whole
-        saved chunk) is read with ``readinto`` into the destination's memory, in file order;
-        every other item (non-tensor, a slice of a chunk, a strided or converted destination)
-        goes through :meth:`FileSystemReader.read_data`. With a verifier, a file this rank
-        reads mostly (at least half its bytes) is read front to back exactly once, every
-        byte hashed on the way, and its checksum reported to the verifier.
+        saved chunk) is read into the destination's memory; every other item (non-tensor, a
+        slice of a chunk, a strided or converted destination) goes through
+        :meth:`FileSystemReader.read_data`. With a verifier, a file this rank reads mostly
+        (at least half its bytes) is read exactly once, every byte hashed on the way, and
+        its checksum reported to the verifier.
+
+        On a local file system all files of the part are read at once by several threads
+        (:mod:`reckpt.dcp.parallel_read`: large ``pread`` calls in file order, hashed in order
+        as they arrive); elsewhere each file is read front to back through its stream.
         """
         per_file: dict[str, list[ReadItem]] = {}
         rest: list[ReadItem] = []
@@ -137,24 +151,42 @@ class SafeReader(FileSystemReader):
                 rest.append(item)
             else:
                 per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
-        for relative_path, items in per_file.items():
-            items.sort(key=lambda it: self.storage_data[it.storage_index].offset)
-            path = self.fs.concat_path(self.path, relative_path)
-            rel = f"{self._part}/{relative_path}" if self._part else relative_path
-            record = self._verifier.record(rel) if self._verifier is not None else None
-            if record is not None and 2 * self._planned_bytes(items) < record.size:
-                record = None  # mostly other ranks' bytes: checked once after the load instead
-            with contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
+            batch: list[tuple[FileRead, str, str | None, list[tuple[ReadItem, torch.Tensor]]]] = []
+            for relative_path, items in per_file.items():
+                items.sort(key=lambda it: self.storage_data[it.storage_index].offset)
+                path = os.fspath(self.fs.concat_path(self.path, relative_path))
+                rel = f"{self._part}/{relative_path}" if self._part else relative_path
+                record = self._verifier.record(rel) if self._verifier is not None else None
+                if record is not None and 2 * self._planned_bytes(items) < record.size:
+                    record = None  # mostly other ranks' bytes: checked once after the load instead
                 stream = cast(IO[bytes], stack.enter_context(self.fs.create_stream(path, "rb")))
-                locate, seq = stream, None
-                if record is not None:
-                    # a second handle finds items (random access) while the first reads in order
-                    locate = cast(IO[bytes], stack.enter_context(self.fs.create_stream(path, "rb")))
-                    seq = SequentialHasher(stream)
-                    stack.callback(seq.close)
-                rest += [it for it in items if not self._read_direct(locate, seq, it, planner)]
-                if seq is not None:
-                    cast("ReadVerifier", self._verifier).read_whole(rel, *seq.finish())
+                fd = _fileno(stream) if self._storage.local else None
+                if fd is None:
+                    rest += self._read_file(stream, path, rel if record is not None else None, items, planner)
+                    continue
+                spans: list[tuple[int, memoryview]] = []
+                direct: list[tuple[ReadItem, torch.Tensor]] = []
+                end = 0
+                for it in items:
+                    found = self._locate(stream, it, planner)
+                    if found is None or found[2] < end:
+                        rest.append(it)
+                        continue
+                    target, view, start = found
+                    spans.append((start, view))
+                    direct.append((it, target))
+                    end = start + len(view)
+                read = FileRead(fd, spans, hash_all=record is not None)
+                batch.append((read, path, rel if record is not None else None, direct))
+            read_files([read for read, _, _, _ in batch])
+            for read, path, hashed, direct in batch:
+                if hashed is not None:
+                    cast("ReadVerifier", self._verifier).read_whole(hashed, read.size, read.checksum)
+                if read.short:
+                    raise UnsafeCheckpointError(f"{path}: the file ends early; run reckpt verify")
+                for it, target in direct:
+                    planner.commit_tensor(it, target)
         self.direct_items += len(plan.items) - len(rest)
         self.dcp_items += len(rest)
         if rest:
@@ -163,9 +195,53 @@ class SafeReader(FileSystemReader):
         done.set_result(None)
         return done
 
+    def _read_file(
+        self,
+        stream: IO[bytes],
+        path: str,
+        hashed: str | None,
+        items: list[ReadItem],
+        planner: LoadPlanner,
+    ) -> list[ReadItem]:
+        """Read one file's items front to back through ``stream``; the items left to DCP.
+
+        With ``hashed`` (the file's path in the manifest), every byte is hashed on the way
+        and the file's checksum reported to the verifier.
+        """
+        with contextlib.ExitStack() as stack:
+            locate, seq = stream, None
+            if hashed is not None:
+                # a second handle finds items (random access) while the first reads in order
+                locate = cast(IO[bytes], stack.enter_context(self.fs.create_stream(path, "rb")))
+                seq = SequentialHasher(stream)
+                stack.callback(seq.close)
+            rest = [it for it in items if not self._read_direct(locate, seq, it, planner)]
+            if seq is not None:
+                cast("ReadVerifier", self._verifier).read_whole(cast(str, hashed), *seq.finish())
+        return rest
+
     def _planned_bytes(self, items: list[ReadItem]) -> int:
         indexes = {it.storage_index for it in items}
         return sum(int(self.storage_data[i].length) for i in indexes)
+
+    def _locate(
+        self, stream: IO[bytes], item: ReadItem, planner: LoadPlanner
+    ) -> tuple[torch.Tensor, memoryview, int] | None:
+        """Where a tensor item's bytes are and where they go: ``(target, its bytes, offset)``.
+
+        ``None`` when the item needs DCP's path (a slice of a chunk, a converted or strided
+        destination, not a single uncompressed storage).
+        """
+        info = self.storage_data[item.storage_index]
+        if info.transform_descriptors or any(item.storage_offsets):
+            return None
+        target = planner.resolve_tensor(item).detach()
+        saved = self._saved_dtype(item)
+        if target.device.type != "cpu" or not target.is_contiguous() or saved != target.dtype:
+            return None
+        view = memoryview(cast(Any, target.reshape(-1).view(torch.uint8).numpy())).cast("B")
+        start = data_offset(stream, info.offset, info.length, len(view))
+        return None if start is None else (target, view, start)
 
     def _read_direct(
         self, stream: IO[bytes], seq: SequentialHasher | None, item: ReadItem, planner: LoadPlanner
@@ -175,16 +251,11 @@ class SafeReader(FileSystemReader):
         ``stream`` locates the item's bytes (random access); with ``seq`` the bytes are then
         read through it, in file order, hashed.
         """
-        info = self.storage_data[item.storage_index]
-        if info.transform_descriptors or any(item.storage_offsets):
+        found = self._locate(stream, item, planner)
+        if found is None:
             return False
-        target = planner.resolve_tensor(item).detach()
-        saved = self._saved_dtype(item)
-        if target.device.type != "cpu" or not target.is_contiguous() or saved != target.dtype:
-            return False
-        view = memoryview(cast(Any, target.reshape(-1).view(torch.uint8).numpy())).cast("B")
-        start = data_offset(stream, info.offset, info.length, len(view))
-        if start is None or (seq is not None and start < seq.pos):
+        target, view, start = found
+        if seq is not None and start < seq.pos:
             return False
         if seq is None:
             stream.seek(start)
@@ -194,6 +265,7 @@ class SafeReader(FileSystemReader):
             got = seq.readinto(view)
             seq.wait()
         if got != len(view):
+            info = self.storage_data[item.storage_index]
             where = f"{self.path}/{info.relative_path}"
             raise UnsafeCheckpointError(
                 f"{where}: item {item.storage_index.fqn!r} ends early; run reckpt verify"

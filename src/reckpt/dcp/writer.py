@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from reckpt.dcp.direct_write import DirectWriter, open_direct
 from reckpt.format.integrity import FileRecord, HashingWriter
 from reckpt.storage.core import Storage
 from reckpt.storage.fork_lock import ForkSafeLock
@@ -39,6 +40,19 @@ __all__ = [
     "writer_threads",
     "zip_crc32_off",
 ]
+
+
+def _plain_local_path(storage: Storage, path: str) -> str | None:
+    """``path`` on the local disk when ``storage`` is fsspec's plain local file system, else None.
+
+    Wrappers (the ``faulty://`` file system of the fault-injection tests) count as not local
+    here: writing around them would bypass what they inject.
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not storage.local or type(storage.fs) is not LocalFileSystem:
+        return None
+    return str(storage.fs._strip_protocol(path))
 
 
 class StorageFileSystem(FileSystemBase):
@@ -68,8 +82,12 @@ class StorageFileSystem(FileSystemBase):
             with self._lock:
                 self.records[rel] = FileRecord(rel, size, checksum)
 
-        raw = self.storage.open(path, "wb")
-        stream = HashingWriter(raw, on_close, writeback=self.storage.local)
+        raw: Any = self.storage.open(path, "wb")
+        local = _plain_local_path(self.storage, path)
+        fd = open_direct(local) if local is not None else None
+        if fd is not None:  # straight to the disk (reckpt.dcp.direct_write); else early writeback
+            raw = DirectWriter(raw, fd, path)
+        stream = HashingWriter(raw, on_close, writeback=self.storage.local and fd is None)
         try:
             yield stream
         except BaseException as e:
@@ -165,10 +183,12 @@ _MAX_WRITERS = 4
 
 
 def writer_threads(state_dict: dict[str, Any]) -> int:
-    """Writer threads for this rank's share of a part: one per 256 MiB, at most four.
+    """Writer threads for this rank's share of a part: one per 256 MiB begun, at most four.
 
     One sequential stream leaves a disk idle between requests (and a rate-limited cloud
     volume gives more to several streams); a small part is not worth splitting into files.
+    Rounding up keeps the files even: 1 GiB of four 264 MB tables gets four files, not three
+    with one twice as long (written alone at the end).
     """
     total = 0
 
@@ -185,7 +205,7 @@ def writer_threads(state_dict: dict[str, Any]) -> int:
             total += int(value.nbytes)
 
     visit(state_dict)
-    return max(1, min(_MAX_WRITERS, total // _BYTES_PER_WRITER))
+    return max(1, min(_MAX_WRITERS, -(-total // _BYTES_PER_WRITER)))
 
 
 class ReckptSavePlanner(DefaultSavePlanner):

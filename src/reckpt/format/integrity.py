@@ -8,10 +8,12 @@ the algorithm's name so a later format can change it.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -24,6 +26,7 @@ __all__ = [
     "FileRecord",
     "HashingWriter",
     "SequentialHasher",
+    "charge_hashing",
     "checksum_bytes",
     "hash_stream",
     "hash_wait_seconds",
@@ -60,10 +63,14 @@ def hash_wait_seconds() -> float:
     return _waited_s
 
 
-def _charge(seconds: float) -> None:
+def charge_hashing(seconds: float) -> None:
+    """Add ``seconds`` of hashing on the critical path to :func:`hash_wait_seconds`."""
     global _waited_s
     with _clock_lock:
         _waited_s += seconds
+
+
+_charge = charge_hashing
 
 
 class _Background:
@@ -233,6 +240,29 @@ class SequentialHasher:
         self._background.close()
 
 
+_unhashed_lock = ForkSafeLock()
+_unhashed_users = 0
+
+
+@contextlib.contextmanager
+def _unhashed_writes() -> Iterator[None]:
+    """Internal, for the checksum A/B of ``benchmarks/save_restore.py`` only: no hashing.
+
+    Every :class:`HashingWriter` created while any caller is inside counts bytes but does
+    not hash them, and records an empty checksum, so the same save can be timed with and
+    without its checksums. A checkpoint written so fails verification; reckpt itself never
+    enters this.
+    """
+    global _unhashed_users
+    with _unhashed_lock:
+        _unhashed_users += 1
+    try:
+        yield
+    finally:
+        with _unhashed_lock:
+            _unhashed_users -= 1
+
+
 @dataclass(frozen=True, slots=True)
 class FileRecord:
     """Size and checksum of one written file (path relative to the checkpoint)."""
@@ -261,6 +291,7 @@ class HashingWriter(io.RawIOBase):
         self._on_close = on_close
         self._lock = threading.Lock()
         self._writeback = writeback
+        self._hashing = _unhashed_users == 0
 
     def writable(self) -> bool:
         return True
@@ -270,13 +301,15 @@ class HashingWriter(io.RawIOBase):
         if len(view) < _THREADED:
             written = self._raw.write(view)
             n = len(view) if written is None else int(written)
-            self._background.update(view[:n])  # hashed inline at this size
+            if self._hashing:
+                self._background.update(view[:n])  # hashed inline at this size
             self._size += n
             return n
         try:
             for start in range(0, len(view), _PIECE):
                 piece = view[start : start + _PIECE]
-                self._background.update(piece)
+                if self._hashing:
+                    self._background.update(piece)
                 done = 0
                 while done < len(piece):
                     written = self._raw.write(piece[done:])
@@ -318,4 +351,4 @@ class HashingWriter(io.RawIOBase):
                 super().close()  # flushes through to the wrapped file
             finally:
                 self._raw.close()
-            self._on_close(self._size, str(self._hasher.hexdigest()))
+            self._on_close(self._size, str(self._hasher.hexdigest()) if self._hashing else "")

@@ -3,8 +3,9 @@
 The caller is blocked only while (a) the previous save in flight finishes (at most one
 snapshot exists) and (b) the state is frozen, in one of two ways (``async_snapshot``):
 
-- ``"copy"`` (the default): a host copy of every tensor (:mod:`reckpt.save.host_copy`), refilled
-  in place at each save: one parallel memory copy of the state; any device.
+- ``"copy"`` (the default): a host copy of every tensor in an arena refilled in place at each
+  save (:mod:`reckpt.save.arena`): one parallel memory copy of the state; CUDA tensors go to
+  pinned buffers on a side stream and do not block the caller (:mod:`reckpt.save.device_copy`).
 - ``"fork"``: a copy-on-write image in a forked process (:mod:`reckpt.save.fork_snapshot`). The
   stall is the ``fork`` alone (page tables, not data), but the training then pays a page
   fault for every 4 KiB page it writes after the fork, and a page copy as well while the
@@ -27,8 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 from reckpt.errors import ConfigError
+from reckpt.save.arena import HostArena
 from reckpt.save.fork_snapshot import ForkSnapshot, fork_supported, visible_to_child
-from reckpt.save.host_copy import stage_state_dict
 from reckpt.storage.core import Storage
 
 __all__ = ["AsyncSaver", "SNAPSHOT_MODES"]
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 class AsyncSaver:
     """Runs one background save at a time and remembers its failure.
 
-    It also owns what background saves reuse: the host copy of the state (one per part,
+    It also owns what background saves reuse: the host copy of the state (an arena
     refilled in place by :meth:`stage`) and the dedicated gloo group they communicate on.
 
     Args:
@@ -61,7 +62,7 @@ class AsyncSaver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.in_flight_step: int | None = None
-        self._staged: dict[str, dict[str, Any]] = {}
+        self.arena = HostArena()
         self._group: Any = None
 
     def freeze(
@@ -88,10 +89,19 @@ class AsyncSaver:
         return self.stage(parts), None
 
     def stage(self, parts: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
-        """Host copies of ``parts``, reusing the previous save's buffers (call after :meth:`wait`)."""
-        staged = [(name, stage_state_dict(sd, self._staged.get(name))) for name, sd in parts]
-        self._staged = dict(staged)
-        return staged
+        """Host copies of ``parts`` in the arena, reusing the previous save's buffers.
+
+        A save still writing from the arena is waited for first (its failure is raised), so
+        a copy is never overwritten while it is read.
+        """
+        if self._thread is not None:
+            self.wait()
+        return self.arena.fill(parts)
+
+    @property
+    def _staged(self) -> dict[str, dict[str, Any]]:
+        """The arena's current copy, by part (the name under which callers inspect it)."""
+        return self.arena.parts
 
     def group(self, active: bool) -> Any:
         """Collective at first use: the gloo group of background saves (never the training group)."""
@@ -105,8 +115,10 @@ class AsyncSaver:
 
     def release(self) -> None:
         """Drop the host copy and a fork snapshot never submitted (after the last save)."""
-        self._staged = {}
-        self._drop_fork()
+        try:
+            self.arena.release()
+        finally:
+            self._drop_fork()
 
     def _drop_fork(self) -> None:
         if self._fork is not None:
@@ -124,7 +136,10 @@ class AsyncSaver:
             raise err
 
     def submit(self, step: int, job: Callable[[], None]) -> None:
-        """Start ``job`` (which writes and commits a staged copy) in the background."""
+        """Start ``job`` (which writes and commits a staged copy) in the background.
+
+        The job first waits for the arena's device copies (if any) to land.
+        """
         fork, self._fork = self._fork, None
         try:
             self.wait()
@@ -137,6 +152,7 @@ class AsyncSaver:
             start = time.time()
             try:
                 try:
+                    self.arena.ready()
                     job()
                 finally:
                     if fork is not None:

@@ -7,36 +7,62 @@ and each thread moves its span with as few ``memmove`` calls as possible: ``memm
 releases the GIL, and glibc switches to non-temporal stores (no read of the destination
 into the cache first) only for blocks larger than a cache-dependent threshold, so blocks are
 kept as large as possible. On this project's machines that is about 1.6x the speed of
-``Tensor.copy_``, which writes through the cache. Anything else (strided views,
-accelerator tensors) goes through ``copy_`` / ``to``.
+``Tensor.copy_``, which writes through the cache.
+
+New buffers of 1 MiB or more get an anonymous mapping of their own, marked
+``MADV_DONTFORK``: a process forked from the training (a DataLoader worker, a fork
+snapshot) does not inherit them. Otherwise every fork would mark the whole copy
+copy-on-write, and the next save would take a page fault for each 4 KiB it refills (on
+this project's machines that tripled the refill: 0.32 s instead of 0.11 s per GiB).
+
+CUDA tensors go to pinned host buffers
+through non-blocking copies on a side stream (:mod:`reckpt.save.device_copy`), issued
+before the host bytes move so that both run at once. Anything else (strided views, other
+accelerators) goes through ``copy_`` / ``to``.
 """
 
 from __future__ import annotations
 
 import copy
 import ctypes
+import math
+import mmap
 import threading
 from typing import Any, cast
 
 import torch
 
-__all__ = ["stage_state_dict"]
+from reckpt.save.device_copy import DeviceBackend, DeviceCopies, Pending, uses_device_path
+
+__all__ = ["host_buffer", "stage_state_dict"]
 
 _MAX_THREADS = 8
+_MAPPED_MIN = 1 << 20  # buffers from this size get a mapping of their own
 _ATOMS = (int, float, str, bytes, bool, type(None))
 
 
 class _Copies:
     """Copies collected while a state dict is walked, run together by :meth:`run`."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: DeviceBackend | None = None) -> None:
         self.raw: list[tuple[int, int, int]] = []  # (dst address, src address, bytes)
         self.keep: list[torch.Tensor] = []  # sources and destinations stay alive until run()
         self.strided: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.backend = backend
+        self.device: DeviceCopies | None = None  # created at the first CUDA tensor
 
     def into(self, value: torch.Tensor, cached: Any) -> torch.Tensor:
         """The destination of ``value``'s copy: ``cached`` when it fits, else a new host tensor."""
         src = value.detach()
+        if (
+            uses_device_path(src)
+            and type(src) is torch.Tensor
+            and src.layout == torch.strided
+            and not src.is_quantized
+        ):
+            if self.device is None:
+                self.device = DeviceCopies(self.backend)
+            return self.device.into(src, cached)
         fits = (
             isinstance(cached, torch.Tensor)
             and type(cached) is torch.Tensor
@@ -49,7 +75,7 @@ class _Copies:
             if fits and not src.is_quantized and type(src) is torch.Tensor:
                 return cast(torch.Tensor, cached).copy_(src)
             return src.to("cpu", copy=True) if src.device.type != "cpu" else src.clone()
-        dst = cached if fits else torch.empty(src.shape, dtype=src.dtype)
+        dst = cached if fits else host_buffer(src.shape, src.dtype)
         if src.is_contiguous() and dst.is_contiguous():
             nbytes = src.numel() * src.element_size()
             if nbytes:
@@ -59,8 +85,12 @@ class _Copies:
             self.strided.append((dst, src))
         return dst
 
-    def run(self) -> None:
-        """Move the bytes: one equal span of the raw blocks per thread, up to ``torch.get_num_threads()``."""
+    def run(self) -> Pending | None:
+        """Move the bytes: one equal span of the raw blocks per thread, up to ``torch.get_num_threads()``.
+
+        Device copies are queued first and still in flight on return: wait on the result.
+        """
+        pending = self.device.run() if self.device is not None else None
         for dst, src in self.strided:
             dst.copy_(src)
         total = sum(n for _, _, n in self.raw)
@@ -73,6 +103,21 @@ class _Copies:
         for t in threads:
             t.join()
         self.raw, self.keep, self.strided = [], [], []
+        return pending
+
+
+def host_buffer(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A new, uninitialised host tensor for a copy; from 1 MiB, in a mapping children do not inherit.
+
+    The mapping is unmapped when the tensor is freed. Where ``MADV_DONTFORK`` does not exist
+    (not Linux) this is ``torch.empty``.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _MAPPED_MIN or not hasattr(mmap, "MADV_DONTFORK"):
+        return torch.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_DONTFORK)
+    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def _spans(blocks: list[tuple[int, int, int]], lanes: int) -> list[list[tuple[int, int, int]]]:
@@ -153,15 +198,32 @@ def _stage_value(value: Any, cached: Any, copies: _Copies) -> Any:
 
 
 @torch.no_grad()
-def stage_state_dict(state_dict: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+def stage_state_dict(
+    state_dict: dict[str, Any],
+    previous: dict[str, Any] | None = None,
+    *,
+    pending: list[Pending] | None = None,
+    backend: DeviceBackend | None = None,
+) -> dict[str, Any]:
     """A deep host copy of a state dict (plain tensors, ShardedTensor, DTensor, plain data).
 
     Later in-place updates of the originals do not affect the copy. Tensors of
     ``previous`` (the last staged copy, no longer in use) are reused as buffers where shape
     and dtype match: a steady-state save then costs one memory copy and no allocation.
+
+    CUDA tensors are copied into pinned host buffers on a side stream (``backend``: the
+    device operations, default CUDA's). Without ``pending`` the call returns once those
+    copies have landed; with it, the copies' :class:`~reckpt.save.device_copy.Pending` is
+    appended there instead and must be waited on before the copy is read. Either way, work
+    queued later on the devices' current streams runs after the copies.
     """
     prev = previous or {}
-    copies = _Copies()
+    copies = _Copies(backend)
     staged = {k: _stage_value(v, prev.get(k), copies) for k, v in state_dict.items()}
-    copies.run()
+    in_flight = copies.run()
+    if in_flight is not None:
+        if pending is None:
+            in_flight.wait()
+        else:
+            pending.append(in_flight)
     return staged
