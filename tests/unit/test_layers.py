@@ -36,6 +36,7 @@ LAYER_ORDER = (
     "save",
     "delta",
     "restore",
+    "tiers",
     "lifecycle",
     "root",  # reckpt/__init__.py, the public names: re-exports every layer below it
     "trainer",  # the reference trainer, built on the public names

@@ -31,6 +31,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from reckpt.lifecycle.discovery import best_in, checkpoints_in, latest_in
     from reckpt.storage.core import storage_for
 
+    if len(args.model_dir) > 1:
+        return _ls_tiers(args)
+    args.model_dir = args.model_dir[0]
     storage = storage_for(args.model_dir)
     if not storage.isdir(args.model_dir):
         raise CheckpointNotFoundError(f"{args.model_dir}: no such model_dir")
@@ -76,6 +79,36 @@ def cmd_ls(args: argparse.Namespace) -> int:
         tags = ",".join(r["markers"])
         lines.append(f"{r['step']:>8}  {r['state']:<10} {created:<19} {size:>9}  {metrics:<32} {tags}")
     _emit(args, {"model_dir": args.model_dir, "checkpoints": rows}, lines if rows else ["(no checkpoints)"])
+    return 0
+
+
+def _ls_tiers(args: argparse.Namespace) -> int:
+    """``reckpt ls A B C``: the steps of several model_dirs (a run's tiers) side by side.
+
+    A committed checkpoint that lacks some of its manifest's files (a node's part of a
+    multi-node checkpoint, docs/tiers.md) shows as ``part``.
+    """
+    from reckpt.format.manifest import read_manifest
+    from reckpt.lifecycle.discovery import checkpoints_in
+    from reckpt.storage.core import storage_for
+
+    dirs = list(args.model_dir)
+    table: dict[int, dict[str, str]] = {}
+    for model_dir in dirs:
+        storage = storage_for(model_dir)
+        for c in checkpoints_in(storage, model_dir, with_size=False):
+            state = c.state
+            if state == "committed":
+                manifest = read_manifest(storage, c.path, check=False)
+                if manifest is not None and not set(manifest.files) <= set(storage.walk_files(c.path)):
+                    state = "part"
+            table.setdefault(c.step, {})[model_dir] = state
+    width = max(12, *(len(d) for d in dirs))
+    lines = [f"{'step':>8}  " + "  ".join(f"{d:<{width}}" for d in dirs)]
+    for step in sorted(table, reverse=True):
+        lines.append(f"{step:>8}  " + "  ".join(f"{table[step].get(d, '-'):<{width}}" for d in dirs))
+    rows = [{"step": step, "copies": table[step]} for step in sorted(table, reverse=True)]
+    _emit(args, {"model_dirs": dirs, "steps": rows}, lines if rows else ["(no checkpoints)"])
     return 0
 
 
@@ -266,10 +299,11 @@ def register(sub: Any) -> None:
     p = add(
         "ls",
         cmd_ls,
-        "list checkpoints: step, state, created, size, metrics, markers",
-        "reckpt ls runs/a --json",
+        "list checkpoints: step, state, created, size, metrics, markers; several model_dirs (a run's"
+        " tiers): each step's state in each, side by side",
+        "reckpt ls /dev/shm/run /nvme/run s3://bucket/run",
     )
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", nargs="+")
     p = add(
         "inspect",
         cmd_inspect,

@@ -179,14 +179,29 @@ class Background:
 
         return write
 
-    def committed(self, path: str, stall: float, total: float, is_async: bool, tier: str = "disk") -> None:
-        """Rank 0, after a save committed ``path``: record its timings, queue a prune pass."""
+    def committed(
+        self,
+        path: str,
+        stall: float,
+        total: float,
+        is_async: bool,
+        tier: str = "disk",
+        storage: Storage | None = None,
+    ) -> None:
+        """Rank 0, after a save committed ``path``: record its timings, queue a prune pass.
+
+        ``tier``/``storage``: a save into a checkpoint tier (``reckpt.tiers``) names its tier
+        and the tier's storage; its timings go to the record only (a tier's checkpoints are
+        copied and pruned by the tiers, so no sidecar is added to them).
+        """
         if not Dist(self.pg).is_coordinator:
             return
-        with self.sidecar_lock:
-            timings = {"stall_s": stall, "total_s": total, "async": is_async}
-            write_checkpoint_metrics(self.storage, path, "save", timings)
-        record = SaveRecord(path, parse_any_step(path), self._bytes(path), stall, total, is_async, tier)
+        if storage is None:
+            with self.sidecar_lock:
+                timings = {"stall_s": stall, "total_s": total, "async": is_async}
+                write_checkpoint_metrics(self.storage, path, "save", timings)
+        nbytes = self._bytes(path, storage or self.storage)
+        record = SaveRecord(path, parse_any_step(path), nbytes, stall, total, is_async, tier)
         self._saves.append(record)
         logger.info(
             "saved %s: %d bytes, caller blocked %.3fs, total %.3fs, %.3f GB/s (async=%s, tier %s)",
@@ -200,10 +215,10 @@ class Background:
         )
         self.prune()
 
-    def _bytes(self, path: str) -> int:
+    def _bytes(self, path: str, storage: Storage) -> int:
         """The bytes a committed checkpoint's manifest records (0 when it cannot be read)."""
         try:
-            manifest = read_manifest(self.storage, path, check=False)
+            manifest = read_manifest(storage, path, check=False)
         except Exception as e:  # a statistic: a failure to read it must not fail the save
             logger.warning("%s: cannot read its manifest for the save's size: %s", path, e)
             return 0

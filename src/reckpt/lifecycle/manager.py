@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from reckpt.dist import Dist
+from reckpt.errors import ConfigError
 from reckpt.format.damage import mark_damaged
 from reckpt.format.dataloader_state import restore_dataloader_state, write_dataloader_state
 from reckpt.format.eval_results import TRAIN_EVAL_RESULT_FILENAME
@@ -27,10 +28,12 @@ from reckpt.lifecycle.event_time import stamp_watermark
 from reckpt.lifecycle.incremental import Incremental, latest_restorable_in
 from reckpt.lifecycle.resume import ResumeInfo, TrainState, manager_extras, restore_newest, restore_run
 from reckpt.lifecycle.run import ManagedRun
+from reckpt.lifecycle.tiered import Tiered
 from reckpt.lifecycle.triggers import SaveTriggers
 from reckpt.policy import IncrementalPolicy, RetentionPolicy
 from reckpt.save.engine import save_checkpoint
 from reckpt.storage.core import Storage
+from reckpt.tiers.config import Tier
 
 __all__ = ["CheckpointManager", "ResumeInfo"]
 
@@ -63,6 +66,11 @@ class CheckpointManager(ManagedRun):
         process_group: the training process group (default: the default group, if any).
         incremental: write delta checkpoints (``model.delta-<step>``: the touched embedding
             rows plus the dense part) between full ones (see :mod:`reckpt.delta.save`).
+        tiers: checkpoint tiers, fastest first (:class:`reckpt.tiers.Tier`; ``docs/tiers.md``):
+            each save goes to the fastest tier due at its step and a persister process copies
+            it to the slower ones; :meth:`restore_latest` resumes from the fastest tier holding
+            the newest step every rank can load. The tiers' cadences and ``keep`` replace
+            ``save_steps`` and retention; ``model_dir`` keeps the eval results and the writer lock.
 
     Example:
         >>> # mgr = CheckpointManager("run", keep_checkpoint_max=3, save_steps=1000)
@@ -87,7 +95,13 @@ class CheckpointManager(ManagedRun):
         storage_options: Mapping[str, Any] | None = None,
         process_group: Any = None,
         incremental: IncrementalPolicy | None = None,
+        tiers: Sequence[Tier] | None = None,
     ) -> None:
+        if tiers is not None and (keep_checkpoint_max or retention is not None or incremental or save_steps):
+            raise ConfigError(
+                "tiers= sets the cadence and retention of every tier: leave keep_checkpoint_max,"
+                " retention, save_steps and incremental unset"
+            )
         super().__init__(
             model_dir,
             keep_checkpoint_max,
@@ -110,6 +124,19 @@ class CheckpointManager(ManagedRun):
             if incremental is None
             else Incremental(incremental, self.model_dir, self._storage, process_group)
         )
+        self._tiered: Tiered | None = None
+        if tiers is not None:
+            self._tiered = Tiered(
+                tiers,
+                self._saver,
+                process_group,
+                eval_result_filename,
+                self._bg.best,
+                on_commit=self._bg.committed,
+            )
+            self.set_save_policy(
+                self._tiered.tiers.trigger_steps, save_epochs, save_interval_s=save_interval_s
+            )
 
     # -- policy ------------------------------------------------------------------------
     def set_save_policy(
@@ -164,6 +191,7 @@ class CheckpointManager(ManagedRun):
         user_metadata: Mapping[str, Any] | None = None,
         async_save: bool | None = None,
         overwrite: bool = False,
+        promote: bool = False,
     ) -> str:
         """Collective: save everything needed to resume at ``step + 1``; returns the checkpoint path.
 
@@ -171,7 +199,8 @@ class CheckpointManager(ManagedRun):
         state (step, epoch, every rank's RNG states) and the merged dataloader state. With
         ``async_save`` the call returns once the state is frozen (forked or copied); the
         caller may then modify weights in place. A previous async save is waited for first, and its failure
-        is raised here.
+        is raised here. With tiers, ``promote`` copies the checkpoint to every slower tier (the
+        final save of a run); a tier save replaces a checkpoint of the same step.
         """
         start = time.time()
         self._saver.wait()
@@ -181,6 +210,11 @@ class CheckpointManager(ManagedRun):
             extra_states, lr_scheduler, grad_scaler, TrainState(step, epoch or 0, self._pg)
         )
         run_async = self._async if async_save is None else async_save
+        if self._tiered is not None:
+            args = (extras, dataloader_state, user_metadata, run_async, promote, start)
+            path = self._tiered.save(step, model, optimizer, dense_ema, *args)
+            self._saved(step, path)
+            return path
         if self._incremental is not None:
             delta = self._incremental.maybe_save_delta(
                 step,
@@ -255,6 +289,10 @@ class CheckpointManager(ManagedRun):
         if not want:
             return False
         if step == self._last_ckpt_step:
+            if self._tiered is not None:  # the checkpoint stays as saved; a final one goes everywhere
+                if final:
+                    self._tiered.promote_existing(step)
+                return False
             if (final or epoch is not None) and state is not None and self._last_ckpt_dir:
                 if self._saver.in_flight_step == step:
                     self._saver.wait()
@@ -262,6 +300,8 @@ class CheckpointManager(ManagedRun):
                     state = stamp_watermark(state, self._event_time.last)
                 write_dataloader_state(self._storage, self._last_ckpt_dir, state, process_group=self._pg)
             return False
+        if final and self._tiered is not None:
+            kwargs.setdefault("promote", True)
         self.save(step, model, optimizer, state, dense_ema, epoch=epoch, **kwargs)
         self._last_ckpt_step = step
         self._event_time.saved(data_ts)
@@ -280,11 +320,13 @@ class CheckpointManager(ManagedRun):
         lr_scheduler: Any = None,
         grad_scaler: Any = None,
         extra_states: Mapping[str, Any] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> ResumeInfo:
         """Collective: restore everything :meth:`save` wrote, RNG states included.
 
-        Extra keyword arguments go to :func:`reckpt.restore_model`.
+        ``storage_options`` default to the manager's. Extra keyword arguments go to
+        :func:`reckpt.restore_model`.
         """
         self._saver.wait()
         train_state = TrainState(process_group=self._pg)
@@ -294,7 +336,8 @@ class CheckpointManager(ManagedRun):
             optimizer,
             manager_extras(extra_states, lr_scheduler, grad_scaler, train_state),
             train_state,
-            storage_options=self.storage_options,  # the checkpoint may be another run's
+            # the checkpoint may be another run's, or on another tier
+            storage_options=self.storage_options if storage_options is None else storage_options,
             process_group=self._pg,
             ckpt_param_map_path=ckpt_param_map_path,
             error_on_missing_keys=False,
@@ -331,9 +374,20 @@ class CheckpointManager(ManagedRun):
         pass ``verify="first"`` to check every file before loading any. Keyword arguments go
         to :meth:`restore`.
 
+        With tiers, every rank lists its tiers, the ranks agree on the newest step every rank
+        holds, and each restores it from its fastest copy (the result, a
+        :class:`~reckpt.lifecycle.tiered.TieredResumeInfo`, names every rank's tier).
+
         Raises:
             IntegrityError: no checkpoint verifies (the newest one's error).
         """
+        if self._tiered is not None:
+            info = self._tiered.restore_latest(
+                lambda path, options: self.restore(path, model, optimizer, storage_options=options, **kwargs)
+            )
+            if info is not None:
+                self._last_ckpt_step, self._last_ckpt_dir = info.step, info.path
+            return info
 
         def damaged(path: str, e: Exception) -> None:
             self._damaged.add(path)
@@ -347,7 +401,9 @@ class CheckpointManager(ManagedRun):
         )
 
     def latest_checkpoint(self) -> tuple[str | None, int]:
-        """The newest committed checkpoint (a delta too, in incremental mode)."""
+        """The newest committed checkpoint (a delta too, in incremental mode; with tiers, this rank's)."""
+        if self._tiered is not None:
+            return self._tiered.latest()
         if self._incremental is not None:
             return latest_restorable_in(self._storage, self.model_dir)
         return latest_in(self._storage, self.model_dir)
@@ -355,8 +411,16 @@ class CheckpointManager(ManagedRun):
     def record_eval(self, step: int, metrics: Mapping[str, float]) -> None:
         """Rank 0: append an eval result line and put the metrics into the step's sidecar."""
         # the checkpoint of this step: a full one, or the delta the last save wrote
-        last = self._last_ckpt_step == step and self._last_ckpt_dir
+        last = self._tiered is None and self._last_ckpt_step == step and self._last_ckpt_dir
         self._bg.record_eval(step, metrics, last or self.checkpoint_dir(step))
+
+    def close(self) -> None:
+        """See :meth:`ManagedRun.close`; with tiers, also wait until this node's promotions are done."""
+        try:
+            super().close()
+        finally:
+            if self._tiered is not None:
+                self._tiered.close()
 
     # TorchEasyRec's private names, for code (and tests) written against its manager.
     @property

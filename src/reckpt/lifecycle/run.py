@@ -19,7 +19,7 @@ from typing import Any, Self
 from reckpt.commit.leases import lease
 from reckpt.dist import Dist
 from reckpt.errors import ConfigError
-from reckpt.lifecycle.background import Background
+from reckpt.lifecycle.background import Background, SaveRecord
 from reckpt.lifecycle.discovery import best_in, best_rule, checkpoints_in
 from reckpt.naming import checkpoint_name
 from reckpt.policy import CheckpointInfo, LatestN, RetentionPolicy
@@ -85,6 +85,13 @@ class ManagedRun:
 
     def list_checkpoints(self) -> list[CheckpointInfo]:
         return checkpoints_in(self._storage, self.model_dir, eval_result_filename=self.eval_result_filename)
+
+    def take_saves(self) -> list[SaveRecord]:
+        """Rank 0: the saves committed since the last call (path, size, timings, tier), oldest first.
+
+        An asynchronous save appears once its background write committed. Other ranks get ``[]``.
+        """
+        return self._bg.take_saves()
 
     def start(self) -> None:
         """Collective: take the model_dir's writer lock now (idempotent; a save takes it anyway).
