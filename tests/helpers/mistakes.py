@@ -674,6 +674,41 @@ MISTAKES: list[Mistake] = [
         "<dir>/c.toml: set exactly one of train_config.num_steps and train_config.num_epochs",
     ),
     Mistake(
+        "config: checkpoint tiers next to save_checkpoints_steps",
+        lambda d: _config(
+            d,
+            '[data]\nsparse_columns = ["a"]\n[train_config]\nnum_steps = 5\nsave_checkpoints_steps = 10\n'
+            '[[train_config.checkpoint_tiers]]\nname = "durable"\nevery_steps = 10\n',
+        ),
+        errors.ConfigError,
+        "<dir>/c.toml: train_config.checkpoint_tiers set the cadence of every tier (every_steps): remove"
+        " train_config.save_checkpoints_steps",
+    ),
+    Mistake(
+        "config: the slowest checkpoint tier is not the model_dir",
+        lambda d: _config(
+            d,
+            'model_dir = "runs/a"\n[data]\nsparse_columns = ["a"]\n[train_config]\nnum_steps = 5\n'
+            '[[train_config.checkpoint_tiers]]\nname = "memory"\nurl = "/dev/shm/a"\nevery_steps = 5\n'
+            '[[train_config.checkpoint_tiers]]\nname = "durable"\nurl = "s3://b/a"\nevery_steps = 10\n',
+        ),
+        errors.ConfigError,
+        "<dir>/c.toml: train_config.checkpoint_tiers: the slowest tier ('durable', s3://b/a) must be"
+        " model_dir (runs/a), which holds the eval results, the best checkpoint and what export reads;"
+        " leave its url out to use model_dir",
+    ),
+    Mistake(
+        "config: a checkpoint tier without a cadence",
+        lambda d: _config(
+            d,
+            '[data]\nsparse_columns = ["a"]\n[train_config]\nnum_steps = 5\n'
+            '[[train_config.checkpoint_tiers]]\nname = "durable"\n',
+        ),
+        errors.ConfigError,
+        "<dir>/c.toml: train_config.checkpoint_tiers[0]: tier 'durable': every_steps must be an int >= 1,"
+        " got 0",
+    ),
+    Mistake(
         "config: the bottom MLP does not end at the embedding size",
         lambda d: _config(
             d, '[data]\nsparse_columns = ["a"]\n[model]\nbottom_mlp = [8, 4]\n[train_config]\nnum_steps = 5\n'

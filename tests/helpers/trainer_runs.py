@@ -38,11 +38,13 @@ def write_config(
     model_dir: Path,
     sparse: tuple[str, ...] = ("s0", "s1", "s2"),
     sequence: tuple[str, ...] = ("h0",),
+    every: int | None = EVERY,
     **extra: str,
 ) -> str:
     """A config of 60 steps (checkpoints at 20, 40, 59): bags, and a sequence feature (``h0``, an
     ``EmbeddingCollection`` table) unless ``sequence`` is empty; ``extra`` adds lines to
-    ``[model]`` (``model=``) and ``[train_config]`` (``train=``)."""
+    ``[model]`` (``model=``) and ``[train_config]`` (``train=``); ``every=None`` leaves
+    ``save_checkpoints_steps`` out (checkpoint tiers set the cadence)."""
     sparse_list = ", ".join(f'"{s}"' for s in sparse)
     sequence_list = ", ".join(f'"{s}"' for s in sequence)
     text = f"""
@@ -62,7 +64,7 @@ top_mlp = [16, 1]
 {extra.get("model", "")}
 [train_config]
 num_steps = {STEPS}
-save_checkpoints_steps = {EVERY}
+{"" if every is None else f"save_checkpoints_steps = {every}"}
 learning_rate = 0.003
 {extra.get("train", "")}
 [export_config]

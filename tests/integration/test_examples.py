@@ -26,3 +26,15 @@ def test_demo_config_reads_the_columns_make_data_writes(tmp_path) -> None:
     for columns in ("dense_columns", "sparse_columns", "sequence_columns", "label"):
         assert getattr(cfg.data, columns) == getattr(written, columns), columns
     assert cfg.data.sequence_columns == ["h0"] and cfg.train_config.pipeline is True
+
+
+def test_every_example_config_validates() -> None:
+    """The tiered and dynamic-table variants of the demo (README) are valid configs."""
+    from reckpt.trainer.config import load_config
+
+    for name in ("demo_tiers.toml", "demo_dynamic.toml"):
+        load_config(str(REPO / "examples" / name)).validate(f"examples/{name}")
+    tiered = load_config(str(REPO / "examples" / "demo_tiers.toml")).validate("demo_tiers.toml")
+    tiers = tiered.tiers()
+    assert tiers is not None and [t.name for t in tiers] == ["memory", "local", "durable"]
+    assert tiers[-1].url == "model_dir" and tiers[-1].keep_best

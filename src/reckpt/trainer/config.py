@@ -13,11 +13,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 from reckpt.errors import ConfigError
+from reckpt.tiers.config import Tier
 
 __all__ = [
     "Config",
     "DataConfig",
     "DynamicTableConfig",
+    "TierConfig",
     "ModelConfig",
     "TrainConfig",
     "EvalConfig",
@@ -76,6 +78,26 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class TierConfig:
+    """One checkpoint tier, ``[[train_config.checkpoint_tiers]]``, fastest first (``docs/tiers.md``).
+
+    Fields as :class:`reckpt.tiers.Tier`'s. The slowest tier is the ``model_dir`` (its ``url``
+    may be left out): the eval results, the best checkpoint and the export read it.
+    """
+
+    name: str = ""
+    url: str = ""
+    every_steps: int = 0
+    """The tier is due at steps divisible by this."""
+    keep: int = 0
+    """Newest checkpoints kept on the tier (0: all)."""
+    keep_best: bool = False
+    """Also keep the best checkpoint by the eval metric (the ``model_dir`` tier)."""
+    shared: bool | None = None
+    """Whether every node sees the tier (default: remote URLs yes, local paths no)."""
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     num_steps: int = 0
     num_epochs: int = 0
@@ -99,6 +121,10 @@ class TrainConfig:
     checkpoint after this many deltas; 0 (default) writes full checkpoints only."""
     incremental_max_delta_fraction: float = 0.2
     """A full checkpoint instead when a delta would exceed this fraction of a full one."""
+    checkpoint_tiers: list[TierConfig] = field(default_factory=list)
+    """Checkpoint tiers, fastest first (memory, local disk, durable): their ``every_steps`` and
+    ``keep`` replace ``save_checkpoints_steps`` and ``keep_checkpoint_max``; an eval follows
+    the saves that reach the ``model_dir`` tier. Empty: every checkpoint goes to ``model_dir``."""
     pipeline: bool = True
     """Train with TorchRec's ``TrainPipelineSparseDist``: the next batches are read and the
     next batch's embedding input exchange is started while this one trains
@@ -175,11 +201,47 @@ class Config:
                 " one or the other"
             )
         self._validate_dynamic(source)
+        self.tiers(source)
         if e.exporter_type not in ("latest", "best"):
             raise ConfigError(
                 f"{source}: export_config.exporter_type must be 'latest' or 'best', got {e.exporter_type!r}"
             )
         return self
+
+    def tiers(self, source: str = "<config>") -> list[Tier] | None:
+        """``train_config.checkpoint_tiers`` as :class:`reckpt.tiers.Tier` (``None``: no tiers).
+
+        Raises:
+            ConfigError: a tier is malformed, the slowest is not ``model_dir``, or a setting the
+                tiers replace is set too.
+        """
+        t = self.train_config
+        if not t.checkpoint_tiers:
+            return None
+        where = f"{source}: train_config.checkpoint_tiers"
+        for name, off in (
+            ("save_checkpoints_epochs", 0),
+            ("keep_checkpoint_max", 0),
+            ("incremental_full_every", 0),
+        ):
+            if getattr(t, name) != off:
+                raise ConfigError(
+                    f"{where} set the cadence and retention of every tier: remove train_config.{name}"
+                )
+        out: list[Tier] = []
+        for i, c in enumerate(t.checkpoint_tiers):
+            url = c.url or (self.model_dir if i == len(t.checkpoint_tiers) - 1 else "")
+            try:
+                out.append(Tier(c.name, url, c.every_steps, c.keep, c.keep_best, c.shared))
+            except ConfigError as e:
+                raise ConfigError(f"{where}[{i}]: {e}") from e
+        if out[-1].url != self.model_dir.rstrip("/"):
+            raise ConfigError(
+                f"{where}: the slowest tier ({out[-1].name!r}, {out[-1].url}) must be model_dir"
+                f" ({self.model_dir}), which holds the eval results, the best checkpoint and what"
+                " export reads; leave its url out to use model_dir"
+            )
+        return out
 
     def _validate_dynamic(self, source: str) -> None:
         m, d = self.model, self.data
@@ -228,6 +290,12 @@ def _build(cls: type[T], doc: Any, where: str, source: str) -> T:
         path = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, path, source)  # type: ignore[arg-type]
+        elif get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]):
+            if not isinstance(value, list):
+                got = type(value).__name__
+                raise ConfigError(f"{source}: [[{path}]] must be an array of tables, got {got}")
+            item = get_args(hint)[0]
+            kwargs[key] = [_build(item, v, f"{path}[{i}]", source) for i, v in enumerate(value)]
         elif get_origin(hint) is dict and dataclasses.is_dataclass(get_args(hint)[1]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: [{path}] must be a table, got {type(value).__name__}")
@@ -281,6 +349,12 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Co
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from e
     cfg = _build(Config, doc, "", source)
+    train = doc.get("train_config", {})
+    if cfg.train_config.checkpoint_tiers and isinstance(train, dict) and "save_checkpoints_steps" in train:
+        raise ConfigError(
+            f"{source}: train_config.checkpoint_tiers set the cadence of every tier (every_steps):"
+            " remove train_config.save_checkpoints_steps"
+        )
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.rpartition(".")
         target = getattr(cfg, section) if section else cfg

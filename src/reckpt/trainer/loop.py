@@ -54,6 +54,9 @@ class Loop:
     writer: Any = None
     rows_out: TextIO | None = None
     kill_at: int = -1
+    eval_every: int = 0
+    """With checkpoint tiers: evaluate after the saves at multiples of this (the model_dir
+    tier's), and after the last one; 0: after every save."""
     epoch: int = field(init=False)
     loss_value: float = field(init=False, default=float("nan"))
     first: int = field(init=False)
@@ -87,7 +90,10 @@ class Loop:
                 reckpt.update_dataloder_state(self.position, batch.position)
                 self._progress(step)
                 if self.mgr.maybe_save(step, self.model, self.optimizer, dataloader_state=self.position):
-                    self.after_save(step)
+                    if self.eval_every <= 0 or step % self.eval_every == 0:
+                        self.after_save(step)
+                    else:
+                        self.report_saves()
                 if step == self.kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if preemption.requested():
@@ -135,7 +141,7 @@ class Loop:
 
     def report_saves(self) -> None:
         """Rank 0: one line and one log record per save committed since the last call."""
-        records = self.mgr._bg.take_saves()  # the manager exposes no accessor for its saver's records
+        records = self.mgr.take_saves()
         for r in records:
             self.bar.note(save_line(r))
             kind = "delta" if ".delta-" in r.path.rsplit("/", 1)[-1] else "full"

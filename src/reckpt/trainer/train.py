@@ -65,6 +65,18 @@ class TrainResult:
     best: str | None
 
 
+def _newest_here(cfg: Config) -> str | None:
+    """The newest committed checkpoint in model_dir (a delta too) or, with tiers, in any tier
+    this process sees (a node's memory tier often holds a newer step than model_dir)."""
+    storage = storage_for(cfg.model_dir)
+    latest, step = latest_restorable_in(storage, cfg.model_dir)
+    for tier in cfg.tiers() or []:
+        path, at = latest_restorable_in(storage_for(tier.url, tier.storage_options), tier.url)
+        if path is not None and at > step:
+            latest, step = path, at
+    return latest
+
+
 def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool]:
     """``(checkpoint to restore, is_fine_tune)``, decided on rank 0 and broadcast."""
     err: Exception | None = None
@@ -77,8 +89,7 @@ def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool
                 if path is None:
                     raise ConfigError(f"fine_tune_checkpoint {ft}: no committed checkpoint there")
                 out = (path, True)
-            storage = storage_for(cfg.model_dir)
-            latest, _ = latest_restorable_in(storage, cfg.model_dir)  # a delta checkpoint too
+            latest = _newest_here(cfg)
             if latest is not None:
                 if not continue_train:
                     raise ConfigError(
@@ -87,9 +98,10 @@ def _resolve_source(cfg: Config, continue_train: bool) -> tuple[str | None, bool
                     )
                 out = (latest, False)
             elif continue_train and not ft:
+                there = storage_for(cfg.model_dir).isdir(cfg.model_dir)
                 print(
                     f"--continue-train: no checkpoint in model_dir {cfg.model_dir}"
-                    f" ({'it holds none' if storage.isdir(cfg.model_dir) else 'it does not exist'});"
+                    f" ({'it holds none' if there else 'it does not exist'});"
                     " training starts from scratch",
                     file=sys.stderr,
                     flush=True,
@@ -171,12 +183,14 @@ def train_and_evaluate(
 
     constraints = None if ckpt is None else restore_constraints(ckpt, world, rank, resume=not fine_tune)
     model, optimizer = shard_model(cfg, build_model(cfg), constraints)
+    tiers = cfg.tiers()
     mgr = reckpt.CheckpointManager(
         cfg.model_dir,
         keep_checkpoint_max=t.keep_checkpoint_max,
         export_config=cfg.export_config,
-        save_steps=0 if t.save_checkpoints_epochs > 0 else t.save_checkpoints_steps,
+        save_steps=0 if t.save_checkpoints_epochs > 0 or tiers else t.save_checkpoints_steps,
         save_epochs=t.save_checkpoints_epochs,
+        tiers=tiers,
         async_save=t.async_save,
         async_snapshot=t.async_snapshot,
         incremental=(
@@ -207,10 +221,11 @@ def train_and_evaluate(
         position = reader.adopt(position, resumed.path)
         source = f"{resumed.path}: dataloader state"
         logger.info("resumed from %s at step %d", resumed.path, step)
-        notes.append(_restored(log, resumed.path, step, time.time() - began, rank))
+        tier = getattr(resumed, "tier", "") or "disk"  # a tiered restart names the tier it read
+        notes.append(_restored(log, resumed.path, step, time.time() - began, rank, tier))
     elif ckpt is not None:
         report = reckpt.restore_model(ckpt, model, restore_opt, param_map)
-        notes.append(_restored(log, ckpt, step, time.time() - began, rank))
+        notes.append(_restored(log, ckpt, step, time.time() - began, rank, "disk"))
         if rank == 0:
             print(f"fine-tune from {ckpt}:\n{report.summary()}", file=sys.stderr)
     steps = make_steps(model, optimizer, t.pipeline)
@@ -234,6 +249,7 @@ def train_and_evaluate(
         writer=summary_writer(cfg.model_dir) if rank == 0 else None,
         rows_out=stack.enter_context(row_log(row_log_dir, rank)),
         kill_at=int(os.environ.get(KILL_AT_STEP, "-1")),
+        eval_every=tiers[-1].every_steps if tiers else 0,
     )
     for line in notes:
         if line:
@@ -256,6 +272,8 @@ def train_and_evaluate(
         loop.writer.close()
     checkpoints = mgr.list_checkpoints()
     latest, _ = mgr.latest_checkpoint()
+    if tiers:  # this rank's newest is in its fastest tier; the summary lists model_dir's
+        latest = next((c.path for c in reversed(checkpoints) if c.committed), None)
     best, _ = mgr.best_checkpoint()
     if rank == 0:
         print(summary_table(checkpoints, latest, best, loop.loss_value))
@@ -263,12 +281,12 @@ def train_and_evaluate(
     return TrainResult(step, checkpoints, latest, best)
 
 
-def _restored(log: TrainLog, path: str, step: int, seconds: float, rank: int) -> str:
+def _restored(log: TrainLog, path: str, step: int, seconds: float, rank: int, tier: str) -> str:
     """Rank 0: the restore's train-log record, and its line (empty on other ranks)."""
     if rank != 0:
         return ""
     nbytes, links = checkpoint_bytes(path)
     gbps = nbytes / 1e9 / max(seconds, 1e-9)
     fields = {"path": path, "bytes": nbytes, "seconds": round(seconds, 6), "gbps": round(gbps, 6)}
-    log.write(step, event="restore", **fields, tier="disk")
-    return restore_line(path, nbytes, seconds, "disk", links)
+    log.write(step, event="restore", **fields, tier=tier)
+    return restore_line(path, nbytes, seconds, tier, links)
