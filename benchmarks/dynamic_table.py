@@ -8,9 +8,10 @@ runs in a fresh process (spawned), so that the resident-memory figures start cle
   keys at a time; the peak resident memory it adds (``VmHWM`` after a reset) against the row
   bytes (keys + values + Adagrad state + score); lookups of 100k existing keys, read only
   and training, next to ``torch.searchsorted`` over the same keys sorted (the same batches,
-  the same process); then ``--repeats`` rounds of a full dump (``dynamic_writer``: snapshot,
-  files, fsync) and a cold load (``load_dynamic`` into a new table), interleaved with the
-  disk's ceiling, raw fsynced writes and cold reads of the same bytes in 1/2/4/8 parallel
+  the same process); then ``--repeats`` rounds of a full dump (``dynamic_writer``: the
+  snapshot, copied only if the table changes first, then the files written in parallel and
+  fsynced) and a cold load (``prepare_dynamic`` + ``apply`` into a new table), interleaved
+  with the disk's ceiling, raw fsynced writes and cold reads of the same bytes in 1/2/4/8 parallel
   streams, the order rotated every round; then a delta of 1% touched rows.
 - **old**: a copy of the pre-vectorisation table (:class:`OldTable`, per-key dicts and sets)
   at ``--baseline-rows`` (it cannot hold 50M rows here: ~5x memory overhead), and **new**

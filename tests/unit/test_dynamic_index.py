@@ -64,8 +64,8 @@ def test_each_path_reads_the_table_the_other_built() -> None:
     ids = np.arange(len(keys), dtype=np.int64)
     for builder, reader in ((None, k), (k, None)):
         built = HashIndex(len(keys), builder)
-        built.insert(keys, ids, keys)
-        got, pos = HashIndex.over(built.table, reader).find(np.concatenate([keys, keys + 1]), keys)
+        built.insert(keys, ids)
+        got, pos = HashIndex.over(built.table, reader).find(np.concatenate([keys, keys + 1]))
         assert got.tolist() == ids.tolist() + [-1] * len(keys)
         assert (pos[: len(keys)] >= 0).all() and (pos[len(keys) :] == -1).all()
 
@@ -176,3 +176,45 @@ def test_kernels_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     t = DynamicTable(3)
     t.lookup(torch.tensor([1, 2]), None, True)
     assert t._k is None and sorted(t.slot_of) == [1, 2]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_upsert_hands_out_the_ids_add_would_in_one_probe(path: str) -> None:
+    k = path_kernels(path)
+    rng = np.random.default_rng(7)
+    a, b = KeyMap({"v": (np.float32, ())}, k), KeyMap({"v": (np.float32, ())}, k)
+    for step in range(30):
+        q = np.unique(rng.integers(-3000, 3000, 400))
+        free_before = a.n_free
+        ids, created, reused = a.upsert(q)
+        want = b.find(q)
+        fresh = np.flatnonzero(want < 0)
+        want[fresh] = b.add(q[fresh])
+        assert ids.tolist() == want.tolist() and created.tolist() == fresh.tolist()
+        assert reused == min(len(created), free_before)  # freed ids first
+        if step % 4 == 3:
+            live = a.live_ids()
+            gone = rng.choice(live, len(live) // 3, replace=False)
+            a.remove(gone)
+            b.remove(gone)
+        assert len(a) == len(b) and a.high == b.high
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("spill", [1 << 16, 0])
+def test_an_index_built_in_halves_finds_every_key_and_repeats(
+    path: str, spill: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reckpt.dynamic import hashindex
+
+    k = path_kernels(path)
+    monkeypatch.setattr(hashindex, "_BUILD_HALVES_FROM", 1000)
+    monkeypatch.setattr(hashindex, "_SPILL", spill)  # 0: the halves give up, one thread builds it
+    keys = np.unique(np.random.default_rng(9).integers(-(1 << 62), 1 << 62, 50_000))
+    np.random.default_rng(1).shuffle(keys)
+    index, distinct = HashIndex.of_keys(keys, k)
+    assert distinct and index.live == len(keys)
+    assert index.find(keys)[0].tolist() == list(range(len(keys)))
+    assert (index.find(keys + 1)[0] == -1).sum() >= len(keys) - 1
+    _, distinct = HashIndex.of_keys(np.concatenate([keys, keys[:3]]), k)
+    assert not distinct

@@ -25,12 +25,13 @@ import mmap
 import os
 import queue
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["Column", "RESERVE_BYTES", "huge_array"]
+__all__ = ["Column", "Prefaulter", "RESERVE_BYTES", "both", "empty_array", "reserve"]
 
 RESERVE_BYTES = 1 << 38
 """The most address space one column reserves (256 GiB: 4G rows of 64 bytes)."""
@@ -39,11 +40,16 @@ _MAP_NORESERVE = 0x4000  # Linux; mmap does not export it
 _MAX_ROWS = 1 << 32
 
 
-def _reserve(nbytes: int, huge: bool = False, noreserve: bool = True) -> mmap.mmap | None:
-    """An anonymous private mapping (``None`` where refused); ``huge``: ask for huge pages."""
+def _reserve(
+    nbytes: int, huge: bool = False, noreserve: bool = True, populate: bool = False
+) -> mmap.mmap | None:
+    """An anonymous private mapping (``None`` where refused); ``huge``: ask for huge pages;
+    ``populate``: fault every page in now (in the kernel, faster than first writes do)."""
     if not hasattr(mmap, "MAP_ANONYMOUS") or not hasattr(mmap, "MAP_PRIVATE"):
         return None
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | (_MAP_NORESERVE if noreserve else 0)
+    if populate:
+        flags |= getattr(mmap, "MAP_POPULATE", 0)
     try:
         m = mmap.mmap(-1, nbytes, flags=flags)
     except (OSError, ValueError, OverflowError):
@@ -59,8 +65,12 @@ _PREFAULT_FROM = 64 << 20  # smaller columns fault in their pages as they go
 _PAGE = mmap.PAGESIZE
 
 
-class _Prefaulter:
-    """A thread faulting in column pages ahead of their first write; it ends when idle for 1 s."""
+class Prefaulter:
+    """A thread faulting in pages of mappings ahead of their first write; it ends when idle for 1 s.
+
+    :meth:`submit` queues a byte range of a mapping; the thread asks the kernel to fault it in
+    (``MADV_POPULATE_WRITE``, the GIL released), one range after another.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -103,18 +113,32 @@ class _Prefaulter:
                 self.failed = True  # an older kernel: first writes fault as usual
 
 
-_PREFAULT = _Prefaulter()
+_PREFAULT = Prefaulter()
 
 
-def huge_array(n: int, dtype: Any, fill: Any) -> np.ndarray:
-    """``np.full(n, fill, dtype)`` on huge pages where the kernel grants them (random access)."""
+def reserve(nbytes: int, huge: bool = False) -> mmap.mmap | None:
+    """Address space for ``nbytes`` (zero pages until written), or ``None`` where refused.
+
+    ``huge``: ask for huge pages (for memory read at random, like a hash index).
+    """
+    return _reserve(nbytes, huge=huge)
+
+
+def empty_array(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An array in a mapping of its own, on 4 KiB pages faulted in at once (to be written next).
+
+    NumPy asks for huge pages for large arrays; on the machines measured, faulting those in
+    ran at 0.35-0.7 GB/s against 2.4 GB/s for 4 KiB pages, and a copy written once and read
+    once (a snapshot, a file being read) gains nothing from them. The mapping is populated
+    by the kernel in one call (``MAP_POPULATE``: 30-50% less time than faulting page by page)
+    and is page-aligned (direct I/O).
+    """
     dt = np.dtype(dtype)
-    m = _reserve(n * dt.itemsize, huge=True, noreserve=False) if n * dt.itemsize >= (4 << 20) else None
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    m = _reserve(nbytes, noreserve=False, populate=True) if nbytes >= (4 << 20) else None
     if m is None:
-        return np.full(n, fill, dtype=dt)
-    out = np.frombuffer(m, dtype=dt, count=n)
-    out.fill(fill)
-    return out
+        return np.empty(shape, dtype=dt)
+    return np.frombuffer(m, dtype=dt, count=nbytes // dt.itemsize).reshape(shape)
 
 
 class Column:
@@ -185,3 +209,27 @@ class Column:
         full = np.zeros((cap, *self.row), dtype=self.dtype)
         full[: self.n] = self._full[: self.n]
         self._full, self._map = full, None
+
+
+def both(fn: Callable[[int], None]) -> None:
+    """``fn(0)`` on a helper thread and ``fn(1)`` here (inline where no thread can start)."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn(0)
+        except BaseException as e:  # raised below, on the caller's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=run, name="reckpt-dyn-half", daemon=True)
+    helper: threading.Thread | None = thread
+    try:
+        thread.start()
+    except RuntimeError:  # no new threads at interpreter shutdown
+        run()
+        helper = None
+    fn(1)
+    if helper is not None:
+        helper.join()
+    if failed:
+        raise failed[0]

@@ -15,21 +15,23 @@ rank ``R`` of ``W``::
 All numbers are raw little-endian; an empty shard is a set of zero-byte files; every rank
 writes its set, so a dump holds ``W`` complete shards. A dump of touched rows only (an
 incremental checkpoint) adds ``<t>_removed_keys.rank_R.world_size_W`` (evicted keys).
-Every file goes through :class:`~reckpt.storage.core.Storage` and into the manifest.
+Every file goes through :class:`~reckpt.storage.core.Storage` and into the manifest; a
+shard's files are written in parallel, straight from memory (:mod:`reckpt.dynamic.files`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
+from reckpt.dynamic.files import write_shard
 from reckpt.dynamic.module import DynamicEmbedding
-from reckpt.dynamic.table import TableState
+from reckpt.dynamic.snapshot import Snapshot
 from reckpt.errors import ConfigError
 from reckpt.format.integrity import FileRecord
 from reckpt.format.manifest import TensorEntry
@@ -121,8 +123,10 @@ def dynamic_writer(
 ) -> FileWriter | None:
     """A save hook writing the model's dynamic tables, or ``None`` when it has none.
 
-    The tables are copied now (so an asynchronous save may train on while the hook writes
-    later); the hook writes this rank's shard of every table (rank 0 adds the
+    The tables are frozen now (so an asynchronous save may train on while the hook writes
+    later): each takes a :class:`~reckpt.dynamic.snapshot.Snapshot` (all rows, or the touched
+    ones), copied only if the table changes before the hook has read it.
+    The hook (called once) writes this rank's shard of every table (rank 0 adds the
     ``_opt_args.json`` files) and returns the manifest records.
 
     Args:
@@ -138,44 +142,32 @@ def dynamic_writer(
     if not tables:
         return None
     del process_group
-    snaps: list[tuple[str, str, int, int, TableState, dict[str, Any]]] = []
+    snaps: list[tuple[str, str, int, int, Snapshot, dict[str, Any]]] = []
     for (path, name), m in tables.items():
         rank, world = m.shard()
-        if keys == "all":
-            st = m.table.export()
-        else:
-            st = m.table.export(m.touched_keys())
-            st.removed_keys = m.removed_keys()
-        snaps.append((path, name, rank, world, st, _opt_args(m)))
+        src = m.table.snapshot(touched=keys == "touched")
+        snaps.append((path, name, rank, world, src, _opt_args(m)))
+    ran = threading.Lock()
 
     def write(storage: Storage, work: str) -> dict[str, FileRecord]:
+        if not ran.acquire(blocking=False):
+            raise RuntimeError("a dynamic_writer hook writes once; take a new one for another save")
         records: dict[str, FileRecord] = {}
-        for path, name, rank, world, st, args in snaps:
-            folder = f"{subdir}/{path}"
-            blobs = {
-                "emb_keys": st.keys,
-                "emb_values": st.values,
-                "emb_scores": st.scores,
-                "emb_opt_values": st.opt_values,
-                "counter_keys": st.counter_keys,
-                "counter_frequencies": st.counter_freqs,
-            }
-            if st.removed_keys is not None:
-                blobs[REMOVED] = st.removed_keys
-            for kind, tensor in blobs.items():
-                rel = f"{folder}/{shard_name(name, kind, rank, world)}"
-                records[rel] = write_record(storage, work, rel, _encode(tensor))
-            if rank == 0:
-                rel = f"{folder}/{name}_opt_args.json"
-                records[rel] = write_record(storage, work, rel, json.dumps(args, sort_keys=True).encode())
+        try:
+            for path, name, rank, world, src, args in snaps:
+                folder = f"{subdir}/{path}"
+                kinds = [*KINDS, REMOVED] if src.removed is not None else list(KINDS)
+                files = {kind: f"{folder}/{shard_name(name, kind, rank, world)}" for kind in kinds}
+                records.update(write_shard(storage, work, files, src))
+                if rank == 0:
+                    rel = f"{folder}/{name}_opt_args.json"
+                    records[rel] = write_record(storage, work, rel, json.dumps(args, sort_keys=True).encode())
+        finally:
+            for *_, src, _ in snaps:
+                src.release()  # the table may change freely again
         return records
 
     return write
-
-
-def _encode(t: torch.Tensor) -> bytes:
-    dtype = "<i8" if t.dtype == torch.int64 else "<f4"
-    return np.ascontiguousarray(t.numpy(), dtype=dtype).tobytes()
 
 
 def table_entries(files: Mapping[str, FileRecord], subdir: str = DYNAMICEMB_DIR) -> list[TensorEntry]:

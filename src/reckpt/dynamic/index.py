@@ -1,18 +1,10 @@
-"""A vectorised key index: int64 keys to dense ids, as batch operations without per-key Python.
+"""Keys to dense ids for the dynamic tables: :class:`KeyMap` over a :class:`HashIndex`.
 
-:class:`HashIndex` is an open-addressing (linear probing) hash table hashed by SplitMix64.
-An entry is 8 bytes: the hash's high 32 bits (a tag that rules out almost every other key
-without reading it) and a 31-bit id; the keys themselves live in a separate column
-(``store[id]``). The table is at most half full (16 to 32 bytes per key). Every operation
-takes a whole batch: :meth:`~HashIndex.find` and :meth:`~HashIndex.insert` run in the C
-kernels of :mod:`reckpt.dynamic._native` (group prefetching: 64 keys' lines in flight), or,
-where those are not available, in NumPy rounds (each round probes every unresolved key
-once) over the same layout. Deletions leave tombstones; the table is rebuilt when live keys
-plus tombstones pass half of it.
-
-:class:`KeyMap` adds what a table of rows needs on top: the key column, a flags column
-(:data:`LIVE`, :data:`TOUCHED`), a free list of ids and any number of value columns
-(:class:`reckpt.dynamic.columns.Column`) that grow with it.
+:class:`KeyMap` adds what a table of rows needs to the hash index of
+:mod:`reckpt.dynamic.hashindex`: the key column, a flags column (:data:`LIVE`,
+:data:`TOUCHED`), a free list of ids and any number of value columns
+(:class:`reckpt.dynamic.columns.Column`) that grow with it. :func:`kernels` loads the C
+kernels once per process (or decides on the NumPy path).
 """
 
 from __future__ import annotations
@@ -23,36 +15,16 @@ import os
 import numpy as np
 
 from reckpt.dynamic import _native
-from reckpt.dynamic.columns import Column, huge_array
+from reckpt.dynamic.columns import Column
+from reckpt.dynamic.hashindex import ENTRY, MAX_LOAD, HashIndex, mix64
 
-__all__ = ["HashIndex", "KeyMap", "kernels", "mix64", "LIVE", "TOUCHED", "EMPTY", "TOMB"]
-
-logger = logging.getLogger(__name__)
-
-EMPTY_ID, TOMB_ID = 0xFFFFFFFF, 0xFFFFFFFE
-EMPTY = np.uint64(0xFFFFFFFFFFFFFFFF)
-TOMB = np.uint64(0xFFFFFFFFFFFFFFFE)
-LIVE, TOUCHED = np.uint8(1), np.uint8(2)
-MAX_LOAD = 0.5
-_LOW = np.uint64(0xFFFFFFFF)
-_HIGH = np.uint64(0xFFFFFFFF00000000)
 _REBUILD_CHUNK = 1 << 22
 MAX_IDS = (1 << 31) - 2
+LIVE, TOUCHED = np.uint8(1), np.uint8(2)
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+__all__ = ["HashIndex", "KeyMap", "kernels", "mix64", "ENTRY", "LIVE", "TOUCHED", "MAX_IDS"]
 
-
-def mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 (wrapping arithmetic); the index's hash."""
-    with np.errstate(over="ignore"):
-        x = x + _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-        out: np.ndarray = x ^ (x >> np.uint64(31))
-    return out
-
+logger = logging.getLogger(__name__)
 
 _KERNELS: list[_native.Kernels | None] = []
 
@@ -91,115 +63,16 @@ def _self_check(k: _native.Kernels) -> None:
     want = np.where(np.isin(probe, keys), np.searchsorted(keys, probe), -1)
     built = [HashIndex(len(keys), None), HashIndex(len(keys), k)]
     for index in built:
-        index.insert(keys, ids, keys)
+        index.insert(keys, ids)
+    grown = HashIndex(len(keys), k)
+    grown.insert(keys, ids)
+    if not grown.double():
+        raise RuntimeError("the C index could not double a small table")
+    built.append(grown)
     for index in built:  # each path reads the table either path built
         for reader in (None, k):
-            if not np.array_equal(HashIndex.over(index.table, reader).find(probe, keys)[0], want):
+            if not np.array_equal(HashIndex.over(index.table, reader).find(probe)[0], want):
                 raise RuntimeError("the C index disagrees with the NumPy index")
-
-
-def _np_find(table: np.ndarray, mask: int, store: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy rounds of linear probing: ids of ``q`` in ``table`` (-1: absent) and positions."""
-    n = len(q)
-    ids = np.full(n, -1, dtype=np.int64)
-    pos = np.full(n, -1, dtype=np.int64)
-    active = np.arange(n, dtype=np.int64)
-    h = mix64(q.view(np.uint64))
-    p = (h & np.uint64(mask)).view(np.int64)
-    tag = h >> np.uint64(32)
-    keys = q
-    while len(active):
-        e = table[p]
-        s = (e & _LOW).astype(np.int64)
-        match = (s < TOMB_ID) & ((e >> np.uint64(32)) == tag)
-        match[match] = store[s[match]] == keys[match]
-        ids[active[match]] = s[match]
-        pos[active[match]] = p[match]
-        go = ~match & (s != EMPTY_ID)
-        active, keys, tag, p = active[go], keys[go], tag[go], (p[go] + 1) & mask
-    return ids, pos
-
-
-def _np_insert(table: np.ndarray, mask: int, q: np.ndarray, ids: np.ndarray) -> int:
-    """NumPy rounds of insertion of absent, distinct keys; returns the tombstones reused."""
-    h = mix64(q.view(np.uint64))
-    p = (h & np.uint64(mask)).view(np.int64)
-    entry = (h & _HIGH) | ids.astype(np.uint64)
-    tombs = 0
-    while len(p):
-        free = np.flatnonzero((table[p] & _LOW) >= TOMB_ID)
-        _, first = np.unique(p[free], return_index=True)  # one key per free position per round
-        win = free[first]
-        at = p[win]
-        tombs += int(np.count_nonzero(table[at] == TOMB))
-        table[at] = entry[win]
-        lose = np.ones(len(p), dtype=bool)
-        lose[win] = False
-        p, entry = (p[lose] + 1) & mask, entry[lose]
-    return tombs
-
-
-class HashIndex:
-    """Linear-probing table of tagged ids whose keys are ``store[id]`` (see the module docstring).
-
-    Args:
-        expected: keys it should hold without a rebuild.
-        k: the C kernels, or ``None`` for the NumPy path.
-        load: the fill ``expected`` keys should leave (at most :data:`MAX_LOAD`).
-    """
-
-    def __init__(self, expected: int, k: _native.Kernels | None, load: float = MAX_LOAD) -> None:
-        self.k = k
-        size = 16
-        while size * load < max(expected, 1):
-            size *= 2
-        self.table = huge_array(size, np.uint64, EMPTY)
-        self.mask = size - 1
-        self.live = 0
-        self.tombs = 0
-
-    @classmethod
-    def over(cls, table: np.ndarray, k: _native.Kernels | None) -> HashIndex:
-        """An index reading an existing ``table`` (counts not tracked: for :meth:`find` only)."""
-        index = cls(0, k)
-        index.table, index.mask = table, len(table) - 1
-        return index
-
-    def find(self, q: np.ndarray, store: np.ndarray, positions: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids, positions)`` of int64 keys ``q`` (-1 where absent; positions empty unless asked)."""
-        q = np.ascontiguousarray(q, dtype=np.int64)
-        if self.k is None:
-            return _np_find(self.table, self.mask, store, q)
-        ids = np.empty(len(q), dtype=np.int64)
-        pos = np.empty(len(q) if positions else 0, dtype=np.int64)
-        self.k.find(
-            self.table.ctypes.data, self.mask, store.ctypes.data, q.ctypes.data, len(q),
-            ids.ctypes.data, pos.ctypes.data if positions else None,
-        )  # fmt: skip
-        return ids, pos
-
-    def fits(self, more: int) -> bool:
-        """Whether ``more`` keys can be inserted without passing the load limit."""
-        return (self.live + self.tombs + more) <= MAX_LOAD * len(self.table)
-
-    def insert(self, q: np.ndarray, ids: np.ndarray, store: np.ndarray) -> None:
-        """Insert absent, distinct keys ``q`` with ``ids`` (the caller checked :meth:`fits`)."""
-        q = np.ascontiguousarray(q, dtype=np.int64)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        if self.k is None:
-            reused = _np_insert(self.table, self.mask, q, ids)
-        else:
-            reused = int(
-                self.k.insert(self.table.ctypes.data, self.mask, q.ctypes.data, ids.ctypes.data, len(q))
-            )
-        self.live += len(q)
-        self.tombs -= reused
-
-    def erase(self, positions: np.ndarray) -> None:
-        """Delete the entries at ``positions`` (from :meth:`find`; distinct, all live)."""
-        self.table[positions] = TOMB
-        self.live -= len(positions)
-        self.tombs += len(positions)
 
 
 class KeyMap:
@@ -235,42 +108,84 @@ class KeyMap:
         """Ids of keys ``q`` (-1 where absent)."""
         if self.index.live == 0:
             return np.full(len(q), -1, dtype=np.int64)
-        return self.index.find(q, self.keys.np, positions=False)[0]
+        return self.index.find(q, positions=False)[0]
+
+    def _make_fit(self, n: int) -> None:
+        """Rebuild the index (larger, or without tombstones) unless ``n`` more keys fit."""
+        if self.index.fits(n):
+            return
+        size = len(self.index.table)
+        if len(self) + n > size * MAX_LOAD / 2:  # else mostly tombstones: same size
+            size *= 2
+        while len(self) + n > size * MAX_LOAD:
+            size *= 2
+        self._rebuild(size)
+
+    def _new_ids(self, n: int) -> tuple[np.ndarray, int]:
+        """``n`` ids to hand out in this order (free ids first, latest freed first) and how many reuse."""
+        reuse = min(n, self.n_free)
+        ids = np.empty(n, dtype=np.int64)
+        ids[:reuse] = self.free[self.n_free - reuse : self.n_free][::-1]
+        start = self.high
+        if start + n - reuse > MAX_IDS:
+            raise RuntimeError(f"a dynamic table shard cannot hold more than {MAX_IDS} rows")
+        ids[reuse:] = np.arange(start, start + n - reuse, dtype=np.int64)
+        return ids, reuse
+
+    def _take_ids(self, ids: np.ndarray, reuse: int) -> None:
+        """Account for handing out ``ids`` (the first ``reuse`` from the free list); grow columns."""
+        used = min(len(ids), reuse)
+        self.n_free -= used
+        fresh = len(ids) - used
+        if fresh:
+            end = self.high + fresh
+            for c in (self.keys, self.flags, *self.cols.values()):
+                c.resize(end)
 
     def add(self, q: np.ndarray) -> np.ndarray:
         """New ids for absent, distinct keys ``q`` (flags :data:`LIVE`; value columns not set)."""
         n = len(q)
         if n == 0:
             return np.empty(0, dtype=np.int64)
-        if not self.index.fits(n):
-            size = len(self.index.table)
-            if len(self) + n > size * MAX_LOAD / 2:  # else mostly tombstones: same size
-                size *= 2
-            while len(self) + n > size * MAX_LOAD:
-                size *= 2
-            self._rebuild(size)
-        reuse = min(n, self.n_free)
-        fresh = n - reuse
-        ids = np.empty(n, dtype=np.int64)
-        ids[:reuse] = self.free[self.n_free - reuse : self.n_free][::-1]
-        self.n_free -= reuse
-        if fresh:
-            start = self.high
-            if start + fresh > MAX_IDS:
-                raise RuntimeError(f"a dynamic table shard cannot hold more than {MAX_IDS} rows")
-            ids[reuse:] = np.arange(start, start + fresh, dtype=np.int64)
-            for c in (self.keys, self.flags, *self.cols.values()):
-                c.resize(start + fresh)
+        self._make_fit(n)
+        ids, reuse = self._new_ids(n)
+        self._take_ids(ids, reuse)
         self.keys.np[ids] = q
         self.flags.np[ids] = LIVE
-        self.index.insert(q, ids, self.keys.np)
+        self.index.insert(q, ids)
         return ids
+
+    def upsert(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """Ids of distinct keys ``q``, adding the absent ones (as :meth:`add` would, in ``q``'s order).
+
+        Returns ``(ids, created, reused)``: ``created``: positions in ``q`` of the keys added
+        (flags :data:`LIVE`; their value columns not set); the first ``reused`` of them got
+        freed ids, the others fresh ones (ascending from the old :attr:`high`: rows that read
+        zero).
+        """
+        n = len(q)
+        if n == 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), 0
+        self._make_fit(n)
+        cand, reuse = self._new_ids(n)
+        ids, created = self.index.upsert(q, cand)
+        c = len(created)
+        reused = min(c, reuse)
+        start = self.high
+        self._take_ids(cand[:c], reuse)
+        if reused == 0:  # one run of fresh ids: slices, not scatters
+            self.keys.np[start : start + c] = q[created]
+            self.flags.np[start : start + c] = LIVE
+        else:
+            self.keys.np[cand[:c]] = q[created]
+            self.flags.np[cand[:c]] = LIVE
+        return ids, created, reused
 
     def remove(self, ids: np.ndarray) -> None:
         """Delete the live, distinct ids ``ids`` (their ids become free; flags cleared)."""
         if len(ids) == 0:
             return
-        _, pos = self.index.find(self.keys.np[ids], self.keys.np)
+        _, pos = self.index.find(self.keys.np[ids])
         self.index.erase(pos)
         self.flags.np[ids] = 0
         need = self.n_free + len(ids)
@@ -283,11 +198,21 @@ class KeyMap:
 
     def live_ids(self) -> np.ndarray:
         """Ids of every live key, ascending."""
-        return np.flatnonzero(self.flags.np & LIVE)
+        return self._select(LIVE, LIVE)
 
     def touched_ids(self) -> np.ndarray:
         """Ids of live keys flagged :data:`TOUCHED`, ascending."""
-        return np.flatnonzero(self.flags.np == (LIVE | TOUCHED))
+        return self._select(LIVE | TOUCHED, LIVE | TOUCHED)
+
+    def _select(self, mask: np.uint8, want: np.uint8) -> np.ndarray:
+        """Ids whose flags have the bits ``mask`` set to ``want`` (two passes in C: no temporaries)."""
+        flags = self.flags.np
+        if self.k is None:
+            return np.flatnonzero((flags & mask) == want)
+        n = int(self.k.select(flags.ctypes.data, len(flags), int(mask), int(want), None))
+        out = np.empty(n, dtype=np.int64)
+        self.k.select(flags.ctypes.data, len(flags), int(mask), int(want), out.ctypes.data)
+        return out
 
     def touch(self, ids: np.ndarray) -> None:
         """Flag live ``ids`` as touched."""
@@ -298,20 +223,21 @@ class KeyMap:
         np.bitwise_and(self.flags.np, LIVE, out=self.flags.np)
 
     def _rebuild(self, size: int) -> None:
-        """A new index of ``size`` entries, without tombstones.
+        """The index at ``size`` slots, without tombstones.
 
-        The old table goes first and the keys are inserted in chunks, so that a rebuild
-        never holds two tables or whole-table temporaries at once.
+        A doubling runs in place in the C kernel; otherwise (or if it cannot) the table is
+        emptied and the live keys are inserted again in chunks, so that a rebuild never
+        holds two tables or whole-table temporaries at once.
         """
-        self.index = HashIndex(0, self.k)
-        index = HashIndex(int(size * MAX_LOAD), self.k)
+        if size == 2 * len(self.index.table) and self.index.double():
+            return
+        self.index.reset(size)
         flags, keys = self.flags.np, self.keys.np
         dense = self.n_free == 0  # no id was ever freed, or all were reused: every id is live
         for start in range(0, self.high, _REBUILD_CHUNK):
             end = min(start + _REBUILD_CHUNK, self.high)
             if dense:
-                index.insert(keys[start:end], np.arange(start, end, dtype=np.int64), keys)
+                self.index.insert(keys[start:end], np.arange(start, end, dtype=np.int64))
             else:
                 live = np.flatnonzero(flags[start:end] & LIVE) + start
-                index.insert(keys[live], live, keys)
-        self.index = index
+                self.index.insert(keys[live], live)

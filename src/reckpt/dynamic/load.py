@@ -1,7 +1,9 @@
 """Reading a ``dynamicemb/`` folder back into dynamic tables, at any world size.
 
 Every rank reads every shard of a table and keeps the keys it owns now
-(``key % world_size == rank``). Everything is read and checked before any table changes.
+(``key % world_size == rank``). Everything is read and checked before any table changes:
+the sizes of every file first, then the bytes, straight into new key maps
+(:mod:`reckpt.dynamic.shards`) that a replacing load hands to the table without a copy.
 See :mod:`reckpt.dynamic.dump` for the layout.
 """
 
@@ -13,13 +15,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from reckpt.dist import Dist
 from reckpt.dynamic.dump import REMOVED, SHARD_RE, dynamic_tables, shard_name, table_of
 from reckpt.dynamic.module import DynamicEmbedding
-from reckpt.dynamic.table import TableState
+from reckpt.dynamic.shards import Loaded, ShardSet, read_shards
 from reckpt.errors import CheckpointNotFoundError, IntegrityError
 from reckpt.naming import DYNAMICEMB_DIR
 from reckpt.storage.core import Storage, storage_for
@@ -62,7 +63,7 @@ def _saved_tables(storage: Storage, root: str) -> dict[tuple[str, str], list[str
 
 
 class _Reader:
-    """Reads and checks one table's shards (every rank reads every shard, keeps its keys)."""
+    """Checks one table's shards (every rank reads every shard, keeps its keys)."""
 
     def __init__(self, storage: Storage, folder: str, table: str, files: list[str], dim: int) -> None:
         self.storage, self.folder, self.table, self.dim = storage, folder, table, dim
@@ -80,7 +81,8 @@ class _Reader:
         self.world = worlds.pop()
         self.files = set(files)
 
-    def _read(self, kind: str, rank: int, item: int, required: bool) -> bytes | None:
+    def _size(self, kind: str, rank: int, item: int, required: bool) -> tuple[str, int] | None:
+        """``(path, size)`` of a shard file (``None``: absent and not required), size checked."""
         name = shard_name(self.table, kind, rank, self.world)
         if name not in self.files:
             if required:
@@ -89,80 +91,44 @@ class _Reader:
                     f" needs all {self.world} shards); the checkpoint is incomplete"
                 )
             return None
-        data = self.storage.read_bytes(Storage.join(self.folder, name))
-        if len(data) % item:
+        path = Storage.join(self.folder, name)
+        size = self.storage.size(path)
+        if size % item:
             raise IntegrityError(
-                f"{self.folder}/{name}: {len(data)} bytes is not a whole number of {item}-byte entries;"
+                f"{self.folder}/{name}: {size} bytes is not a whole number of {item}-byte entries;"
                 " the file is truncated or corrupt"
             )
-        return data
+        return path, size
 
-    def _check(self, kind: str, rank: int, data: bytes | None, n: int, item: int, what: str) -> None:
-        if data is not None and len(data) != n * item:
+    def _check(self, kind: str, rank: int, got: tuple[str, int] | None, n: int, item: int, what: str) -> None:
+        if got is not None and got[1] != n * item:
             raise IntegrityError(
-                f"{self.folder}/{shard_name(self.table, kind, rank, self.world)}: {len(data)} bytes, expected"
+                f"{self.folder}/{shard_name(self.table, kind, rank, self.world)}: {got[1]} bytes, expected"
                 f" {n * item} ({n} keys x {what}); the file is truncated or does not belong to this table"
             )
 
-    def read(self, rank: int, world: int, load_optim: bool) -> TableState:
-        """All shards, checked, filtered to the keys with ``key % world == rank``."""
-        parts: list[TableState] = []
+    def shards(self, load_optim: bool) -> list[ShardSet]:
+        """Every source rank's files, their sizes checked against each other and the table's dim."""
+        out = []
         for r in range(self.world):
-            raw_keys = self._read("emb_keys", r, 8, True)
-            n = len(raw_keys or b"") // 8
-            raw_values = self._read("emb_values", r, 4, True)
-            self._check("emb_values", r, raw_values, n, 4 * self.dim, f"{self.dim} float32")
-            raw_scores = self._read("emb_scores", r, 8, False)
-            self._check("emb_scores", r, raw_scores, n, 8, "1 int64")
-            raw_opt = self._read("emb_opt_values", r, 4, False) if load_optim else None
-            self._check("emb_opt_values", r, raw_opt, n, 4, "1 float32 (row-wise Adagrad)")
-            raw_ck = self._read("counter_keys", r, 8, False)
-            m = len(raw_ck or b"") // 8
-            raw_cf = self._read("counter_frequencies", r, 8, raw_ck is not None)
-            self._check("counter_frequencies", r, raw_cf, m, 8, "1 int64")
-            raw_removed = self._read(REMOVED, r, 8, False)
-            parts.append(
-                TableState(
-                    keys=_ints(raw_keys),
-                    values=_floats(raw_values).reshape(n, self.dim),
-                    opt_values=_floats(raw_opt) if raw_opt is not None else torch.zeros(n),
-                    scores=_ints(raw_scores) if raw_scores is not None else torch.zeros(n, dtype=torch.int64),
-                    counter_keys=_ints(raw_ck),
-                    counter_freqs=_ints(raw_cf),
-                    removed_keys=_ints(raw_removed) if raw_removed is not None else None,
-                )
-            )
-        return _keep(parts, rank, world)
-
-
-def _ints(data: bytes | None) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(data or b"", dtype="<i8").astype(np.int64))
-
-
-def _floats(data: bytes | None) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(data or b"", dtype="<f4").astype(np.float32))
-
-
-def _keep(parts: Sequence[TableState], rank: int, world: int) -> TableState:
-    def cat(xs: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
-        return torch.cat(xs) if xs else empty
-
-    keys = cat([p.keys for p in parts], torch.empty(0, dtype=torch.int64))
-    mine = torch.remainder(keys, world) == rank
-    ck = cat([p.counter_keys for p in parts], torch.empty(0, dtype=torch.int64))
-    cmine = torch.remainder(ck, world) == rank
-    removed = [p.removed_keys for p in parts if p.removed_keys is not None]
-    rk = cat(removed, torch.empty(0, dtype=torch.int64))
-    dim = parts[0].values.shape[1] if parts else 0
-    return TableState(
-        keys=keys[mine],
-        values=cat([p.values for p in parts], torch.empty(0, dim))[mine],
-        opt_values=cat([p.opt_values for p in parts], torch.empty(0))[mine],
-        scores=cat([p.scores for p in parts], torch.empty(0, dtype=torch.int64))[mine],
-        counter_keys=ck[cmine],
-        counter_freqs=cat([p.counter_freqs for p in parts], torch.empty(0, dtype=torch.int64))[cmine],
-        removed_keys=rk[torch.remainder(rk, world) == rank] if removed else None,
-    )
+            files: dict[str, tuple[str, int] | None] = {}
+            files["emb_keys"] = keys = self._size("emb_keys", r, 8, True)
+            n = keys[1] // 8 if keys is not None else 0
+            files["emb_values"] = self._size("emb_values", r, 4, True)
+            self._check("emb_values", r, files["emb_values"], n, 4 * self.dim, f"{self.dim} float32")
+            files["emb_scores"] = self._size("emb_scores", r, 8, False)
+            self._check("emb_scores", r, files["emb_scores"], n, 8, "1 int64")
+            files["emb_opt_values"] = self._size("emb_opt_values", r, 4, False) if load_optim else None
+            self._check("emb_opt_values", r, files["emb_opt_values"], n, 4, "1 float32 (row-wise Adagrad)")
+            files["counter_keys"] = ck = self._size("counter_keys", r, 8, False)
+            m = ck[1] // 8 if ck is not None else 0
+            files["counter_frequencies"] = self._size("counter_frequencies", r, 8, ck is not None)
+            self._check("counter_frequencies", r, files["counter_frequencies"], m, 8, "1 int64")
+            files[REMOVED] = self._size(REMOVED, r, 8, False)
+            if ck is None:
+                files.pop("counter_frequencies")  # nothing to count (an empty file, checked above)
+            out.append(ShardSet({k: v for k, v in files.items() if v is not None}))
+        return out
 
 
 def load_dynamic(
@@ -222,20 +188,29 @@ class PendingDynamicLoad:
 
     def __init__(self, root: str, report: DynamicLoadReport) -> None:
         self.root, self.report = root, report
-        self.items: list[tuple[str, DynamicEmbedding, TableState, dict[str, Any]]] = []
+        self.items: list[tuple[str, DynamicEmbedding, Loaded, dict[str, Any]]] = []
 
     def apply(self, *, upsert: bool = False) -> DynamicLoadReport:
-        """Fill the tables (local: no collective); returns the report."""
+        """Fill the tables (local: no collective); returns the report.
+
+        A replacing load of distinct keys hands the key maps read to the table as they are
+        (:meth:`DynamicTable.adopt`); an upsert writes them on top (:meth:`DynamicTable.apply`).
+        """
         load_optim = self.report.optimizer_loaded
-        for tid, m, st, args in self.items:
+        for tid, m, loaded, args in self.items:
             t = m.table
-            if not upsert:
-                t.clear()
-            t.apply(st, load_optim=load_optim)
+            scores = loaded.rows.cols["scores"].np
+            top = int(scores.max()) if len(scores) else None
+            if not upsert and loaded.adoptable:
+                t.adopt(loaded.rows, loaded.counts)
+            else:
+                if not upsert:
+                    t.clear()
+                t.apply(loaded.state(), load_optim=load_optim)
             if isinstance(args.get("clock"), int):
                 t.clock = args["clock"]
-            elif len(st.scores) and t.eviction == "lru":  # a dump without our settings file
-                t.clock = max(t.clock, int(st.scores.max()))
+            elif top is not None and t.eviction == "lru":  # a dump without our settings file
+                t.clock = max(t.clock, top)
             t.clear_touched()  # the restored state is the baseline of the next incremental dump
             self.report.loaded[tid] = len(t)
         for tid in self.report.missing:
@@ -309,7 +284,9 @@ def read_dynamic(
                 )
                 rank, world = m.shard()
                 args = _read_args(storage, Storage.join(root, path, f"{name}_opt_args.json"))
-                pending.items.append((tid, m, reader.read(rank, world, load_optim), args))
+                shards = reader.shards(load_optim)
+                loaded = read_shards(storage, m.table, shards, rank, world, load_optim)
+                pending.items.append((tid, m, loaded, args))
                 report.source_world_size[tid] = reader.world
     except Exception as e:
         err = e

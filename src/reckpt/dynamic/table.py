@@ -18,55 +18,33 @@ key maps of their own, and evictions are chosen by :class:`reckpt.dynamic.evict.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
 from typing import Any
 
 import numpy as np
 import torch
 
+from reckpt.dynamic.admit import admits_all, lookup_admitting
+from reckpt.dynamic.columns import empty_array
 from reckpt.dynamic.evict import Evictor
 from reckpt.dynamic.index import KeyMap, kernels
 from reckpt.dynamic.initial import init_rows, write_init
+from reckpt.dynamic.snapshot import Snapshot, Staging, find_gather
+from reckpt.dynamic.state import (
+    TableState,
+    as_np,
+    as_run,
+    ids_for,
+    last_of_each,
+    present,
+    put_rows,
+    take,
+)
 from reckpt.errors import ConfigError
 
 __all__ = ["DynamicTable", "TableState", "init_rows", "EVICTION_POLICIES"]
 
 EVICTION_POLICIES = ("lru", "lfu")
-
-
-@dataclass
-class TableState:
-    """A copy of (part of) a table, sorted by key: what a dump writes and a load reads."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    opt_values: torch.Tensor
-    scores: torch.Tensor
-    counter_keys: torch.Tensor
-    counter_freqs: torch.Tensor
-    removed_keys: torch.Tensor | None = None
-
-
-def _np(t: torch.Tensor | np.ndarray, dtype: Any = np.int64) -> np.ndarray:
-    arr = t.numpy() if isinstance(t, torch.Tensor) else t
-    return np.ascontiguousarray(arr, dtype=dtype)
-
-
-def _distinct(keys: np.ndarray) -> np.ndarray | None:
-    """``None`` when ``keys`` ascend strictly (the usual dump), else the positions of the distinct
-    keys in key order, the last occurrence of a repeated key (it would overwrite the earlier)."""
-    if len(keys) < 2 or bool(np.all(keys[1:] > keys[:-1])):
-        return None
-    _, first_of_reversed = np.unique(keys[::-1], return_index=True)
-    out: np.ndarray = len(keys) - 1 - first_of_reversed
-    return out
-
-
-def _gather(col: torch.Tensor, ids: np.ndarray | slice) -> torch.Tensor:
-    """``col[ids]`` as a new tensor."""
-    if isinstance(ids, slice):
-        return col[ids].clone()
-    return col.index_select(0, torch.from_numpy(ids))
 
 
 class DynamicTable:
@@ -104,18 +82,36 @@ class DynamicTable:
         self.init_bound = init_bound or dim**-0.5
         self.clock = 0
         self._k = kernels()
+        self._snaps: list[weakref.ref[Snapshot]] = []
+        self._staging = Staging()  # a dump's buffers, kept for the next one
         self.removed = KeyMap({}, self._k)  # keys evicted since clear_touched (re-added ones leave)
         self._new_rows()
 
-    def _new_rows(self) -> None:
+    def empty_maps(self) -> tuple[KeyMap, KeyMap]:
+        """New, empty key maps for this table's rows and admission counter (for :meth:`adopt`)."""
         cols: dict[str, tuple[object, tuple[int, ...]]] = {
             "values": (np.float32, (self.dim,)),
             "opt": (np.float32, ()),
             "scores": (np.int64, ()),
         }
-        self.rows = KeyMap(cols, self._k)
-        self.counts = KeyMap({"freq": (np.int64, ())}, self._k)
+        return KeyMap(cols, self._k), KeyMap({"freq": (np.int64, ())}, self._k)
+
+    def _new_rows(self) -> None:
+        self.rows, self.counts = self.empty_maps()
         self.evictor = Evictor(self.rows)
+
+    def adopt(self, rows: KeyMap, counts: KeyMap) -> None:
+        """Replace every row and counter with key maps filled elsewhere (from :meth:`empty_maps`).
+
+        A load reads a dump straight into new key maps and hands them over: no copy. The
+        two must be disjoint (a key with a row is not counted); rows beyond the capacity are
+        evicted, as :meth:`apply` would. Touched marks are whatever the maps carry.
+        """
+        self.rows, self.counts = rows, counts
+        self._settle()  # snapshots of the previous maps keep reading them: they no longer change
+        self.evictor = Evictor(self.rows)
+        if self.capacity is not None and len(self.rows) > self.capacity:
+            self.evict(len(self.rows) - self.capacity)
 
     # -- storage (views by slot; free slots hold stale data) ----------------------------
     @property
@@ -151,6 +147,30 @@ class DynamicTable:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def snapshot(self, touched: bool = False) -> Snapshot:
+        """The rows and counters as they are now, copied only if the table changes before they are read.
+
+        ``touched``: only the rows and counters changed since :meth:`clear_touched`, and the
+        keys evicted since (``export(touched_keys())`` and :meth:`removed_keys`, copied late).
+        Every change to the table first makes the copy (see :mod:`reckpt.dynamic.snapshot`);
+        writes through the tensor views (:attr:`values` ...) bypass this: use the methods.
+        """
+        removed = self.removed_keys().numpy() if touched else None
+        snap = Snapshot(self.rows, self.counts, removed, self._staging)
+        self._snaps = [r for r in self._snaps if r() is not None]
+        self._snaps.append(weakref.ref(snap))
+        return snap
+
+    def _settle(self) -> None:
+        """Before a change: pending snapshots that read this table's key maps take their copy."""
+        if not self._snaps:
+            return
+        snaps, self._snaps = self._snaps, []
+        for ref in snaps:
+            snap = ref()
+            if snap is not None and snap.reads(self.rows, self.counts):
+                snap.materialize()
+
     def clear(self) -> None:
         """Drop every row and counter (and their touched marks; evicted keys stay recorded)."""
         self._new_rows()
@@ -164,12 +184,15 @@ class DynamicTable:
             counts: occurrences of each key in the batch (for admission and LFU scores).
             train: create rows and update scores/counters; otherwise a pure read.
         """
-        q = _np(keys)
-        slots = self.rows.find(q)
+        q = as_np(keys)
         if not train:
-            return torch.from_numpy(slots)
+            return torch.from_numpy(self.rows.find(q))
+        self._settle()
         self.clock += 1
-        cnt = np.ones(len(q), dtype=np.int64) if counts is None else _np(counts)
+        cnt = np.ones(len(q), dtype=np.int64) if counts is None else as_np(counts)
+        if admits_all(self, cnt, len(q)):
+            return torch.from_numpy(lookup_admitting(self, q, cnt))
+        slots = self.rows.find(q)
         have = slots >= 0
         hs = slots[have]
         scores = self.rows.cols["scores"].np
@@ -241,7 +264,8 @@ class DynamicTable:
         Ties go by key, never by slot, so that the choice does not depend on the order rows
         were created or restored in. ``protect``: slots (of live rows) that must stay.
         """
-        guard = None if protect is None else _np(protect)
+        self._settle()
+        guard = None if protect is None else as_np(protect)
         n = min(n, len(self.rows) - (0 if guard is None else len(guard)))
         if n <= 0:
             return torch.empty(0, dtype=torch.int64)
@@ -253,6 +277,7 @@ class DynamicTable:
 
     def adagrad(self, slots: torch.Tensor, grads: torch.Tensor, lr: float, eps: float) -> None:
         """Row-wise Adagrad on rows ``slots`` (unique; -1 entries skipped) with summed ``grads``."""
+        self._settle()
         keep = slots >= 0
         slots, grads = slots[keep], grads[keep]
         if len(slots) == 0:
@@ -267,23 +292,31 @@ class DynamicTable:
         """A copy of the rows (all, or those of ``keys`` that exist) and counters, sorted by key."""
         rows, counts = self.rows, self.counts
         if keys is None:
-            ids, cids = rows.live_ids(), counts.live_ids()
-        else:
-            q = _np(keys)
-            ids, cids = rows.find(q), counts.find(q)
-            ids, cids = ids[ids >= 0], cids[cids >= 0]
-        rk = np.sort(rows.keys.np[ids])  # NumPy's vectorised sort: ~10x an argsort of int64
-        ids = rows.find(rk)
-        ck = np.sort(counts.keys.np[cids])
-        cids = counts.find(ck)
-        run = _run(ids)
+            return self._state_of(rows.live_ids(), counts.live_ids())
+        q = as_np(keys)
+        ids, cids = rows.find(q), counts.find(q)
+        return self._state_of(ids[ids >= 0], cids[cids >= 0])
+
+    def _state_of(self, ids: np.ndarray, cids: np.ndarray) -> TableState:
+        """Rows ``ids`` and counter entries ``cids``, each sorted by key, copied."""
+        rk = np.sort(self.rows.keys.np[ids])  # NumPy's vectorised sort: ~10x an argsort of int64
+        ck = np.sort(self.counts.keys.np[cids])
+        n = len(rk)
+        rows = {
+            "values": empty_array((n, self.dim), np.float32),
+            "opt": empty_array((n,), np.float32),
+            "scores": empty_array((n,), np.int64),
+        }
+        find_gather(self.rows, rk, rows)
+        freq = empty_array((len(ck),), np.int64)
+        find_gather(self.counts, ck, {"freq": freq})
         return TableState(
             keys=torch.from_numpy(rk),
-            values=_gather(self.values, run),
-            opt_values=_gather(self.opt, run),
-            scores=_gather(self.scores, run),
+            values=torch.from_numpy(rows["values"]),
+            opt_values=torch.from_numpy(rows["opt"]),
+            scores=torch.from_numpy(rows["scores"]),
             counter_keys=torch.from_numpy(ck),
-            counter_freqs=torch.from_numpy(counts.cols["freq"].np[cids]),
+            counter_freqs=torch.from_numpy(freq),
         )
 
     def apply(self, st: TableState, *, load_optim: bool) -> None:
@@ -293,29 +326,30 @@ class DynamicTable:
         two stay disjoint whatever order deltas arrive in. Touched marks of rows that stay
         are kept; the caller clears them (a load does).
         """
+        self._settle()
         self.evictor.reset()
         rows, counts = self.rows, self.counts
         if st.removed_keys is not None and len(st.removed_keys):
-            gone = np.unique(_np(st.removed_keys))
-            rows.remove(_present(rows, gone))
-            counts.remove(_present(counts, gone))
+            gone = np.unique(as_np(st.removed_keys))
+            rows.remove(present(rows, gone))
+            counts.remove(present(counts, gone))
         if len(st.keys):
-            pick = _distinct(_np(st.keys))
-            k = _take(_np(st.keys), pick)
-            ids: np.ndarray | slice = _run(_ids_for(rows, k))
-            _put(self.rows.cols["values"].np, ids, st.values.numpy(), pick)
-            _put(self.rows.cols["scores"].np, ids, _np(st.scores), pick)
+            pick = last_of_each(as_np(st.keys))
+            k = take(as_np(st.keys), pick)
+            ids: np.ndarray | slice = as_run(ids_for(rows, k))
+            put_rows(self.rows.cols["values"].np, ids, st.values.numpy(), pick)
+            put_rows(self.rows.cols["scores"].np, ids, as_np(st.scores), pick)
             if load_optim:
-                _put(self.rows.cols["opt"].np, ids, _np(st.opt_values, np.float32), pick)
+                put_rows(self.rows.cols["opt"].np, ids, as_np(st.opt_values, np.float32), pick)
             else:
                 self.rows.cols["opt"].np[ids] = 0.0
-            counts.remove(_present(counts, k))
+            counts.remove(present(counts, k))
         if len(st.counter_keys):
-            pick = _distinct(_np(st.counter_keys))
-            ck = _take(_np(st.counter_keys), pick)
-            rows.remove(_present(rows, ck))
-            cids = _run(_ids_for(counts, ck))  # may grow the columns: take their views after
-            _put(counts.cols["freq"].np, cids, _np(st.counter_freqs), pick)
+            pick = last_of_each(as_np(st.counter_keys))
+            ck = take(as_np(st.counter_keys), pick)
+            rows.remove(present(rows, ck))
+            cids = as_run(ids_for(counts, ck))  # may grow the columns: take their views after
+            put_rows(counts.cols["freq"].np, cids, as_np(st.counter_freqs), pick)
         if self.capacity is not None and len(self.rows) > self.capacity:
             self.evict(len(self.rows) - self.capacity)
 
@@ -355,40 +389,7 @@ class DynamicTable:
         self.__init__(doc["dim"], **doc["settings"])  # type: ignore[misc]
         self.apply(doc["state"], load_optim=True)
         self.clock = doc["clock"]
-        touched = _np(doc["touched"])
-        self.rows.touch(_present(self.rows, touched))
-        self.counts.touch(_present(self.counts, touched))
-        self.removed.add(_np(doc["removed"]))
-
-
-def _present(m: KeyMap, keys: np.ndarray) -> np.ndarray:
-    """Ids of those of (distinct) ``keys`` that ``m`` holds."""
-    ids = m.find(keys)
-    return ids[ids >= 0]
-
-
-def _ids_for(m: KeyMap, keys: np.ndarray) -> np.ndarray:
-    """Ids of distinct ``keys`` in ``m``, adding the missing ones."""
-    if not len(m):
-        return m.add(keys)
-    ids = m.find(keys)
-    miss = ids < 0
-    if miss.any():
-        ids[miss] = m.add(keys[miss])
-    return ids
-
-
-def _run(ids: np.ndarray) -> np.ndarray | slice:
-    """``ids`` as a slice when they are one ascending run (a copy instead of a scatter)."""
-    if len(ids) and ids[-1] - ids[0] == len(ids) - 1 and bool(np.all(ids[1:] > ids[:-1])):
-        return slice(int(ids[0]), int(ids[0]) + len(ids))
-    return ids
-
-
-def _take(src: np.ndarray, pick: np.ndarray | None) -> np.ndarray:
-    return src if pick is None else src[pick]
-
-
-def _put(col: np.ndarray, ids: np.ndarray | slice, src: np.ndarray, pick: np.ndarray | None) -> None:
-    """``col[ids] = src[pick]``."""
-    col[ids] = _take(src, pick)
+        touched = as_np(doc["touched"])
+        self.rows.touch(present(self.rows, touched))
+        self.counts.touch(present(self.counts, touched))
+        self.removed.add(as_np(doc["removed"]))
