@@ -78,6 +78,24 @@ def test_a_killed_pipelined_run_resumes_from_the_memory_tier_bitwise(tmp_path: P
     assert tiers == {"memory"}, tiers
 
 
+def test_a_tiered_run_resumes_on_another_number_of_processes(tmp_path: Path, data: Path) -> None:
+    """Killed on 2 processes, resumed on 1: the memory tier's copy is resharded (DCP), the rows
+    of the pass not trained yet are re-divided (the exactly-once audit is test_elastic.py)."""
+    memory, model_dir = tmp_path / "memory", tmp_path / "tiered"
+    cfg = write_config(tmp_path / "b.toml", data, model_dir, every=None, train=TIERS.format(memory=memory))
+    killed = cli("train", cfg, world=2, env={"RECKPT_TRAIN_KILL_AT_STEP": "33"})
+    assert killed.returncode != 0 and committed(memory) == [30], committed(memory)
+
+    proc = cli("train", cfg, "--continue-train", world=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    restored = f"restore {memory}/model.ckpt-30: " in proc.stderr and "tier memory" in proc.stderr
+    assert restored, proc.stderr[-3000:]
+    assert "saved by 2 process(es), this run has 1" in proc.stderr
+    assert committed(model_dir) == [20, 40, STEPS - 1] and committed(memory) == [STEPS - 1]
+    state = json.loads((model_dir / f"model.ckpt-{STEPS - 1}" / "dataloader_state.json").read_text())
+    assert state["__world_size__"] == 1
+
+
 def test_tier_settings_that_conflict_are_named(tmp_path: Path, data: Path) -> None:
     cfg = write_config(tmp_path / "c.toml", data, tmp_path / "m", train=TIERS.format(memory=tmp_path / "mem"))
     proc = cli("train", cfg)
