@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -106,15 +106,45 @@ def check_files(
         with storage.open(path, "rb") as f:
             return record_problem(path, rec, *hash_stream(f))
 
-    # Files are read and hashed side by side (reads and XXH3 release the GIL); the problems
-    # keep the order of ``paths``.
-    threads = min(CHECK_THREADS, len(paths))
-    if threads <= 1:
-        found = [check(rel) for rel in paths]
-    else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="reckpt-verify") as pool:
-            found = list(pool.map(check, paths))
+    found = _side_by_side(check, paths)
     return [p for p in found if p is not None]
+
+
+def _side_by_side(check: Callable[[str], str | None], paths: list[str]) -> list[str | None]:
+    """``check`` of every path, up to :data:`CHECK_THREADS` at once (reads and XXH3 release the
+    GIL), results in the order of ``paths``; a failure raises the first failing path's error.
+    The caller's thread checks too, so where no thread can be started (Python 3.12.0-3.12.2
+    at interpreter exit) it checks them all."""
+    found: list[str | None] = [None] * len(paths)
+    todo = iter(range(len(paths)))
+    lock = threading.Lock()
+    errors: dict[int, BaseException] = {}  # by position: the first failing path's is raised
+
+    def work() -> None:
+        while not errors:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                found[i] = check(paths[i])
+            except BaseException as e:  # raised on the caller's thread below
+                errors[i] = e
+
+    started = []
+    for n in range(min(CHECK_THREADS, len(paths)) - 1):
+        thread = threading.Thread(target=work, name=f"reckpt-verify-{n}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no new threads: the caller's thread does the rest
+            break
+        started.append(thread)
+    work()
+    for thread in started:
+        thread.join()
+    if errors:
+        raise errors[min(errors)]
+    return found
 
 
 def verify_collective(
