@@ -25,25 +25,9 @@ import reckpt
 from reckpt.restore.inspection import read_part
 from tests.distributed.launcher import run_world
 from tests.helpers import assert_state_dicts_equal
-from tests.helpers.paths import REPO
-from tests.helpers.processes import free_port, run_python
+from tests.helpers.trainer_runs import cli
 
 ROWS, EPOCHS, EVERY, BATCH = 3001, 2, 10, 50
-
-
-def cli(*args: str, world: int = 1, env: dict[str, str] | None = None):
-    launch = []
-    if world > 1:
-        launch = [
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={world}",
-            "--nnodes=1",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-        ]
-    env = {"OMP_NUM_THREADS": "1", **(env or {})}
-    return run_python(*launch, "-m", "reckpt.cli", *args, env=env, cwd=REPO, timeout=600)
 
 
 @pytest.fixture(scope="module")
